@@ -1,0 +1,301 @@
+"""One configuration system: nested dataclasses, named presets and dotted overrides.
+
+    cfg = build_config("tiny", ["model.depth=4", "train.lr=2e-4"])
+
+Every field has a type; an override is parsed to that type and an unknown key is an error
+that names the closest valid keys. A resolved config is saved as JSON in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used (unknown key, wrong type, bad preset)."""
+
+
+@dataclass
+class ModelConfig:
+    """The bidirectional transformer denoiser (DiT-style blocks, QK-norm, absolute positions)."""
+
+    depth: int = 12
+    width: int = 768
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    # "sdpa": torch scaled_dot_product_attention (fused kernels where available);
+    # "math": attention written out explicitly (supports forward-mode AD / torch.func.jvp).
+    attention: str = "sdpa"
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is tokenised and packed."""
+
+    # A Hugging Face dataset name ("openwebtext"), a local .txt/.jsonl/.jsonl.gz file or a
+    # folder of them, or a built-in corpus ("wiki-vital", "austen", "linux-docs").
+    source: str = "openwebtext"
+    # Tokenizer: hub name, local path, or the alias "minilm-l6" (offline bert-base-uncased).
+    tokenizer: str = "bert-base-uncased"
+    seq_len: int = 128
+    # The last `heldout_docs` documents of the source are the validation split.
+    heldout_docs: int = 100_000
+    text_field: str = "text"
+    # How a .txt file splits into documents: "blank_line", "line" or "file".
+    txt_split: str = "blank_line"
+    # Use only the first N documents (0 = all); for quick experiments.
+    max_docs: int = 0
+    tokenize_batch_docs: int = 1000
+    # Token cache; empty = $DILADIFF_CACHE or ~/.cache/diladiff.
+    cache_dir: str = ""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    # Global batch (sequences per optimizer step, summed over processes and accumulation).
+    batch_size: int = 512
+    # Sequences per forward pass per process; 0 = batch_size / world_size (no accumulation).
+    micro_batch_size: int = 0
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    # Length of the learning-rate schedule; the cosine decays to min_lr_ratio * lr here.
+    total_steps: int = 1_000_000
+    # Where this invocation stops (0 = total_steps). Raising it on resume continues the run
+    # on the same schedule, so 20 + 20 steps equal 40 uninterrupted steps.
+    max_steps: int = 0
+    schedule: str = "cosine"  # "cosine" or "constant" (after warm-up)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    # EMA decay of the weights used for evaluation and sampling (0 disables EMA).
+    ema: float = 0.9999
+    log_every: int = 10
+    eval_every: int = 1000
+    eval_batches: int = 8
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16".
+    precision: str = "auto"
+    # Stop after this many minutes (0 = no limit); a checkpoint is written first.
+    time_limit_minutes: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class MDLMConfig:
+    """Stage 0: masked diffusion (linear schedule alpha_t = 1 - t)."""
+
+    # Loss weight w(t): "elbo" (1/t) or "constant" (1; the paper's lower-variance choice).
+    loss_weight: str = "constant"
+    antithetic: bool = True
+    # t is drawn in [t_eps, 1] to keep 1/t finite.
+    t_eps: float = 1e-3
+    # Monte Carlo draws of t per validation sequence for the perplexity bound.
+    eval_time_samples: int = 4
+
+
+@dataclass
+class SampleConfig:
+    """Masked-diffusion decoding (all knobs of the ancestral sampler)."""
+
+    num_samples: int = 16
+    batch_size: int = 16
+    # N_disc; 0 = seq_len.
+    disc_steps: int = 0
+    # "ancestral" (random unmasking, exact reverse process) or "topk" (confidence-based:
+    # unmask the k = L / N_disc most confident positions per step).
+    strategy: str = "ancestral"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    float64_gumbel: bool = True
+    # Reuse the previous step's network output when no token changed (exact: no time input).
+    cache: bool = True
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mdlm: MDLMConfig = field(default_factory=MDLMConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        cfg = cls()
+        for key, value in _flatten(d):
+            set_value(cfg, key, value)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _paper() -> Config:
+    """The paper's setting: GPT-2-small-sized (12 x 768), L = 128, batch 512, 1M steps."""
+    return Config(preset="paper")
+
+
+def _small() -> Config:
+    """One H100, a run of about 10 minutes on the offline real corpora."""
+    cfg = Config(preset="small")
+    cfg.model = ModelConfig(depth=8, width=512, heads=8)
+    cfg.data = DataConfig(
+        source="wiki-vital+austen+linux-docs", tokenizer="minilm-l6", seq_len=128, heldout_docs=200
+    )
+    cfg.train = TrainConfig(
+        batch_size=256,
+        lr=5e-4,
+        warmup_steps=500,
+        total_steps=6000,
+        ema=0.999,
+        eval_every=1000,
+        ckpt_every=1000,
+        eval_batches=16,
+    )
+    return cfg
+
+
+def _tiny() -> Config:
+    """Trains on 2 CPU cores in minutes (the demo and the tests)."""
+    cfg = Config(preset="tiny")
+    cfg.model = ModelConfig(depth=3, width=128, heads=4)
+    cfg.data = DataConfig(source="wiki-vital", tokenizer="minilm-l6", seq_len=64, heldout_docs=300)
+    cfg.train = TrainConfig(
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=50,
+        total_steps=2000,
+        ema=0.99,
+        log_every=10,
+        eval_every=250,
+        ckpt_every=250,
+        eval_batches=4,
+    )
+    cfg.sample = SampleConfig(num_samples=8, batch_size=8)
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "tiny": _tiny,
+    "small": _small,
+    "paper": _paper,
+}
+
+
+def build_config(preset: str = "paper", overrides: typing.Sequence[str] = ()) -> Config:
+    """The named preset with `key=value` overrides applied in order."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (leaf fields only)."""
+    obj = Config() if obj is None else obj
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        set_value(cfg, key.strip(), raw.strip(), from_string=True)
+    return cfg
+
+
+def set_value(cfg: Any, key: str, value: Any, from_string: bool = False) -> None:
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = (
+            {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+        )
+        if part not in names:
+            close = difflib.get_close_matches(key, all_keys(cfg), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"config key {key!r} is a section, not a value")
+            hint = typing.get_type_hints(type(obj))[part]
+            setattr(obj, part, _coerce(key, value, hint, from_string))
+        else:
+            obj = getattr(obj, part)
+
+
+def _coerce(key: str, value: Any, hint: Any, from_string: bool) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None or (from_string and str(value).lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {value!r}") from None
+    raise ConfigError(f"config key {key!r} has unsupported type {hint}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v

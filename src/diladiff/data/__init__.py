@@ -1,0 +1,1 @@
+"""Tokenizers, corpus sources and packed token shards."""

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarking: one fixed, versioned protocol for every stage."""

@@ -1,0 +1,1 @@
+"""Network building blocks (transformers, Perceiver, cross-attention): no diffusion knowledge."""

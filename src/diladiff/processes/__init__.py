@@ -1,0 +1,1 @@
+"""Diffusion processes as pure tensor math (no networks)."""

@@ -1,0 +1,1 @@
+"""Samplers: masked-diffusion decoding (strategy registry) and, later, latent ODE samplers."""

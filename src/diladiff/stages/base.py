@@ -1,0 +1,46 @@
+"""What the generic trainer needs from a stage.
+
+A stage is an nn.Module whose forward(batch, generator) returns (loss, metrics): that way the
+same module can be wrapped by DistributedDataParallel. It also says how to evaluate itself on
+held-out batches and how to split its trainable parameters into optimizer groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diladiff.config import Config
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(name: str):
+    def wrap(cls):
+        cls.kind = name
+        STAGES[name] = cls
+        return cls
+
+    return wrap
+
+
+class Stage(nn.Module):
+    kind: str = ""
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer_identity = dict(tokenizer_identity)
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Training loss of one micro-batch of token rows (B, L), and metrics to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor], generator: torch.Generator) -> dict:
+        """Metrics on held-out batches (called on the EMA weights)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups; a group may carry its own 'warmup_steps'."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]

@@ -1,0 +1,274 @@
+"""The generic training loop over any stage's loss.
+
+AdamW, warm-up + cosine (per-group warm-ups), gradient accumulation and clipping, EMA, bf16
+autocast on CUDA, DDP through torchrun, periodic evaluation on EMA weights, atomic checkpoints
+and exact resume. Every random draw of step k comes from a generator seeded by
+(seed, k, micro-batch, rank), and the data position is a function of k, so a resumed run
+continues bit-for-bit where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from diladiff.config import Config
+from diladiff.data.batches import RowSampler, validation_batches
+from diladiff.data.packing import PackedData
+from diladiff.errors import TrainingError
+from diladiff.stages.base import Stage
+from diladiff.train import checkpoint as ckpt
+from diladiff.train.distributed import DistEnv, all_mean, barrier, replica_digests
+from diladiff.train.ema import EMA
+from diladiff.train.schedule import lr_factor
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (seed, step, micro-batch, rank)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise TrainingError(f"train.precision must be auto, fp32 or bf16, not {precision!r}")
+
+
+def batch_layout(batch_size: int, micro: int, world: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) for a global batch."""
+    if batch_size % world:
+        raise TrainingError(f"train.batch_size={batch_size} is not divisible by {world} processes")
+    micro = micro or batch_size // world
+    if (batch_size // world) % micro:
+        raise TrainingError(
+            f"train.batch_size / processes = {batch_size // world} is not divisible by "
+            f"train.micro_batch_size={micro}"
+        )
+    return micro, batch_size // world // micro
+
+
+class Trainer:
+    def __init__(self, cfg: Config, stage: Stage, data: PackedData, run_dir: Path, env: DistEnv):
+        self.cfg, self.stage, self.data, self.run_dir, self.env = (
+            cfg,
+            stage,
+            data,
+            Path(run_dir),
+            env,
+        )
+        tc = cfg.train
+        self.model = stage.to(env.device)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+            if env.enabled
+            else self.model
+        )
+        self.forward = self.ddp
+        if cfg.model.compile:
+            self.forward = torch.compile(self.ddp)
+        groups = stage.param_groups()
+        for g in groups:
+            g["base_lr"] = tc.lr * g.pop("lr_scale", 1.0)
+            g.setdefault("warmup_steps", tc.warmup_steps)
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(
+            groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
+        )
+        self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
+        self.micro, self.accum = batch_layout(tc.batch_size, tc.micro_batch_size, env.world)
+        self.rows = RowSampler(data.train, tc.seed)
+        self.val = validation_batches(data.val, self.micro, tc.eval_batches)
+        self.step = 0
+        self._eval_model: Stage | None = None
+
+    # ------------------------------------------------------------------ state
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run folder, if there is one."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(path / "model.safetensors"))
+        state = ckpt.load_trainer_state(path)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(path / "ema.safetensors"), state["ema_updates"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        return True
+
+    def save(self) -> None:
+        if self.env.is_main:
+            ema_state = self.ema.state_dict() if self.ema else self.model.state_dict()
+            state = {
+                "step": self.step,
+                "optimizer": self.opt.state_dict(),
+                "ema_updates": self.ema.updates if self.ema else 0,
+                "torch_rng": torch.get_rng_state(),
+                "data_position": self.step * self.cfg.train.batch_size,
+                "config": self.cfg.to_dict(),
+            }
+            ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model.state_dict(),
+                ema_state,
+                state,
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        barrier(self.env)
+
+    def log(self, record: dict) -> None:
+        if self.env.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        metrics: dict = {}
+        if self.env.is_main:
+            if self._eval_model is None:
+                self._eval_model = copy.deepcopy(self.model)
+            if self.ema is not None:
+                self.ema.copy_to(self._eval_model)
+            else:
+                self._eval_model.load_state_dict(self.model.state_dict())
+            self._eval_model.eval()
+            gen = torch.Generator(self.env.device).manual_seed(self.cfg.train.seed + 12345)
+            with autocast_for(self.cfg, self.env.device):
+                metrics = self._eval_model.evaluate([b.to(self.env.device) for b in self.val], gen)
+            self.log({"step": self.step, "event": "eval", **metrics})
+        barrier(self.env)
+        return metrics
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> tuple[float, float, dict]:
+        tc, env = self.cfg.train, self.env
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(
+                self.step, g["warmup_steps"], tc.total_steps, tc.schedule, tc.min_lr_ratio
+            )
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=env.device)
+        extra: dict = {}
+        for m in range(self.accum):
+            batch = self.rows.micro_batch(
+                self.step, tc.batch_size, self.micro, m, env.rank, env.world
+            ).to(env.device, non_blocking=True)
+            gen = torch.Generator(env.device).manual_seed(
+                step_seed(tc.seed, self.step, m, env.rank)
+            )
+            sync = (
+                contextlib.nullcontext()
+                if m == self.accum - 1 or not env.enabled
+                else self.ddp.no_sync()
+            )
+            with sync:
+                with autocast_for(self.cfg, env.device):
+                    loss, metrics = self.forward(batch, gen)
+                (loss / self.accum).backward()
+            total += loss.detach() / self.accum
+            for k, v in metrics.items():
+                if k != "loss":
+                    extra[k] = extra.get(k, 0.0) + float(v) / self.accum
+        loss_value = all_mean(total, env).item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"non-finite loss ({loss_value}) at step {self.step}; stopping without saving. "
+                f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(
+                f"non-finite gradient norm at step {self.step}; stopping without saving. "
+                f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}"
+            )
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return loss_value, float(grad_norm), extra
+
+    def fit(self) -> dict:
+        tc, env = self.cfg.train, self.env
+        max_steps = tc.max_steps or tc.total_steps
+        tokens_per_step = tc.batch_size * self.cfg.data.seq_len
+        start_step, start = self.step, time.perf_counter()
+        last_t, last_step = start, self.step
+        bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            desc=f"train {self.stage.kind}",
+            disable=not (env.is_main and tc.progress),
+            dynamic_ncols=True,
+        )
+        metrics: dict = {}
+        stopped = "max_steps"
+        self.model.train()
+        while self.step < max_steps:
+            loss, grad_norm, extra = self.train_step()
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == max_steps:
+                now = time.perf_counter()
+                tps = tokens_per_step * (self.step - last_step) / max(now - last_t, 1e-9)
+                last_t, last_step = now, self.step
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                self.log(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "grad_norm": grad_norm,
+                        "lr": self.opt.param_groups[0]["lr"],
+                        "tokens_per_s": tps,
+                        "elapsed_s": now - start,
+                        **extra,
+                    }
+                )
+            limit_hit = (
+                tc.time_limit_minutes > 0
+                and (time.perf_counter() - start) > 60 * tc.time_limit_minutes
+            )
+            if self.step % tc.eval_every == 0 or self.step == max_steps or limit_hit:
+                metrics = self.evaluate()
+                if metrics and env.is_main:
+                    bar.write(
+                        f"step {self.step}: "
+                        + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                    )
+            if self.step % tc.ckpt_every == 0 or self.step == max_steps or limit_hit:
+                self.save()
+            if limit_hit:
+                stopped = "time_limit"
+                break
+        bar.close()
+        digests = replica_digests(self.model, env)
+        elapsed = time.perf_counter() - start
+        self.log(
+            {
+                "step": self.step,
+                "event": "end",
+                "stopped": stopped,
+                "replica_digests": digests,
+                "steps_this_run": self.step - start_step,
+                "elapsed_s": elapsed,
+            }
+        )
+        return {"step": self.step, "stopped": stopped, **metrics}

@@ -1,0 +1,59 @@
+import pytest
+
+from diladiff.config import Config, ConfigError, build_config
+
+
+def test_overrides_are_parsed_to_field_types():
+    cfg = build_config(
+        "tiny",
+        [
+            "model.depth=7",
+            "train.lr=2e-4",
+            "model.qk_norm=false",
+            "data.source=foo.jsonl",
+            "train.total_steps=1e3",
+        ],
+    )
+    assert cfg.model.depth == 7 and isinstance(cfg.model.depth, int)
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.model.qk_norm is False
+    assert cfg.data.source == "foo.jsonl"
+    assert cfg.train.total_steps == 1000
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*train\.lr"):
+        build_config("tiny", ["train.lrr=1"])
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.depth=abc", "expects int"),
+        ("model.depth=1.5", "expects int"),
+        ("model=3", "is a section"),
+        ("model.depth", "key=value"),
+    ],
+)
+def test_bad_overrides_fail_clearly(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config("tiny", [override])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("huge")
+
+
+def test_paper_preset_matches_the_paper():
+    cfg = build_config("paper")
+    assert (cfg.model.depth, cfg.model.width, cfg.model.heads) == (12, 768, 12)
+    assert (cfg.data.seq_len, cfg.train.batch_size, cfg.train.lr) == (128, 512, 3e-4)
+    assert (cfg.train.warmup_steps, cfg.train.total_steps) == (1000, 1_000_000)
+    assert cfg.data.tokenizer == "bert-base-uncased" and cfg.data.source == "openwebtext"
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = build_config("small", ["train.lr=1e-3", "sample.strategy=topk"])
+    cfg.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == cfg

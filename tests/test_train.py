@@ -1,0 +1,155 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diladiff.cli import main
+from diladiff.train.checkpoint import latest_checkpoint
+
+
+def train(run, *extra, preset="tiny"):
+    from conftest import TINY
+
+    return main(["train", "mdlm", "--preset", preset, "--run-dir", str(run), *TINY, *extra])
+
+
+def weights(run, which="model"):
+    return load_file(latest_checkpoint(run) / f"{which}.safetensors")
+
+
+def test_resume_20_plus_20_equals_40_uninterrupted(tmp_path):
+    assert train(tmp_path / "a", "train.max_steps=20") == 0
+    assert latest_checkpoint(tmp_path / "a").name == "step_00000020"
+    assert train(tmp_path / "a", "train.max_steps=40") == 0
+    assert train(tmp_path / "b", "train.max_steps=40") == 0
+    for which in ("model", "ema"):
+        a, b = weights(tmp_path / "a", which), weights(tmp_path / "b", which)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{which}:{k} differs after resume"
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["steps_this_run"] for r in log if r.get("event") == "end"] == [20, 20]
+    assert any(r.get("event") == "eval" and r["val_ppl_bound"] > 1 for r in log)
+
+
+def test_run_folder_holds_config_log_and_checkpoints(tmp_path):
+    assert train(tmp_path / "r", "train.max_steps=3", "train.lr=1e-3") == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["train"]["lr"] == 1e-3 and cfg["preset"] == "tiny"
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["stage"] == "mdlm" and info["tokenizer_identity"]["vocab_size"] == 30522
+    assert (tmp_path / "r" / "log.jsonl").is_file()
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "r"
+    assert train(run, "train.max_steps=5") == 0
+    before = weights(run)
+    from diladiff.stages.mdlm import MDLM
+
+    def nan_forward(self, batch, generator):
+        loss = self.net.head.bias.sum() * float("nan")
+        return loss, {"loss": loss}
+
+    monkeypatch.setattr(MDLM, "forward", nan_forward)
+    assert train(run, "train.max_steps=10", "train.ckpt_every=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: non-finite loss") and len(err.splitlines()) == 1
+    assert latest_checkpoint(run).name == "step_00000005"
+    after = weights(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unknown_override_key_is_a_one_line_error(tmp_path, capsys):
+    assert train(tmp_path / "r", "train.lerning_rate=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown config key 'train.lerning_rate'")
+    assert len(err.splitlines()) == 1
+
+
+def test_empty_corpus_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert train(tmp_path / "r", f"data.source={tmp_path / 'empty.jsonl'}") == 2
+    assert "contains no documents" in capsys.readouterr().err
+
+
+def test_non_utf8_corpus_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\n\xff\xfe broken\n")
+    assert train(tmp_path / "r", f"data.source={tmp_path / 'bad.txt'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid UTF-8" in err and len(err.splitlines()) == 1
+
+
+def make_other_tokenizer(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[SEP]", "[MASK]", "the", "river"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        pad_token="[PAD]",
+    )
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(run, "train.max_steps=2") == 0
+    other = make_other_tokenizer(tmp_path / "tok")
+    assert train(run, "train.max_steps=4", f"data.tokenizer={other}") == 2
+    err = capsys.readouterr().err.strip()
+    assert "tokenizer vocabulary mismatch" in err and len(err.splitlines()) == 1
+    from diladiff.errors import CheckpointError
+    from diladiff.runs import load_run
+
+    with pytest.raises(CheckpointError, match="vocabulary mismatch"):
+        load_run(run, tokenizer=str(other))
+
+
+def test_resume_with_another_preset_is_refused(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(run, "train.max_steps=1") == 0
+    assert main(["train", "mdlm", "--preset", "small", "--run-dir", str(run)]) == 2
+    assert "created with preset 'tiny'" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
+    from conftest import TINY
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "diladiff",
+        "train",
+        "mdlm",
+        "--preset",
+        "tiny",
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        *TINY,
+        "train.max_steps=6",
+        "train.micro_batch_size=2",
+    ]  # 2 ranks x 2 accumulation steps x 2 = batch 8
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    end = [r for r in log if r.get("event") == "end"]
+    assert len(end) == 1 and end[0]["step"] == 6
+    digests = end[0]["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
