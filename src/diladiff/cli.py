@@ -57,6 +57,43 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", type=Path, help="also write the rows as JSON here")
 
+    p = sub.add_parser("eval", help="GenPPL, entropy, diversity and MAUVE of a samples file")
+    p.add_argument("samples", type=Path, help="JSONL with 'text' (and 'ids') per line")
+    p.add_argument("--scorer", default="gpt2-large", help="causal LM name/path or smollm2-135m")
+    p.add_argument("--reference", help="run folder (its held-out split) or JSONL for MAUVE")
+    p.add_argument("--mauve-seed", type=int, default=25)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, help="write the result (metrics + protocol) here")
+
+    p = sub.add_parser("eval-recon", help="perplexity bound and token recovery on held-out data")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--sequences", type=int, default=64, help="held-out sequences")
+    p.add_argument("--mc-samples", type=int, default=128, help="Monte Carlo draws per sequence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--json", type=Path)
+
+    p = sub.add_parser("report", help="Markdown table of result JSON files")
+    p.add_argument("results", type=Path, nargs="+")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--title", default="Evaluation")
+
+    p = sub.add_parser("frontier", help="sweep N_disc (and temperature), evaluate, plot")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--disc-steps", default="4,8,16,32,64")
+    p.add_argument("--temperatures", default="", help="e.g. 0.7,0.8,0.9,1.0 (empty: no sweep)")
+    p.add_argument("--temperature-steps", type=int, help="N_disc of the temperature sweep")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--scorer", default="gpt2-large")
+    p.add_argument("--reference", help="for MAUVE (default: the first run's held-out split)")
+    p.add_argument("--no-mauve", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True)
+
     p = sub.add_parser("demo", help="train a tiny MDLM on the built-in corpus, sample, report")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps", type=int, default=600)
@@ -103,16 +140,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from diladiff.sampling.generate import generate
+    from diladiff.sampling.generate import generate, write_samples
 
     stage, tok, device = _load(args)
     sc = _sample_config(args, stage.cfg)
     out = generate(stage, tok, sc, device)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as fh:
-            for ids, text in zip(out.ids, out.texts, strict=True):
-                fh.write(json.dumps({"ids": ids, "text": text}) + "\n")
+        write_samples(args.out, out, {"run": str(args.run_dir), "stage": stage.kind,
+                                      "weights": args.weights, **vars(sc)})
         print(f"wrote {len(out.ids)} samples to {args.out} ({out.seconds:.1f} s)")
     else:
         for i, text in enumerate(out.texts):
@@ -138,6 +173,82 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from diladiff.eval.bench import format_table
+    from diladiff.eval.evaluate import evaluate_samples, read_samples
+    from diladiff.eval.protocol import write_result
+    from diladiff.train.distributed import pick_device
+
+    ids, texts, meta = read_samples(args.samples)
+    if not args.reference:
+        print("note: no --reference given, MAUVE is not computed", file=sys.stderr)
+    result = evaluate_samples(ids, texts, args.scorer, args.reference, pick_device(args.device),
+                              args.mauve_seed, args.batch_size, meta)
+    result["samples_file"] = str(args.samples)
+    m = result["metrics"]
+    print(format_table([{k: v for k, v in m.items() if not isinstance(v, list)}]))
+    p = result["protocol"]
+    print(f"protocol {p['version']}: scorer={p['scorer']}, boundary={p['boundary_token']!r}, "
+          f"samples={p['num_samples']}, device={result['device']}")
+    if args.json:
+        write_result(args.json, result)
+    return 0
+
+
+def cmd_eval_recon(args) -> int:
+    import numpy as np
+    import torch
+
+    from diladiff.data.packing import prepare_data
+    from diladiff.eval.bench import format_table
+    from diladiff.eval.protocol import device_record, write_result
+    from diladiff.eval.recon import discrete_ratio_bound
+
+    stage, tok, device = _load(args)
+    data = prepare_data(stage.cfg.data, tok, progress=False)
+    x0 = torch.from_numpy(np.asarray(data.val[: args.sequences], dtype=np.int64)).to(device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    res = discrete_ratio_bound(stage.log_probs, x0, stage.mask_id, args.mc_samples, gen)
+    print(f"{args.run_dir} ({stage.kind}): perplexity bound {res['ppl_bound']:.2f}, "
+          f"recovery {res['recovery']:.3f} ({res['sequences']} held-out sequences x "
+          f"{res['mc_samples']} Monte Carlo draws, seed {args.seed})")
+    print(format_table(res["per_ratio"]))
+    if args.json:
+        write_result(args.json, {"protocol": {"estimator": "discrete-ratio (mask exactly l ~ "
+                                              "U{1..L}, weight L/l)", "seed": args.seed},
+                                 "metrics": res, "generator": {"run": str(args.run_dir),
+                                                               "stage": stage.kind},
+                                 "device": device_record(device)})
+    return 0
+
+
+def cmd_report(args) -> int:
+    from diladiff.eval.report import markdown_report
+
+    text = markdown_report(args.results, args.title)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_frontier(args) -> int:
+    from diladiff.eval.bench import format_table
+    from diladiff.eval.frontier import frontier
+    from diladiff.train.distributed import pick_device
+
+    reference = None if args.no_mauve else (args.reference or str(args.run_dirs[0]))
+    temps = [float(t) for t in args.temperatures.split(",") if t]
+    res = frontier(args.run_dirs, [int(n) for n in args.disc_steps.split(",")],
+                   args.num_samples, args.scorer, args.out, reference, temps,
+                   args.temperature_steps, pick_device(args.device), args.seed, args.batch_size)
+    cols = ["run", "disc_steps", "tokens_per_s", "gen_ppl", "entropy", "mauve"]
+    print(format_table(res["points"], [c for c in cols if c in res["points"][0]]))
+    print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}"
+          + (f" and {args.out / 'temperature.png'}" if temps else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from diladiff.demo import run_demo
 
@@ -159,6 +270,10 @@ COMMANDS = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "config": cmd_config,
+    "eval": cmd_eval,
+    "eval-recon": cmd_eval_recon,
+    "report": cmd_report,
+    "frontier": cmd_frontier,
 }
 
 

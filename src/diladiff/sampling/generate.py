@@ -71,3 +71,17 @@ def generate(
     bar.close()
     texts = tok.batch_decode(ids, skip_special_tokens=True)
     return Generation(ids, texts, time.perf_counter() - start, stats)
+
+
+def write_samples(path, out: Generation, meta: dict) -> None:
+    """Samples as JSONL ({"ids", "text"} per line) plus PATH.meta.json (model, sampler, time)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for ids, text in zip(out.ids, out.texts, strict=True):
+            fh.write(json.dumps({"ids": ids, "text": text}) + "\n")
+    meta = {**meta, "seconds": out.seconds, **out.stats}
+    path.with_name(path.name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -107,4 +107,4 @@ class MDLM(Stage):
         ids, stats = sample_masked(
             self.log_probs, batch, self.seq_len, self.mask_id, settings, generator, device, progress
         )
-        return ids, {"disc_nfe": stats.nfe, "disc_steps": stats.steps}
+        return ids, {"disc_nfe": stats.nfe, "disc_steps_taken": stats.steps}

@@ -1,0 +1,35 @@
+"""Sample diversity measured on the generator's own token ids.
+
+- Unigram entropy (nats) of sample i: H_i = -sum_v p_iv log p_iv, p_iv = count_i(v) / n_i;
+  reported as the mean over samples. Low entropy = repetitive samples.
+- n-gram repetition rate rep_n = 1 - unique n-grams / n-grams (pooled per sample, averaged),
+  and diversity = prod_{n=2}^{4} (1 - rep_n).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+
+def unigram_entropy(ids: list[int]) -> float:
+    if not ids:
+        return 0.0
+    n = len(ids)
+    return -sum(c / n * math.log(c / n) for c in Counter(ids).values())
+
+
+def repetition_rate(ids: list[int], n: int) -> float:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def diversity_metrics(samples: list[list[int]]) -> dict:
+    out = {"entropy": sum(unigram_entropy(s) for s in samples) / len(samples)}
+    diversity = 1.0
+    for n in (2, 3, 4):
+        rep = sum(repetition_rate(s, n) for s in samples) / len(samples)
+        out[f"rep_{n}"] = rep
+        diversity *= 1 - rep
+    out["diversity"] = diversity
+    return out

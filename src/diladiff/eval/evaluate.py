@@ -1,0 +1,83 @@
+"""Evaluate a set of samples under the fixed protocol: GenPPL, entropy, diversity, MAUVE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diladiff.errors import DataError
+from diladiff.eval.diversity import diversity_metrics
+from diladiff.eval.genppl import generative_perplexity
+from diladiff.eval.protocol import device_record, protocol_record
+from diladiff.eval.scorer import load_scorer
+
+
+def read_samples(path: Path | str) -> tuple[list[list[int]], list[str], dict]:
+    """Samples JSONL ({"ids", "text"} per line) and its sidecar metadata (FILE.meta.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"samples file {path} does not exist")
+    ids, texts = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{lineno}: not valid JSON") from None
+        if "text" not in row:
+            raise DataError(f"{path}:{lineno}: a sample needs a 'text' field")
+        texts.append(row["text"])
+        ids.append(row.get("ids") or [])
+    if not texts:
+        raise DataError(f"samples file {path} holds no samples")
+    meta_path = path.with_name(path.name + ".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return ids, texts, meta
+
+
+def reference_texts(spec: str, count: int, seq_len: int | None = None) -> tuple[list[str], dict]:
+    """Held-out reference texts: from a run folder (its data config's held-out rows, decoded:
+    the same length as the samples) or from a samples-style JSONL file."""
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        from diladiff.config import Config
+        from diladiff.data.packing import prepare_data
+        from diladiff.data.tokenizer import load_tokenizer
+
+        cfg = Config.load(path / "config.json")
+        tok = load_tokenizer(cfg.data.tokenizer)
+        data = prepare_data(cfg.data, tok, progress=False)
+        if len(data.val) < count:
+            raise DataError(f"{spec}: {len(data.val)} held-out rows, fewer than {count} samples")
+        rows = np.asarray(data.val[:count], dtype=np.int64).tolist()
+        texts = tok.batch_decode(rows, skip_special_tokens=True)
+        return texts, {"source": cfg.data.source, "split": "held-out (last "
+                       f"{cfg.data.heldout_docs} documents)", "rows": count,
+                       "seq_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer}
+    _, texts, _ = read_samples(path)
+    if len(texts) < count:
+        raise DataError(f"{spec}: {len(texts)} reference texts, fewer than {count} samples")
+    return texts[:count], {"file": str(path), "rows": count}
+
+
+def evaluate_samples(ids: list[list[int]], texts: list[str], scorer_name: str,
+                     reference: str | None = None, device="cpu", mauve_seed: int = 25,
+                     batch_size: int = 16, generator_meta: dict | None = None) -> dict:
+    """A result record (protocol + metrics) for one sample set."""
+    scorer = load_scorer(scorer_name, device)
+    metrics = generative_perplexity(scorer, texts, batch_size)
+    if any(ids):
+        metrics |= diversity_metrics([x for x in ids if x])
+    ref_meta = None
+    if reference:
+        from diladiff.eval.mauve import mauve_score
+
+        refs, ref_meta = reference_texts(reference, len(texts))
+        metrics |= mauve_score(scorer, texts, refs, mauve_seed, batch_size)
+    meta = generator_meta or {}
+    return {"protocol": protocol_record(scorer, len(texts), meta.get("seed"), ref_meta,
+                                        mauve_seed if reference else None),
+            "metrics": metrics, "generator": meta, "device": device_record(device)}

