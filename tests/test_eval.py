@@ -23,8 +23,12 @@ def tiny_lm_path(tmp_path_factory):
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
-                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2, n_head=2)
@@ -78,7 +82,9 @@ def test_scorer_is_loaded_once(tiny_lm_path):
 
 
 def test_entropy_and_repetition_by_hand():
-    assert unigram_entropy([1, 1, 2, 3]) == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
+    assert unigram_entropy([1, 1, 2, 3]) == pytest.approx(
+        -(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
+    )
     assert unigram_entropy([7] * 10) == 0.0
     assert repetition_rate([1, 2, 1, 2, 1, 2], 2) == pytest.approx(1 - 2 / 5)
     m = diversity_metrics([[1, 2, 3, 4, 5], [5, 5, 5, 5, 5]])
@@ -89,22 +95,29 @@ def test_entropy_and_repetition_by_hand():
 def test_discrete_ratio_bound_is_exact_for_a_known_likelihood():
     """A context-free model p(x_i) = q_i: any mask gives (L/l) * l * c = L * c when every
     position has the same NLL c, so every Monte Carlo draw equals -log p(x) exactly."""
-    L, V, mask = 8, 5, 5
+    V, mask = 5, 5
     x0 = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])
     q = torch.full((V + 1,), -math.inf)
     q[:V] = torch.tensor([0.4, 0.4, 0.4, 0.4, 0.4]).log()  # unnormalised on purpose: c = -log .4
 
-    def log_probs(x_t):
+    def log_probs(x_t, x0):
         return q.expand(*x_t.shape, V + 1)
 
-    res = discrete_ratio_bound(log_probs, x0, mask, samples=32, generator=torch.Generator().manual_seed(0))
+    res = discrete_ratio_bound(
+        log_probs, x0, mask, samples=32, generator=torch.Generator().manual_seed(0)
+    )
     assert res["nll_bound"] == pytest.approx(-math.log(0.4), rel=1e-6)
     # Non-constant per-position NLL: unbiased, so close to the exact value with many draws.
     probs = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1])
     q2 = torch.cat([probs.log(), torch.tensor([-math.inf])])
     exact = float(-probs.log()[x0[0]].mean())
-    res2 = discrete_ratio_bound(lambda x: q2.expand(*x.shape, V + 1), x0, mask, samples=4000,
-                                generator=torch.Generator().manual_seed(1))
+    res2 = discrete_ratio_bound(
+        lambda x, _: q2.expand(*x.shape, V + 1),
+        x0,
+        mask,
+        samples=4000,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert res2["nll_bound"] == pytest.approx(exact, rel=0.03)
     assert res2["recovery"] == pytest.approx(float((x0 == 0).float().mean()), abs=0.03)
     assert sum(b["draws"] for b in res2["per_ratio"]) == 4000
@@ -143,11 +156,37 @@ def test_eval_cli_records_the_protocol_offline(trained_run, tmp_path, capsys):
     from diladiff.cli import main
 
     samples = tmp_path / "s.jsonl"
-    assert main(["sample", str(trained_run), "--num-samples", "20", "--disc-steps", "16",
-                 "--out", str(samples)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(trained_run),
+                "--num-samples",
+                "20",
+                "--disc-steps",
+                "16",
+                "--out",
+                str(samples),
+            ]
+        )
+        == 0
+    )
     out_json = tmp_path / "r.json"
-    assert main(["eval", str(samples), "--scorer", "smollm2-135m", "--reference",
-                 str(trained_run), "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(samples),
+                "--scorer",
+                "smollm2-135m",
+                "--reference",
+                str(trained_run),
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "gen_ppl" in printed and "mauve" in printed and "<|endoftext|>" in printed
     result = json.loads(out_json.read_text())
@@ -163,19 +202,53 @@ def test_eval_cli_records_the_protocol_offline(trained_run, tmp_path, capsys):
 def test_eval_recon_cli(trained_run, tmp_path, capsys):
     from diladiff.cli import main
 
-    assert main(["eval-recon", str(trained_run), "--sequences", "4", "--mc-samples", "8",
-                 "--json", str(tmp_path / "r.json")]) == 0
-    res = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert (
+        main(
+            [
+                "eval-recon",
+                str(trained_run),
+                "--sequences",
+                "4",
+                "--mc-samples",
+                "8",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
+    runs = json.loads((tmp_path / "r.json").read_text())["metrics"]["runs"]
+    (res,) = runs.values()
     assert res["ppl_bound"] > 1 and 0 <= res["recovery"] <= 1 and res["mc_samples"] == 8
+    assert (trained_run / "recon.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_frontier_writes_plots(trained_run, tmp_path, capsys, tiny_lm_path):
     from diladiff.cli import main
 
     out = tmp_path / "front"
-    assert main(["frontier", str(trained_run), "--disc-steps", "4,8", "--num-samples", "4",
-                 "--batch-size", "4", "--scorer", tiny_lm_path, "--no-mauve",
-                 "--temperatures", "0.8,1.0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "frontier",
+                str(trained_run),
+                "--disc-steps",
+                "4,8",
+                "--num-samples",
+                "4",
+                "--batch-size",
+                "4",
+                "--scorer",
+                tiny_lm_path,
+                "--no-mauve",
+                "--temperatures",
+                "0.8,1.0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "frontier.json").read_text())
     assert [p["disc_steps"] for p in res["points"]] == [4, 8]
     assert [p["temperature"] for p in res["temperature"]] == [0.8, 1.0]

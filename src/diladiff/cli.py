@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a stage in a run folder")
-    p.add_argument("stage", help="mdlm")
+    p.add_argument("stage", help="mdlm, autoencoder, ladiff or diladiff")
+    p.add_argument("--init-from", type=Path, help="autoencoder: the MDLM run to start from")
+    p.add_argument("--autoencoder", type=Path, help="ladiff: the trained auto-encoder run")
+    p.add_argument("--teacher", type=Path, help="diladiff: the trained LaDiff run")
     p.add_argument("--preset", help="tiny, small or paper (default: paper; resume: the run's)")
     p.add_argument("--run-dir", type=Path, required=True)
     p.epilog = "Any further key=value arguments are dotted config overrides, e.g. train.lr=2e-4."
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--json", type=Path)
+    p.add_argument("--png", type=Path, help="curve plot (default RUN/recon.png)")
 
     p = sub.add_parser("report", help="Markdown table of result JSON files")
     p.add_argument("results", type=Path, nargs="+")
@@ -134,7 +138,10 @@ def _load(args):
 def cmd_train(args) -> int:
     from diladiff.runs import train_run
 
-    metrics = train_run(args.stage, args.run_dir, args.preset, args.overrides)
+    parents = {
+        k: getattr(args, k) for k in ("init_from", "autoencoder", "teacher") if getattr(args, k)
+    }
+    metrics = train_run(args.stage, args.run_dir, args.preset, args.overrides, parents)
     print(json.dumps(metrics))
     return 0
 
@@ -146,8 +153,11 @@ def cmd_sample(args) -> int:
     sc = _sample_config(args, stage.cfg)
     out = generate(stage, tok, sc, device)
     if args.out:
-        write_samples(args.out, out, {"run": str(args.run_dir), "stage": stage.kind,
-                                      "weights": args.weights, **vars(sc)})
+        write_samples(
+            args.out,
+            out,
+            {"run": str(args.run_dir), "stage": stage.kind, "weights": args.weights, **vars(sc)},
+        )
         print(f"wrote {len(out.ids)} samples to {args.out} ({out.seconds:.1f} s)")
     else:
         for i, text in enumerate(out.texts):
@@ -182,43 +192,85 @@ def cmd_eval(args) -> int:
     ids, texts, meta = read_samples(args.samples)
     if not args.reference:
         print("note: no --reference given, MAUVE is not computed", file=sys.stderr)
-    result = evaluate_samples(ids, texts, args.scorer, args.reference, pick_device(args.device),
-                              args.mauve_seed, args.batch_size, meta)
+    result = evaluate_samples(
+        ids,
+        texts,
+        args.scorer,
+        args.reference,
+        pick_device(args.device),
+        args.mauve_seed,
+        args.batch_size,
+        meta,
+    )
     result["samples_file"] = str(args.samples)
     m = result["metrics"]
     print(format_table([{k: v for k, v in m.items() if not isinstance(v, list)}]))
     p = result["protocol"]
-    print(f"protocol {p['version']}: scorer={p['scorer']}, boundary={p['boundary_token']!r}, "
-          f"samples={p['num_samples']}, device={result['device']}")
+    print(
+        f"protocol {p['version']}: scorer={p['scorer']}, boundary={p['boundary_token']!r}, "
+        f"samples={p['num_samples']}, device={result['device']}"
+    )
     if args.json:
         write_result(args.json, result)
     return 0
 
 
 def cmd_eval_recon(args) -> int:
-    import numpy as np
-    import torch
-
-    from diladiff.data.packing import prepare_data
     from diladiff.eval.bench import format_table
     from diladiff.eval.protocol import device_record, write_result
-    from diladiff.eval.recon import discrete_ratio_bound
+    from diladiff.eval.recon_report import plot_recon, recon_report
+    from diladiff.train.distributed import pick_device
 
-    stage, tok, device = _load(args)
-    data = prepare_data(stage.cfg.data, tok, progress=False)
-    x0 = torch.from_numpy(np.asarray(data.val[: args.sequences], dtype=np.int64)).to(device)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    res = discrete_ratio_bound(stage.log_probs, x0, stage.mask_id, args.mc_samples, gen)
-    print(f"{args.run_dir} ({stage.kind}): perplexity bound {res['ppl_bound']:.2f}, "
-          f"recovery {res['recovery']:.3f} ({res['sequences']} held-out sequences x "
-          f"{res['mc_samples']} Monte Carlo draws, seed {args.seed})")
-    print(format_table(res["per_ratio"]))
+    device = pick_device(args.device)
+    rep = recon_report(
+        args.run_dir, args.sequences, args.mc_samples, args.seed, device, weights=args.weights
+    )
+    print(
+        f"held-out sequences: {args.sequences}, Monte Carlo draws each: {args.mc_samples}, "
+        f"seed {args.seed}, estimator: mask exactly l ~ U{{1..L}}, weight L/l"
+    )
+    print(
+        format_table(
+            [
+                {
+                    "run": k,
+                    "ppl_bound": v["ppl_bound"],
+                    "nll_bound": v["nll_bound"],
+                    "recovery": v["recovery"],
+                }
+                for k, v in rep["runs"].items()
+            ]
+        )
+    )
+    for name, res in rep["runs"].items():
+        print(f"\nper masking ratio: {name}")
+        print(format_table(res["per_ratio"]))
+    if rep["robustness"]:
+        print("\nlatent robustness (recovery with Gaussian noise added to the latent)")
+        print(format_table(rep["robustness"]))
+    png = args.png or args.run_dir / "recon.png"
+    plot_recon(
+        rep,
+        png,
+        f"Reconstruction on held-out data ({args.sequences} sequences x "
+        f"{args.mc_samples} draws, {device_record(device)})",
+    )
+    print(f"\nwrote {png}")
     if args.json:
-        write_result(args.json, {"protocol": {"estimator": "discrete-ratio (mask exactly l ~ "
-                                              "U{1..L}, weight L/l)", "seed": args.seed},
-                                 "metrics": res, "generator": {"run": str(args.run_dir),
-                                                               "stage": stage.kind},
-                                 "device": device_record(device)})
+        write_result(
+            args.json,
+            {
+                "protocol": {
+                    "estimator": "discrete-ratio (mask exactly l ~ U{1..L}, weight L/l)",
+                    "seed": args.seed,
+                    "sequences": args.sequences,
+                    "mc_samples": args.mc_samples,
+                },
+                "metrics": rep,
+                "generator": {"run": str(args.run_dir)},
+                "device": device_record(device),
+            },
+        )
     return 0
 
 
@@ -239,13 +291,25 @@ def cmd_frontier(args) -> int:
 
     reference = None if args.no_mauve else (args.reference or str(args.run_dirs[0]))
     temps = [float(t) for t in args.temperatures.split(",") if t]
-    res = frontier(args.run_dirs, [int(n) for n in args.disc_steps.split(",")],
-                   args.num_samples, args.scorer, args.out, reference, temps,
-                   args.temperature_steps, pick_device(args.device), args.seed, args.batch_size)
+    res = frontier(
+        args.run_dirs,
+        [int(n) for n in args.disc_steps.split(",")],
+        args.num_samples,
+        args.scorer,
+        args.out,
+        reference,
+        temps,
+        args.temperature_steps,
+        pick_device(args.device),
+        args.seed,
+        args.batch_size,
+    )
     cols = ["run", "disc_steps", "tokens_per_s", "gen_ppl", "entropy", "mauve"]
     print(format_table(res["points"], [c for c in cols if c in res["points"][0]]))
-    print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}"
-          + (f" and {args.out / 'temperature.png'}" if temps else ""))
+    print(
+        f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}"
+        + (f" and {args.out / 'temperature.png'}" if temps else "")
+    )
     return 0
 
 

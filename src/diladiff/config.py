@@ -125,6 +125,69 @@ class SampleConfig:
     cache: bool = True
     seed: int = 0
     use_ema: bool = True
+    # Latent stages: N_cont steps of the latent sampler (LaDiff ODE: 200; DiLaDiff: 5) and
+    # DiLaDiff's gamma-sampling (0 = deterministic ODE jumps, 1 = jump to data and re-noise).
+    cont_steps: int = 0
+    gamma: float = 0.0
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 1: frozen BERT features -> Perceiver -> latent z (N_z x d_z) -> MDLM decoder."""
+
+    feature_model: str = "bert-base-uncased"  # hub name, path, or "minilm-l6"
+    feature_layer: int = -1  # hidden-state index (-1 = last layer)
+    num_latents: int = 64  # N_z
+    latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
+    perceiver_width: int = 768
+    perceiver_depth: int = 2
+    perceiver_heads: int = 12
+    # Feature augmentation (training only): half the batch has positions of h masked with
+    # p_mask_h, the other half Gaussian noise of std sigma_h. (Values not given in DESIGN.md.)
+    p_mask_h: float = 0.15
+    sigma_h: float = 0.1
+    # Latent augmentation: each latent vector masked with p_mask_z; with p_drop the whole latent
+    # is replaced by N(0, I) (the paper's value was lost; it is above 0.5).
+    p_mask_z: float = 0.1
+    p_drop: float = 0.6
+    # Decoder blocks followed by a cross-attention layer ("first,last" or indices "0,5").
+    cross_attn_after: str = "first,last"
+    encoder_warmup_steps: int = 1000
+    decoder_warmup_steps: int = 10000
+
+
+@dataclass
+class PriorConfig:
+    """Stage 2 network: the x0-predicting transformer over the N_z latent vectors."""
+
+    depth: int = 12
+    width: int = 768
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DiffusionConfig:
+    """Stage 2 process: VP, warped tangent schedule alpha_t^2 = 1/(1 + d^2 tan^2(pi t/2))."""
+
+    d: float = 10.0
+    self_cond_prob: float = 0.5
+    t_eps: float = 1e-4
+
+
+@dataclass
+class MeanFlowConfig:
+    """Stage 3: MeanFlow self-distillation of the prior (teacher frozen)."""
+
+    r_equals_t_prob: float = 0.25
+    logit_normal_mean: float = -1.0
+    logit_normal_std: float = 1.0
+    adaptive_p: float = 1.0  # loss / (||delta||^2 + c)^p, detached
+    adaptive_c: float = 1e-3
+    tangent_warmup_steps: int = 10000
+    # "jvp" (exact forward-mode AD) or "finite_difference" (central difference of step fd_eps).
+    derivative: str = "jvp"
+    fd_eps: float = 1e-3
 
 
 @dataclass
@@ -134,6 +197,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mdlm: MDLMConfig = field(default_factory=MDLMConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +266,7 @@ def _tiny() -> Config:
         eval_batches=4,
     )
     cfg.sample = SampleConfig(num_samples=8, batch_size=8)
+    cfg.autoencoder = AutoencoderConfig(feature_model="minilm-l6")  # d_bert = 384
     return cfg
 
 
@@ -208,12 +276,93 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "paper": _paper,
 }
 
+# What each stage changes in a preset (the paper's learning rates and warm-ups; the step
+# counts of the latent stages are not given by DESIGN.md and are this project's choices).
+STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
+    ("autoencoder", "paper"): [
+        "train.lr=5e-5",
+        "train.total_steps=100000",
+        "train.warmup_steps=1000",
+    ],
+    ("autoencoder", "small"): [
+        "train.lr=2e-4",
+        "train.total_steps=3000",
+        "autoencoder.num_latents=32",
+        "autoencoder.perceiver_width=512",
+        "autoencoder.perceiver_heads=8",
+        "autoencoder.encoder_warmup_steps=100",
+        "autoencoder.decoder_warmup_steps=500",
+    ],
+    ("autoencoder", "tiny"): [
+        "train.lr=1e-3",
+        "train.total_steps=400",
+        "autoencoder.num_latents=16",
+        "autoencoder.perceiver_width=128",
+        "autoencoder.perceiver_heads=4",
+        "autoencoder.encoder_warmup_steps=20",
+        "autoencoder.decoder_warmup_steps=100",
+    ],
+    ("ladiff", "paper"): [
+        "train.lr=2e-4",
+        "train.total_steps=500000",
+        "train.warmup_steps=1000",
+        "sample.cont_steps=200",
+    ],
+    ("ladiff", "small"): [
+        "train.lr=3e-4",
+        "train.total_steps=4000",
+        "prior.depth=8",
+        "prior.width=512",
+        "prior.heads=8",
+        "sample.cont_steps=200",
+    ],
+    ("ladiff", "tiny"): [
+        "train.lr=1e-3",
+        "train.total_steps=600",
+        "prior.depth=3",
+        "prior.width=128",
+        "prior.heads=4",
+        "sample.cont_steps=200",
+    ],
+    ("diladiff", "paper"): [
+        "train.lr=5e-5",
+        "train.total_steps=100000",
+        "train.warmup_steps=1000",
+        "sample.cont_steps=5",
+    ],
+    ("diladiff", "small"): [
+        "train.lr=1e-4",
+        "train.total_steps=2000",
+        "meanflow.tangent_warmup_steps=500",
+        "sample.cont_steps=5",
+    ],
+    ("diladiff", "tiny"): [
+        "train.lr=5e-4",
+        "train.total_steps=300",
+        "train.warmup_steps=20",
+        "meanflow.tangent_warmup_steps=100",
+        "sample.cont_steps=5",
+        "model.attention=math",
+    ],
+}
 
-def build_config(preset: str = "paper", overrides: typing.Sequence[str] = ()) -> Config:
-    """The named preset with `key=value` overrides applied in order."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cfg = PRESETS[preset]()
+
+def build_config(
+    preset: str = "paper", overrides: typing.Sequence[str] = (), stage: str = "mdlm"
+) -> Config:
+    """The named preset, adjusted for `stage`, with `key=value` overrides applied in order.
+
+    A "-4x" suffix (e.g. "tiny-4x") halves d_z: 4x compression instead of 2x."""
+    base = preset.removesuffix("-4x")
+    if base not in PRESETS:
+        raise ConfigError(
+            f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} (optionally with -4x)"
+        )
+    cfg = PRESETS[base]()
+    apply_overrides(cfg, STAGE_DEFAULTS.get((stage, base), []))
+    if preset.endswith("-4x"):
+        cfg.autoencoder.latent_dim //= 2
+    cfg.preset = preset
     apply_overrides(cfg, overrides)
     return cfg
 

@@ -23,9 +23,10 @@ from diladiff.train.trainer import Trainer
 
 
 def resolve_config(
-    kind: str, run_dir: Path, preset: str | None, overrides: list[str]
+    kind: str, run_dir: Path, preset: str | None, overrides: list[str], parents: dict | None = None
 ) -> tuple[Config, bool]:
-    """The config of a new run (preset + overrides) or of an existing one (saved + overrides)."""
+    """The config of a new run (preset + sections inherited from the parent run + overrides)
+    or of an existing one (saved + overrides)."""
     saved = run_dir / "config.json"
     if saved.is_file():
         info = ckpt.read_run_info(run_dir)
@@ -35,7 +36,23 @@ def resolve_config(
         if preset and preset != cfg.preset:
             raise ConfigError(f"{run_dir} was created with preset {cfg.preset!r}, not {preset!r}")
         return apply_overrides(cfg, overrides), True
-    return build_config(preset or "paper", overrides), False
+    cls = STAGES[kind]
+    parent = (parents or {}).get(cls.parent_key) if cls.parent_key else None
+    if cls.parent_key and not parent:
+        flag = "--" + cls.parent_key.replace("_", "-")
+        raise CheckpointError(f"training {kind} needs {flag} RUN_DIR (the run it builds on)")
+    cfg = build_config(preset or "paper", [], stage=kind)
+    if parent:
+        parent_cfg = (
+            Config.load(Path(parent) / "config.json")
+            if (Path(parent) / "config.json").is_file()
+            else None
+        )
+        if parent_cfg is None:
+            raise CheckpointError(f"{parent} is not a diladiff run folder (no config.json)")
+        for section in cls.inherits:
+            setattr(cfg, section, getattr(parent_cfg, section))
+    return apply_overrides(cfg, overrides), False
 
 
 def train_run(
@@ -49,7 +66,7 @@ def train_run(
     if kind not in STAGES:
         raise ConfigError(f"unknown stage {kind!r}; choose one of {sorted(STAGES)}")
     run_dir = Path(run_dir)
-    cfg, resumed = resolve_config(kind, run_dir, preset, list(overrides or []))
+    cfg, resumed = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
     env = setup(cfg.train.device)
     try:
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -65,6 +82,10 @@ def train_run(
             data = prepare_data(cfg.data, tok, progress=False)
         torch.manual_seed(cfg.train.seed)
         stage = STAGES[kind](cfg, tok_id)
+        if not resumed:
+            stage.init_from_parents({k: str(v) for k, v in (parents or {}).items()})
+        if env.is_main:
+            print(stage.summary())
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.json")
@@ -74,7 +95,7 @@ def train_run(
                     {
                         "stage": kind,
                         "tokenizer_identity": tok_id,
-                        "parents": parents or {},
+                        "parents": {k: str(Path(v).resolve()) for k, v in (parents or {}).items()},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "diladiff": __version__,
                         "data": {k: data.manifest[k] for k in ("train_rows", "val_rows", "source")},

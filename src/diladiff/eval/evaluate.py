@@ -54,18 +54,29 @@ def reference_texts(spec: str, count: int, seq_len: int | None = None) -> tuple[
             raise DataError(f"{spec}: {len(data.val)} held-out rows, fewer than {count} samples")
         rows = np.asarray(data.val[:count], dtype=np.int64).tolist()
         texts = tok.batch_decode(rows, skip_special_tokens=True)
-        return texts, {"source": cfg.data.source, "split": "held-out (last "
-                       f"{cfg.data.heldout_docs} documents)", "rows": count,
-                       "seq_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer}
+        return texts, {
+            "source": cfg.data.source,
+            "split": f"held-out (last {cfg.data.heldout_docs} documents)",
+            "rows": count,
+            "seq_len": cfg.data.seq_len,
+            "tokenizer": cfg.data.tokenizer,
+        }
     _, texts, _ = read_samples(path)
     if len(texts) < count:
         raise DataError(f"{spec}: {len(texts)} reference texts, fewer than {count} samples")
     return texts[:count], {"file": str(path), "rows": count}
 
 
-def evaluate_samples(ids: list[list[int]], texts: list[str], scorer_name: str,
-                     reference: str | None = None, device="cpu", mauve_seed: int = 25,
-                     batch_size: int = 16, generator_meta: dict | None = None) -> dict:
+def evaluate_samples(
+    ids: list[list[int]],
+    texts: list[str],
+    scorer_name: str,
+    reference: str | None = None,
+    device="cpu",
+    mauve_seed: int = 25,
+    batch_size: int = 16,
+    generator_meta: dict | None = None,
+) -> dict:
     """A result record (protocol + metrics) for one sample set."""
     scorer = load_scorer(scorer_name, device)
     metrics = generative_perplexity(scorer, texts, batch_size)
@@ -78,6 +89,11 @@ def evaluate_samples(ids: list[list[int]], texts: list[str], scorer_name: str,
         refs, ref_meta = reference_texts(reference, len(texts))
         metrics |= mauve_score(scorer, texts, refs, mauve_seed, batch_size)
     meta = generator_meta or {}
-    return {"protocol": protocol_record(scorer, len(texts), meta.get("seed"), ref_meta,
-                                        mauve_seed if reference else None),
-            "metrics": metrics, "generator": meta, "device": device_record(device)}
+    return {
+        "protocol": protocol_record(
+            scorer, len(texts), meta.get("seed"), ref_meta, mauve_seed if reference else None
+        ),
+        "metrics": metrics,
+        "generator": meta,
+        "device": device_record(device),
+    }

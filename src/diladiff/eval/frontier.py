@@ -23,8 +23,17 @@ def _label(run_dir: Path, stage) -> str:
     return f"{run_dir.name} ({stage.kind})"
 
 
-def sweep_run(run_dir: Path, points: list[dict], num_samples: int, scorer: str,
-              reference: str | None, out_dir: Path, device, seed: int, batch_size: int) -> list[dict]:
+def sweep_run(
+    run_dir: Path,
+    points: list[dict],
+    num_samples: int,
+    scorer: str,
+    reference: str | None,
+    out_dir: Path,
+    device,
+    seed: int,
+    batch_size: int,
+) -> list[dict]:
     """Generate and evaluate at each point (a dict of sample-config overrides)."""
     stage, tok = load_run(run_dir, device=device)
     rows = []
@@ -37,34 +46,68 @@ def sweep_run(run_dir: Path, points: list[dict], num_samples: int, scorer: str,
         name = f"{run_dir.name}_" + "_".join(f"{k}{v}" for k, v in point.items())
         sample_path = out_dir / "samples" / f"{name}.jsonl"
         sample_path.parent.mkdir(parents=True, exist_ok=True)
-        sample_path.write_text("".join(json.dumps({"ids": i, "text": t}) + "\n"
-                                       for i, t in zip(out.ids, out.texts, strict=True)))
+        sample_path.write_text(
+            "".join(
+                json.dumps({"ids": i, "text": t}) + "\n"
+                for i, t in zip(out.ids, out.texts, strict=True)
+            )
+        )
         meta = {"run": str(run_dir), "stage": stage.kind, **vars(sc)}
-        result = evaluate_samples(out.ids, out.texts, scorer, reference, device,
-                                  generator_meta=meta, batch_size=batch_size)
-        rows.append({"run": _label(run_dir, stage), **point,
-                     "tokens_per_s": num_samples * stage.seq_len / out.seconds,
-                     "seconds": out.seconds, **out.stats, **result["metrics"],
-                     "protocol": result["protocol"]})
+        result = evaluate_samples(
+            out.ids,
+            out.texts,
+            scorer,
+            reference,
+            device,
+            generator_meta=meta,
+            batch_size=batch_size,
+        )
+        rows.append(
+            {
+                "run": _label(run_dir, stage),
+                **point,
+                "tokens_per_s": num_samples * stage.seq_len / out.seconds,
+                "seconds": out.seconds,
+                **out.stats,
+                **result["metrics"],
+                "protocol": result["protocol"],
+            }
+        )
     return rows
 
 
-def frontier(run_dirs: list[Path], disc_steps: list[int], num_samples: int, scorer: str,
-             out_dir: Path, reference: str | None = None, temperatures: list[float] = (),
-             temperature_steps: int | None = None, device="cpu", seed: int = 0,
-             batch_size: int = 16) -> dict:
+def frontier(
+    run_dirs: list[Path],
+    disc_steps: list[int],
+    num_samples: int,
+    scorer: str,
+    out_dir: Path,
+    reference: str | None = None,
+    temperatures: list[float] = (),
+    temperature_steps: int | None = None,
+    device="cpu",
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     points = [{"disc_steps": n} for n in disc_steps]
-    result = {"device": device_record(device), "num_samples": num_samples, "seed": seed,
-              "points": [], "temperature": []}
+    result = {
+        "device": device_record(device),
+        "num_samples": num_samples,
+        "seed": seed,
+        "points": [],
+        "temperature": [],
+    }
     for run in run_dirs:
-        result["points"] += sweep_run(Path(run), points, num_samples, scorer, reference,
-                                      out_dir, device, seed, batch_size)
+        result["points"] += sweep_run(
+            Path(run), points, num_samples, scorer, reference, out_dir, device, seed, batch_size
+        )
         if temperatures:
             n = temperature_steps or max(disc_steps)
             tpoints = [{"disc_steps": n, "temperature": t} for t in temperatures]
-            result["temperature"] += sweep_run(Path(run), tpoints, num_samples, scorer, None,
-                                               out_dir, device, seed, batch_size)
+            result["temperature"] += sweep_run(
+                Path(run), tpoints, num_samples, scorer, None, out_dir, device, seed, batch_size
+            )
     (out_dir / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_frontier(result, out_dir / "frontier.png")
     if result["temperature"]:
@@ -92,19 +135,30 @@ def plot_frontier(result: dict, path: Path) -> None:
             rows = sorted(rows, key=lambda r: r["tokens_per_s"])
             ax.plot([r["tokens_per_s"] for r in rows], [r[metric] for r in rows], "o-", label=run)
             for r in rows:
-                ax.annotate(f"N={r['disc_steps']}", (r["tokens_per_s"], r[metric]), fontsize=8,
-                            textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    f"N={r['disc_steps']}",
+                    (r["tokens_per_s"], r[metric]),
+                    fontsize=8,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
         ax.set_xscale("log")
         ax.set_xlabel("sampling speed (tokens / s, log scale)")
-        ax.set_ylabel("MAUVE (higher is better)" if metric == "mauve"
-                      else "generative perplexity (lower is better)")
+        ax.set_ylabel(
+            "MAUVE (higher is better)"
+            if metric == "mauve"
+            else "generative perplexity (lower is better)"
+        )
         if metric == "gen_ppl":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     p0 = result["points"][0]["protocol"] if result["points"] else {}
-    fig.suptitle(f"Speed / quality frontier ({result['num_samples']} samples, scorer "
-                 f"{p0.get('scorer')}, {result['device']})", fontsize=10)
+    fig.suptitle(
+        f"Speed / quality frontier ({result['num_samples']} samples, scorer "
+        f"{p0.get('scorer')}, {result['device']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -121,16 +175,23 @@ def plot_temperature(result: dict, path: Path) -> None:
         rows = sorted(rows, key=lambda r: r["temperature"])
         ax.plot([r["entropy"] for r in rows], [r["gen_ppl"] for r in rows], "o-", label=run)
         for r in rows:
-            ax.annotate(f"T={r['temperature']}", (r["entropy"], r["gen_ppl"]), fontsize=8,
-                        textcoords="offset points", xytext=(4, 4))
+            ax.annotate(
+                f"T={r['temperature']}",
+                (r["entropy"], r["gen_ppl"]),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
     ax.set_xlabel("sample unigram entropy (nats)")
     ax.set_ylabel("generative perplexity (log scale)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"Temperature sweep (N_disc={result['temperature'][0]['disc_steps']}, "
-                 f"{result['num_samples']} samples)", fontsize=10)
+    ax.set_title(
+        f"Temperature sweep (N_disc={result['temperature'][0]['disc_steps']}, "
+        f"{result['num_samples']} samples)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

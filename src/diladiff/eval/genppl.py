@@ -23,5 +23,9 @@ def generative_perplexity(scorer: Scorer, texts: list[str], batch_size: int = 16
     total = sum(float(x.sum()) for x in scored)
     count = sum(x.numel() for x in scored)
     per_sample = [math.exp(float(x.mean())) for x in scored]
-    return {"gen_ppl": math.exp(total / count), "gen_ppl_median": statistics.median(per_sample),
-            "scored_tokens": count, "empty_samples": len(nlls) - len(scored)}
+    return {
+        "gen_ppl": math.exp(total / count),
+        "gen_ppl_median": statistics.median(per_sample),
+        "scored_tokens": count,
+        "empty_samples": len(nlls) - len(scored),
+    }

@@ -7,8 +7,9 @@ from diladiff.errors import DiladiffError
 from diladiff.eval.scorer import Scorer
 
 
-def mauve_score(scorer: Scorer, samples: list[str], references: list[str], seed: int = 25,
-                batch_size: int = 16) -> dict:
+def mauve_score(
+    scorer: Scorer, samples: list[str], references: list[str], seed: int = 25, batch_size: int = 16
+) -> dict:
     try:
         import mauve
     except ImportError:

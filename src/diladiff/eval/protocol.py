@@ -18,19 +18,26 @@ import torch
 PROTOCOL_VERSION = "diladiff-eval-v1"
 
 
-def protocol_record(scorer, num_samples: int, seed: int | None, reference: dict | None,
-                    mauve_seed: int | None) -> dict:
+def protocol_record(
+    scorer, num_samples: int, seed: int | None, reference: dict | None, mauve_seed: int | None
+) -> dict:
     return {
         "version": PROTOCOL_VERSION,
         "scorer": scorer.name if scorer else None,
         "tokenization": "decode generator ids (skip special tokens), re-tokenise with the "
-                        "scorer tokenizer, no truncation below the scorer context",
+        "scorer tokenizer, no truncation below the scorer context",
         "boundary_token": scorer.boundary if scorer else None,
         "first_token_scored": True,
         "pooling": "token-pooled exp(total NLL / total tokens); per-sample median beside it",
         "entropy": "unigram entropy (nats) of generator token ids per sample, averaged",
-        "mauve": {"package": "mauve-text", "features": "scorer final hidden state at last token",
-                  "seed": mauve_seed, "reference": reference} if mauve_seed is not None else None,
+        "mauve": {
+            "package": "mauve-text",
+            "features": "scorer final hidden state at last token",
+            "seed": mauve_seed,
+            "reference": reference,
+        }
+        if mauve_seed is not None
+        else None,
         "num_samples": num_samples,
         "sample_seed": seed,
     }

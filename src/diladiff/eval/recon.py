@@ -7,7 +7,8 @@ Discrete-ratio (any-order) estimator of an upper bound on -log p(x), for L token
 estimated with `samples` Monte Carlo draws of (l, M) per sequence; reported per token
 (divided by L) and as a perplexity exp(.). Recovery = the fraction of masked tokens whose
 argmax prediction equals the clean token. Both are also reported per masking ratio l / L.
-`log_probs(x_t)` may be any denoiser (the MDLM, or the auto-encoder's decoder given a latent).
+`log_probs(x_t, x0)` may be any denoiser: the MDLM ignores x0; the auto-encoder's decoder is
+given the latent that its encoder computes from the clean x0.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from diladiff.processes.masking import mask_exactly
 
 
 @torch.no_grad()
-def discrete_ratio_bound(log_probs: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                         mask_id: int, samples: int = 128, generator: torch.Generator | None = None,
-                         ratio_bins: int = 10, batch_size: int = 64) -> dict:
+def discrete_ratio_bound(
+    log_probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    mask_id: int,
+    samples: int = 128,
+    generator: torch.Generator | None = None,
+    ratio_bins: int = 10,
+    batch_size: int = 64,
+) -> dict:
     """The bound and recovery over sequences x0 (N, L), overall and per masking-ratio bin."""
     n, length = x0.shape
     rows = x0.repeat_interleave(samples, dim=0)
@@ -31,9 +38,11 @@ def discrete_ratio_bound(log_probs: Callable[[torch.Tensor], torch.Tensor], x0: 
     bins = [{"terms": 0.0, "draws": 0, "correct": 0, "masked": 0} for _ in range(ratio_bins)]
     for i in range(0, len(rows), batch_size):
         x = rows[i : i + batch_size]
-        counts = torch.randint(1, length + 1, (len(x),), generator=generator, device="cpu").to(x.device)
+        counts = torch.randint(1, length + 1, (len(x),), generator=generator, device="cpu").to(
+            x.device
+        )
         x_t = mask_exactly(x, counts, mask_id, generator)
-        logp = log_probs(x_t).float()
+        logp = log_probs(x_t, x).float()
         masked = x_t == mask_id
         nll = -logp.gather(-1, x.unsqueeze(-1)).squeeze(-1)
         nll = torch.where(masked, nll, torch.zeros_like(nll))
@@ -52,13 +61,36 @@ def discrete_ratio_bound(log_probs: Callable[[torch.Tensor], torch.Tensor], x0: 
     per_ratio = []
     for b, acc in enumerate(bins):
         if acc["draws"]:
-            per_ratio.append({
-                "ratio_low": b / ratio_bins, "ratio_high": (b + 1) / ratio_bins,
-                "draws": acc["draws"],
-                "recovery": acc["correct"] / acc["masked"],
-                # mean masked-token NLL in this bin (the bound's integrand)
-                "nll_per_masked_token": acc["terms"] / acc["draws"] / length,
-            })
-    return {"nll_bound": nll_per_token, "ppl_bound": math.exp(nll_per_token),
-            "recovery": total_correct / max(total_masked, 1), "sequences": n,
-            "mc_samples": samples, "per_ratio": per_ratio}
+            per_ratio.append(
+                {
+                    "ratio_low": b / ratio_bins,
+                    "ratio_high": (b + 1) / ratio_bins,
+                    "draws": acc["draws"],
+                    "recovery": acc["correct"] / acc["masked"],
+                    # mean masked-token NLL in this bin (the bound's integrand)
+                    "nll_per_masked_token": acc["terms"] / acc["draws"] / length,
+                }
+            )
+    return {
+        "nll_bound": nll_per_token,
+        "ppl_bound": math.exp(nll_per_token),
+        "recovery": total_correct / max(total_masked, 1),
+        "sequences": n,
+        "mc_samples": samples,
+        "per_ratio": per_ratio,
+    }
+
+
+def stage_log_probs(stage, noise_std: float = 0.0, generator: torch.Generator | None = None):
+    """log_probs(x_t, x0) for a trained stage: the MDLM as it is; a latent-conditioned decoder
+    given its encoder's latent of x0, plus N(0, noise_std^2) noise (latent robustness)."""
+    if not hasattr(stage, "encode"):
+        return lambda x_t, x0: stage.log_probs(x_t)
+
+    def fn(x_t, x0):
+        z = stage.encode(x0)
+        if noise_std:
+            z = z + noise_std * torch.randn(z.shape, generator=generator, device=z.device)
+        return stage.log_probs(x_t, z)
+
+    return fn

@@ -7,20 +7,43 @@ from pathlib import Path
 from diladiff.eval.bench import format_table
 from diladiff.eval.protocol import read_result
 
-COLUMNS = ["result", "stage", "N_disc", "strategy", "T", "gen_ppl", "gen_ppl_median", "entropy",
-           "diversity", "mauve", "samples", "scorer", "protocol", "device"]
+COLUMNS = [
+    "result",
+    "stage",
+    "N_disc",
+    "strategy",
+    "T",
+    "gen_ppl",
+    "gen_ppl_median",
+    "entropy",
+    "diversity",
+    "mauve",
+    "samples",
+    "scorer",
+    "protocol",
+    "device",
+]
 
 
 def result_row(path: Path | str) -> dict:
     r = read_result(path)
     m, g, p = r.get("metrics", {}), r.get("generator", {}), r.get("protocol", {})
-    return {"result": Path(path).stem, "stage": g.get("stage", ""), "N_disc": g.get("disc_steps", ""),
-            "strategy": g.get("strategy", ""), "T": g.get("temperature", ""),
-            "gen_ppl": m.get("gen_ppl", ""), "gen_ppl_median": m.get("gen_ppl_median", ""),
-            "entropy": m.get("entropy", ""), "diversity": m.get("diversity", ""),
-            "mauve": m.get("mauve", ""), "samples": p.get("num_samples", ""),
-            "scorer": p.get("scorer", ""), "protocol": p.get("version", ""),
-            "device": r.get("device", "")}
+    return {
+        "result": Path(path).stem,
+        "stage": g.get("stage", ""),
+        "N_disc": g.get("disc_steps", ""),
+        "strategy": g.get("strategy", ""),
+        "T": g.get("temperature", ""),
+        "gen_ppl": m.get("gen_ppl", ""),
+        "gen_ppl_median": m.get("gen_ppl_median", ""),
+        "entropy": m.get("entropy", ""),
+        "diversity": m.get("diversity", ""),
+        "mauve": m.get("mauve", ""),
+        "samples": p.get("num_samples", ""),
+        "scorer": p.get("scorer", ""),
+        "protocol": p.get("version", ""),
+        "device": r.get("device", ""),
+    }
 
 
 def markdown_report(paths: list[Path | str], title: str = "Evaluation") -> str:

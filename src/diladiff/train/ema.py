@@ -8,17 +8,23 @@ from torch import nn
 
 
 class EMA:
+    """Parameters are averaged (in float32); buffers (e.g. running statistics) are copied."""
+
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        self.params = {k for k, _ in module.named_parameters()}
+        self.shadow = {
+            k: v.detach().clone().float() if k in self.params else v.detach().clone()
+            for k, v in module.state_dict().items()
+        }
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
+            if k in self.params:
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 self.shadow[k].copy_(v)
@@ -27,7 +33,9 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
-        self.shadow = {k: v.clone().float() for k, v in state.items()}
+        self.shadow = {
+            k: v.clone().float() if k in self.params else v.clone() for k, v in state.items()
+        }
         self.updates = updates
 
     @torch.no_grad()

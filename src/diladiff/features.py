@@ -1,0 +1,90 @@
+"""The frozen feature model (a pretrained BERT-style encoder) and running standardisation.
+
+    h = FeatureModel("bert-base-uncased", layer=-1)(ids)      # (B, L, d_bert), no gradients
+
+The encoder's weights are not part of any checkpoint: it is re-loaded by name (hub name,
+local path or the alias "minilm-l6"), since it is never trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diladiff.data.tokenizer import load_tokenizer, resolve_model_name, tokenizer_identity
+from diladiff.errors import DataError
+
+_ENCODERS: dict[str, nn.Module] = {}
+
+
+class FeatureModel(nn.Module):
+    def __init__(self, name: str, layer: int = -1):
+        super().__init__()
+        self.name, self.layer = name, layer
+        if name not in _ENCODERS:
+            from transformers import AutoModel
+
+            try:
+                model = AutoModel.from_pretrained(resolve_model_name(name))
+            except (OSError, ValueError) as exc:
+                raise DataError(
+                    f"cannot load feature model {name!r}: {str(exc).splitlines()[0]}"
+                ) from None
+            _ENCODERS[name] = model.eval().requires_grad_(False)
+        # A plain attribute (not a registered submodule): kept out of state_dict and optimizers.
+        self.__dict__["encoder"] = _ENCODERS[name]
+        self.dim = int(self.encoder.config.hidden_size)
+
+    def tokenizer_identity(self) -> dict:
+        return tokenizer_identity(load_tokenizer(self.name))
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        if next(enc.parameters()).device != ids.device:
+            enc.to(ids.device)
+        ctx = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if ids.device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
+        with ctx:
+            out = enc(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        return out.hidden_states[self.layer].float()
+
+
+class RunningStandardizer(nn.Module):
+    """(x - mean) / sqrt(var + eps) per coordinate, with mean and variance aggregated over all
+    training batches seen (Chan et al.'s parallel update) and stored as buffers."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(shape, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch x (..., *shape) into the statistics."""
+        x = x.detach().double().reshape(-1, *self.mean.shape)
+        n = x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2_b + delta**2 * self.count * n / total
+        self.count.fill_(total)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / self.count.clamp(min=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("standardiser has no statistics yet (update it in training)")
+        return (x - self.mean.to(x.dtype)) / torch.sqrt(self.var + self.eps).to(x.dtype)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sqrt(self.var + self.eps).to(x.dtype) + self.mean.to(x.dtype)

@@ -1,0 +1,193 @@
+"""Stage 1: the text auto-encoder, fine-tuned from an MDLM.
+
+    h = standardise(BERT(x_0))                       frozen features (L x d_bert)
+    z = standardise(Perceiver(augment(h)))           latent (N_z x d_z)
+    p_theta(x_0 | x_t, z) = MDLM decoder + cross-attention to augment(z)
+
+Loss: the MDLM loss with the decoder conditioned on z (DESIGN.md eq. 8). Augmentation (training
+only): half the batch has feature positions masked with p_mask_h, the other half Gaussian noise
+of std sigma_h; latent vectors are masked with p_mask_z, and with p_drop the whole latent is
+replaced by N(0, I) so the decoder also remains a plain MDLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diladiff.config import Config, ConfigError
+from diladiff.data.tokenizer import check_same_tokenizer
+from diladiff.errors import CheckpointError
+from diladiff.features import FeatureModel, RunningStandardizer
+from diladiff.nets.cross_attention import LatentCrossAttention
+from diladiff.nets.perceiver import PerceiverCompressor
+from diladiff.nets.token_denoiser import TokenDenoiser
+from diladiff.stages.base import register_stage
+from diladiff.stages.mdlm import MaskedDiffusionStage
+
+
+def cross_attention_blocks(spec: str, depth: int) -> list[int]:
+    """Block indices from "first,last" / "0,5" / "" (sorted, unique, in range)."""
+    out = set()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        idx = {"first": 0, "last": depth - 1}.get(item)
+        if idx is None:
+            try:
+                idx = int(item) % depth
+            except ValueError:
+                raise ConfigError(f"autoencoder.cross_attn_after: bad block {item!r}") from None
+        out.add(idx)
+    return sorted(out)
+
+
+def augment_features(
+    h: torch.Tensor,
+    mask_vec: torch.Tensor,
+    p_mask: float,
+    sigma: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """First half of the batch: each position replaced by `mask_vec` with probability p_mask.
+    Second half: h + N(0, sigma^2). Never both on one example."""
+    half = h.shape[0] // 2
+    u = torch.rand(h.shape[:2], generator=generator, device=h.device)
+    masked = (u < p_mask) & (torch.arange(h.shape[0], device=h.device) < half).unsqueeze(1)
+    noise = torch.randn(h.shape, generator=generator, device=h.device) * sigma
+    noise[:half] = 0
+    return torch.where(masked.unsqueeze(-1), mask_vec.to(h.dtype), h + noise)
+
+
+def augment_latent(
+    z: torch.Tensor,
+    mask_vec: torch.Tensor,
+    p_mask: float,
+    p_drop: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Each latent vector replaced by `mask_vec` with probability p_mask; then, per example with
+    probability p_drop, the whole latent replaced by N(0, I) noise."""
+    b, n, _ = z.shape
+    vec_masked = torch.rand(b, n, generator=generator, device=z.device) < p_mask
+    z = torch.where(vec_masked.unsqueeze(-1), mask_vec.to(z.dtype), z)
+    dropped = torch.rand(b, generator=generator, device=z.device) < p_drop
+    noise = torch.randn(z.shape, generator=generator, device=z.device)
+    return torch.where(dropped.view(b, 1, 1), noise.to(z.dtype), z)
+
+
+@register_stage("autoencoder")
+class Autoencoder(MaskedDiffusionStage):
+    parent_key = "init_from"
+    inherits = ("model", "data", "mdlm")
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        ac, mc = cfg.autoencoder, cfg.model
+        self.mask_id = int(tokenizer_identity["mask_id"])
+        self.seq_len = cfg.data.seq_len
+        self.features = FeatureModel(ac.feature_model, ac.feature_layer)
+        check_same_tokenizer(
+            tokenizer_identity,
+            self.features.tokenizer_identity(),
+            f"feature model {ac.feature_model!r} vs data.tokenizer {cfg.data.tokenizer!r}",
+        )
+        d_bert = self.features.dim
+        self.feat_norm = RunningStandardizer((d_bert,))
+        self.h_mask = nn.Parameter(torch.zeros(d_bert))
+        self.encoder = PerceiverCompressor(
+            d_bert,
+            ac.perceiver_width,
+            ac.num_latents,
+            ac.latent_dim,
+            ac.perceiver_depth,
+            ac.perceiver_heads,
+            mc.attention,
+        )
+        self.z_norm = RunningStandardizer((ac.num_latents, ac.latent_dim))
+        self.z_mask = nn.Parameter(torch.zeros(ac.latent_dim))
+        self.decoder = TokenDenoiser(mc, tokenizer_identity["vocab_size"], cfg.data.seq_len)
+        self.decoder.embed.weight.requires_grad_(False)  # frozen token embedding table
+        self.cross = nn.ModuleDict(
+            {
+                str(i): LatentCrossAttention(
+                    mc.width, ac.latent_dim, mc.heads, mc.qk_norm, mc.attention
+                )
+                for i in cross_attention_blocks(ac.cross_attn_after, mc.depth)
+            }
+        )
+
+    @property
+    def compression(self) -> float:
+        """(L x d_bert) / (N_z x d_z)."""
+        ac = self.cfg.autoencoder
+        return self.seq_len * self.features.dim / (ac.num_latents * ac.latent_dim)
+
+    def summary(self) -> str:
+        ac = self.cfg.autoencoder
+        return (
+            f"{super().summary()}; features {ac.feature_model} (d={self.features.dim}), latent "
+            f"N_z={ac.num_latents} x d_z={ac.latent_dim}, compression "
+            f"(L x d_bert)/(N_z x d_z) = {self.compression:g}x, cross-attention after "
+            f"blocks {sorted(int(k) for k in self.cross)}"
+        )
+
+    # ------------------------------------------------------------------ parents
+    def init_from_parents(self, parents: dict) -> None:
+        """Start the decoder from the MDLM run `parents['init_from']` (its EMA weights)."""
+        from diladiff.runs import load_run
+
+        src = parents.get("init_from")
+        if not src:
+            raise CheckpointError("training an auto-encoder needs --init-from MDLM_RUN_DIR")
+        mdlm, _ = load_run(Path(src))
+        if mdlm.kind != "mdlm":
+            raise CheckpointError(f"--init-from {src} is a {mdlm.kind} run, not an mdlm run")
+        check_same_tokenizer(mdlm.tokenizer_identity, self.tokenizer_identity, f"--init-from {src}")
+        if mdlm.cfg.model != self.cfg.model or mdlm.seq_len != self.seq_len:
+            raise CheckpointError(f"--init-from {src}: its model/seq_len differ from this config")
+        self.decoder.load_state_dict(mdlm.net.state_dict())
+
+    # ------------------------------------------------------------------ model
+    def encode(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None, train: bool = False
+    ) -> torch.Tensor:
+        """Standardised latent z (B, N_z, d_z) of clean rows x0 (feature augmentation if train)."""
+        ac = self.cfg.autoencoder
+        h = self.features(x0)
+        if train and self.training:
+            self.feat_norm.update(h)
+        h = self.feat_norm(h)
+        if train:
+            h = augment_features(h, self.h_mask, ac.p_mask_h, ac.sigma_h, generator)
+        z = self.encoder(h)
+        if train and self.training:
+            self.z_norm.update(z)
+        return self.z_norm(z)
+
+    def condition(self, x0, generator, train):
+        z = self.encode(x0, generator, train)
+        if train:
+            ac = self.cfg.autoencoder
+            z = augment_latent(z, self.z_mask, ac.p_mask_z, ac.p_drop, generator)
+        return z
+
+    def hidden(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("the auto-encoder's decoder needs a latent z")
+        hooks = {int(i): (lambda h, layer=layer: layer(h, cond)) for i, layer in self.cross.items()}
+        return self.decoder.hidden(x_t, after_block=hooks)
+
+    @property
+    def head(self):
+        return self.decoder.head
+
+    def param_groups(self) -> list[dict]:
+        ac = self.cfg.autoencoder
+        enc = [*self.encoder.parameters(), self.h_mask, self.z_mask]
+        enc_ids = {id(p) for p in enc}
+        dec = [p for p in self.parameters() if p.requires_grad and id(p) not in enc_ids]
+        return [
+            {"params": enc, "warmup_steps": ac.encoder_warmup_steps},
+            {"params": dec, "warmup_steps": ac.decoder_warmup_steps},
+        ]

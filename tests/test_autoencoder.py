@@ -1,0 +1,148 @@
+import pytest
+import torch
+from conftest import TINY
+
+from diladiff.cli import main
+from diladiff.config import build_config
+from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
+from diladiff.features import RunningStandardizer
+from diladiff.stages.autoencoder import Autoencoder, augment_features, augment_latent
+from diladiff.stages.mdlm import MDLM
+from diladiff.train.checkpoint import latest_checkpoint
+
+AE_SMALL = [
+    "autoencoder.latent_dim=64",
+    "autoencoder.perceiver_width=32",
+    "autoencoder.perceiver_heads=2",
+    "autoencoder.num_latents=8",
+]
+
+
+def build(stage_cls, *extra):
+    cfg = build_config("tiny", [*TINY, *AE_SMALL, *extra], stage="autoencoder")
+    torch.manual_seed(0)
+    return stage_cls(cfg, tokenizer_identity(load_tokenizer("minilm-l6")))
+
+
+def test_fresh_autoencoder_decoder_equals_the_mdlm_exactly():
+    mdlm, ae = build(MDLM).eval(), build(Autoencoder).eval()
+    ae.decoder.load_state_dict(mdlm.net.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randint(1000, 3000, (4, 32), generator=g)
+    x_t[torch.rand(4, 32, generator=g) < 0.5] = ae.mask_id
+    z = torch.randn(4, 8, 64, generator=g)
+    assert torch.equal(ae.log_probs(x_t, z), mdlm.log_probs(x_t))
+
+
+def test_latent_shape_and_compression():
+    ae = build(Autoencoder).train()
+    x0 = torch.randint(1000, 3000, (3, 32))
+    z = ae.encode(x0, train=True)
+    assert z.shape == (3, 8, 64)
+    assert ae.compression == 32 * 384 / (8 * 64)
+    two = build_config("tiny", stage="autoencoder")
+    four = build_config("tiny-4x", stage="autoencoder")
+    L, d_bert = two.data.seq_len, 384
+    assert L * d_bert / (two.autoencoder.num_latents * two.autoencoder.latent_dim) == 2
+    assert L * d_bert / (four.autoencoder.num_latents * four.autoencoder.latent_dim) == 4
+
+
+def test_feature_augmentation_statistics():
+    g = torch.Generator().manual_seed(0)
+    h = torch.zeros(400, 64, 16)
+    mask_vec = torch.full((16,), 7.0)
+    out = augment_features(h, mask_vec, p_mask=0.3, sigma=0.5, generator=g)
+    first, second = out[:200], out[200:]
+    masked_first = (first == 7.0).all(-1).float().mean()
+    assert abs(masked_first - 0.3) < 0.01
+    assert ((first == 0) | (first == 7.0)).all()  # no noise on the masked half
+    assert not (second == 7.0).all(-1).any()  # no masking on the noised half
+    assert abs(second.std() - 0.5) < 0.01 and abs(second.mean()) < 0.01
+
+
+def test_latent_augmentation_statistics():
+    g = torch.Generator().manual_seed(0)
+    z = torch.full((4000, 16, 8), 3.0)
+    out = augment_latent(z, torch.full((8,), -5.0), p_mask=0.2, p_drop=0.6, generator=g)
+    kept = (out != 3.0) & (out != -5.0)
+    dropped = kept.all(-1).all(-1)
+    assert abs(dropped.float().mean() - 0.6) < 0.03
+    noise = out[dropped]
+    assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
+    rest = out[~dropped]
+    assert abs((rest == -5.0).all(-1).float().mean() - 0.2) < 0.01
+
+
+def test_running_standardizer_matches_full_batch_statistics():
+    st = RunningStandardizer((5,))
+    data = torch.randn(300, 5) * torch.arange(1, 6) + 3
+    for chunk in data.split(70):
+        st.update(chunk)
+    assert torch.allclose(st.mean.float(), data.mean(0), atol=1e-5)
+    assert torch.allclose(st.var.float(), data.var(0, unbiased=False), atol=1e-4)
+    assert torch.allclose(st.inverse(st(data)), data, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mdlm_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae") / "mdlm"
+    assert (
+        main(
+            ["train", "mdlm", "--preset", "tiny", "--run-dir", str(run), *TINY, "train.max_steps=5"]
+        )
+        == 0
+    )
+    return run
+
+
+def train_ae(run, parent, *extra):
+    return main(
+        [
+            "train",
+            "autoencoder",
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(run),
+            "--init-from",
+            str(parent),
+            *AE_SMALL,
+            "train.progress=false",
+            "train.eval_every=1000",
+            *extra,
+        ]
+    )
+
+
+def test_autoencoder_run_resumes_exactly(mdlm_run, tmp_path):
+    from safetensors.torch import load_file
+
+    assert train_ae(tmp_path / "a", mdlm_run, "train.max_steps=6") == 0
+    assert train_ae(tmp_path / "a", mdlm_run, "train.max_steps=12") == 0
+    assert train_ae(tmp_path / "b", mdlm_run, "train.max_steps=12") == 0
+    a = load_file(latest_checkpoint(tmp_path / "a") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "b") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["feat_norm.count"] > 0  # feature statistics are in the checkpoint
+
+
+def test_eval_recon_compares_with_the_parent_mdlm(mdlm_run, tmp_path, capsys):
+    assert train_ae(tmp_path / "ae", mdlm_run, "train.max_steps=3") == 0
+    assert main(["eval-recon", str(tmp_path / "ae"), "--sequences", "2", "--mc-samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "autoencoder (ae)" in out and "mdlm (mdlm)" in out and "latent_noise_std" in out
+    assert (tmp_path / "ae" / "recon.png").is_file()
+
+
+def test_autoencoder_needs_an_mdlm_parent_with_the_same_tokenizer(mdlm_run, tmp_path, capsys):
+    assert main(["train", "autoencoder", "--preset", "tiny", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "needs --init-from" in capsys.readouterr().err
+    assert train_ae(tmp_path / "ae", mdlm_run, "train.max_steps=1") == 0
+    assert train_ae(tmp_path / "y", tmp_path / "ae", "train.max_steps=1") == 2
+    assert "is a autoencoder run, not an mdlm run" in capsys.readouterr().err
+    from test_train import make_other_tokenizer
+
+    other = make_other_tokenizer(tmp_path / "tok")
+    assert train_ae(tmp_path / "z", mdlm_run, f"data.tokenizer={other}") == 2
+    err = capsys.readouterr().err
+    assert "tokenizer vocabulary mismatch" in err and len(err.strip().splitlines()) == 1
