@@ -22,6 +22,8 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--disc-steps", type=int, help="N_disc (default: the run's sample.disc_steps or L)"
     )
+    p.add_argument("--cont-steps", type=int, help="N_cont of the latent sampler (latent stages)")
+    p.add_argument("--gamma", type=float, help="DiLaDiff gamma-sampling (0 = deterministic)")
     p.add_argument("--strategy", choices=["ancestral", "topk"])
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -109,16 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sample_config(args, cfg):
     sc = cfg.sample
-    for attr, key in [
-        ("disc_steps", "disc_steps"),
-        ("strategy", "strategy"),
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("seed", "seed"),
-        ("num_samples", "num_samples"),
-        ("batch_size", "batch_size"),
-    ]:
-        value = getattr(args, attr, None)
+    keys = (
+        "disc_steps",
+        "cont_steps",
+        "gamma",
+        "strategy",
+        "temperature",
+        "top_p",
+        "seed",
+        "num_samples",
+        "batch_size",
+    )
+    for key in keys:
+        value = getattr(args, key, None)
         if value is not None:
             setattr(sc, key, value)
     if args.no_cache:

@@ -19,30 +19,38 @@ def bench_sampling(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> list[dict]:
+    """One row per batch size: medians over `repeats` timed batches after one warm-up batch.
+    Latent stages add latent_s, decode_s and latent_overhead = latent_s / decode_s."""
     device = torch.device(device)
     rows = []
     for batch in batch_sizes:
         gen = torch.Generator(device).manual_seed(seed)
         with inference_autocast(device):
             stage.sample(batch, settings, gen, device)  # warm-up (allocations, kernels)
-            times, stats = [], {}
+            runs = []
             for _ in range(repeats):
                 synchronize(device)
                 t0 = time.perf_counter()
                 _, stats = stage.sample(batch, settings, gen, device)
                 synchronize(device)
-                times.append(time.perf_counter() - t0)
-        wall = sorted(times)[len(times) // 2]  # median
-        rows.append(
-            {
-                "batch": batch,
-                "wall_s_per_batch": wall,
-                "tokens_per_s": batch * stage.seq_len / wall,
-                "repeats": repeats,
-                **stats,
-            }
-        )
+                runs.append({"wall": time.perf_counter() - t0, **stats})
+        med = {k: median([r[k] for r in runs]) for k in runs[0]}
+        wall = med.pop("wall")
+        row = {
+            "batch": batch,
+            "wall_s_per_batch": wall,
+            "tokens_per_s": batch * stage.seq_len / wall,
+            "repeats": repeats,
+            **med,
+        }
+        if "latent_s" in row:
+            row["latent_overhead"] = row["latent_s"] / row["decode_s"]
+        rows.append(row)
     return rows
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:

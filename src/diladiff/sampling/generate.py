@@ -25,6 +25,8 @@ def sampler_settings(sc: SampleConfig, seq_len: int) -> SamplerSettings:
         top_p=sc.top_p,
         float64_gumbel=sc.float64_gumbel,
         cache=sc.cache,
+        cont_steps=sc.cont_steps,
+        gamma=sc.gamma,
     )
 
 

@@ -42,6 +42,9 @@ class SamplerSettings:
     top_p: float = 1.0
     float64_gumbel: bool = True
     cache: bool = True
+    # Latent stages only: N_cont (0 = the run's default) and DiLaDiff's gamma-sampling.
+    cont_steps: int = 0
+    gamma: float = 0.0
 
     def __post_init__(self):
         if self.steps < 1:

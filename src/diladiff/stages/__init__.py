@@ -5,6 +5,8 @@
 
 from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import STAGES, Stage, register_stage
+from diladiff.stages.diladiff import DiLaDiff
+from diladiff.stages.ladiff import LaDiff
 from diladiff.stages.mdlm import MDLM
 
-__all__ = ["MDLM", "STAGES", "Autoencoder", "Stage", "register_stage"]
+__all__ = ["MDLM", "STAGES", "Autoencoder", "DiLaDiff", "LaDiff", "Stage", "register_stage"]

@@ -48,6 +48,9 @@ class Stage(nn.Module):
     def init_from_parents(self, parents: dict) -> None:
         """Initialise a new run from its parent runs (called once, not on resume)."""
 
+    def on_step(self, step: int) -> None:
+        """Called before every optimizer step (e.g. for warm-ups inside the loss)."""
+
     def summary(self) -> str:
         n = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return f"{self.kind}: {n / 1e6:.2f}M trainable parameters"

@@ -167,6 +167,7 @@ class Trainer:
                 self.step, g["warmup_steps"], tc.total_steps, tc.schedule, tc.min_lr_ratio
             )
         self.opt.zero_grad(set_to_none=True)
+        self.model.on_step(self.step)
         total = torch.zeros((), device=env.device)
         extra: dict = {}
         for m in range(self.accum):

@@ -1,0 +1,101 @@
+"""Latent samplers: the probability-flow ODE of the VP tangent schedule (LaDiff) and the
+MeanFlow average-velocity sampler (DiLaDiff). New samplers register in LATENT_SAMPLERS.
+
+Euler on the PF-ODE, t_0 = 1 > t_1 > ... > t_N = 0 uniform:
+
+    z_hat_i = z_psi(z_{t_i}, t_i, z_sc_i)     (z_sc_0 = 0, then z_sc_{i+1} = z_hat_i)
+    z_{t_{i+1}} = z_{t_i} + (t_{i+1} - t_i) * v(z_{t_i}, z_hat_i, t_i)
+
+MeanFlow, with the average velocity u over [r, t] and gamma-sampling: jump to
+s = (1 - gamma) r with the average velocity, then re-noise from s to r with the VP forward
+transition q(z_r | z_s):
+
+    z_s = z_t - (t - s) u(z_t, t, s)
+    z_r = (alpha_r / alpha_s) z_s + sqrt(sigma_r^2 - (alpha_r sigma_s / alpha_s)^2) n,  n ~ N(0, I)
+
+gamma = 0 is the deterministic jump z_r = z_t - (t - r) u(z_t, t, r); gamma = 1 jumps to clean
+data (s = 0) and re-noises it to r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from diladiff.processes.gaussian import alpha_sigma, velocity_from_x0
+
+LATENT_SAMPLERS: dict[str, Callable] = {}
+
+
+def register_latent_sampler(name: str):
+    def wrap(fn):
+        LATENT_SAMPLERS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_latent_sampler("ode_euler")
+@torch.no_grad()
+def euler_ode_sample(
+    x0_fn: Callable,
+    shape: tuple[int, ...],
+    steps: int,
+    d: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    self_condition: bool = True,
+    dtype=torch.float32,
+) -> tuple[torch.Tensor, int]:
+    """z_0 from z_1 ~ N(0, I) by `steps` Euler steps of the PF-ODE; returns (z_0, network calls).
+    x0_fn(z_t, t, z_sc) -> z_hat, t of shape (B,)."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z_sc = torch.zeros_like(z)
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+    for i in range(steps):
+        t = grid[i].expand(shape[0]).to(dtype)
+        z_hat = x0_fn(z, t, z_sc if self_condition else None).to(dtype)
+        v = velocity_from_x0(z, z_hat, t, d)
+        z = z + float(grid[i + 1] - grid[i]) * v
+        z_sc = z_hat
+    return z, steps
+
+
+@register_latent_sampler("meanflow")
+@torch.no_grad()
+def meanflow_sample(
+    u_fn: Callable,
+    shape: tuple[int, ...],
+    steps: int,
+    d: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    gamma: float = 0.0,
+    dtype=torch.float32,
+) -> tuple[torch.Tensor, int]:
+    """z_0 from z_1 ~ N(0, I) in `steps` average-velocity jumps; u_fn(z_t, t, r) -> u.
+    Returns (z_0, number of u_fn calls)."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+    b = shape[0]
+    for i in range(steps):
+        t, r = float(grid[i]), float(grid[i + 1])
+        s = (1.0 - gamma) * r
+        tt = torch.full((b,), t, device=device, dtype=dtype)
+        ss = torch.full((b,), s, device=device, dtype=dtype)
+        z = z - (t - s) * u_fn(z, tt, ss).to(dtype)
+        if s < r:  # re-noise from s to r
+            a_s, sig_s = alpha_sigma(torch.tensor(s, dtype=torch.float64), d)
+            a_r, sig_r = alpha_sigma(torch.tensor(r, dtype=torch.float64), d)
+            ratio = float(a_r / a_s)
+            std = float((sig_r**2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt())
+            noise = torch.randn(z.shape, generator=generator, device=device, dtype=dtype)
+            z = ratio * z + std * noise
+    return z, steps

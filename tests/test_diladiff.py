@@ -1,0 +1,169 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY
+from latent_fixtures import AE_SMALL, PRIOR_SMALL, build_chain, train
+
+from diladiff.cli import main
+from diladiff.config import build_config
+from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
+from diladiff.processes.gaussian import velocity_from_x0
+from diladiff.stages.diladiff import DiLaDiff, directional_derivative, sample_t_r
+
+
+@pytest.fixture(scope="module")
+def stage():
+    cfg = build_config("tiny", [*TINY, *AE_SMALL, *PRIOR_SMALL], stage="diladiff")
+    torch.manual_seed(0)
+    s = DiLaDiff(cfg, tokenizer_identity(load_tokenizer("minilm-l6")))
+    with torch.no_grad():  # a non-trivial teacher (its output layers start at zero)
+        for p in s.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    missing, _ = s.student.load_state_dict(s.teacher.state_dict(), strict=False)
+    assert all(k.startswith("dt_embed") for k in missing)
+    s.ae.train().encode(torch.randint(1000, 3000, (8, 32)), train=True)  # feature statistics
+    return s.eval()
+
+
+def inputs(seed=0, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    z_t = torch.randn(batch, 8, 64, generator=g)
+    t = torch.tensor([0.9, 0.6, 0.4, 0.2])[:batch]
+    r = torch.tensor([0.5, 0.6, 0.1, 0.05])[:batch]
+    return z_t, t, r
+
+
+def test_student_at_init_with_r_equal_t_is_the_teacher(stage):
+    z_t, t, _ = inputs()
+    v, z_sc = stage.teacher_velocity(z_t, t)
+    u = stage.average_velocity(z_t, t, t, z_sc)
+    assert torch.allclose(u, v, atol=1e-5)
+    expect = velocity_from_x0(z_t, stage.teacher(z_t, t, z_sc), t, stage.cfg.diffusion.d)
+    assert torch.allclose(u, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,eps,rtol", [(torch.float64, 1e-6, 1e-6), (torch.float32, 1e-4, 0.02)]
+)
+def test_jvp_target_equals_finite_differences(stage, dtype, eps, rtol):
+    import copy
+
+    s = copy.deepcopy(stage).to(dtype)
+    s.cfg = copy.deepcopy(stage.cfg)
+    s.cfg.meanflow.fd_eps = eps
+    z_t, t, r = (x.to(dtype) for x in inputs())
+    v, z_sc = s.teacher_velocity(z_t, t)
+    s.cfg.meanflow.derivative = "jvp"
+    u1, tgt_jvp = s.meanflow_terms(z_t, t, r, v, z_sc)
+    s.cfg.meanflow.derivative = "finite_difference"
+    u2, tgt_fd = s.meanflow_terms(z_t, t, r, v, z_sc)
+    assert torch.allclose(u1, u2)
+    tangent_jvp, tangent_fd = tgt_jvp - v, tgt_fd - v
+    scale = tangent_jvp.abs().max()
+    assert scale > 1e-3  # the tangent term is not trivially zero
+    assert (tangent_jvp - tangent_fd).abs().max() <= rtol * scale
+
+
+def test_directional_derivative_of_a_known_function():
+    fn = lambda x, y: x**2 * y  # noqa: E731
+    x, y = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
+    tx, ty = torch.tensor([1.0, 0.5]), torch.tensor([2.0, 1.0])
+    exact = 2 * x * y * tx + x**2 * ty
+    for method in ("jvp", "finite_difference"):
+        out, d = directional_derivative(fn, (x, y), (tx, ty), method)
+        assert torch.allclose(out, fn(x, y)) and torch.allclose(d, exact, atol=1e-3)
+
+
+def test_with_r_equal_t_the_loss_is_flow_matching_against_the_teacher(stage):
+    z_t, t, _ = inputs()
+    v, z_sc = stage.teacher_velocity(z_t, t)
+    u, tgt = stage.meanflow_terms(z_t, t, t, v, z_sc)
+    assert torch.equal(tgt, v)
+    assert torch.allclose(u, stage.average_velocity(z_t, t, t, z_sc))
+
+
+def test_meanflow_loss_trains_the_student_only(stage):
+    stage.train()
+    stage.on_step(10_000)
+    x0 = torch.randint(1000, 3000, (4, 32))
+    loss, metrics = stage(x0, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None for p in stage.student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in stage.teacher.parameters())
+    assert all(p.grad is None for p in stage.ae.parameters())
+    stage.zero_grad()
+    stage.eval()
+
+
+def test_t_r_sampling():
+    t, r = sample_t_r(20000, -1.0, 1.0, 0.25, torch.Generator().manual_seed(0), "cpu")
+    assert (t >= r).all() and ((t > 0) & (t < 1)).all()
+    assert abs((t == r).float().mean() - 0.25) < 0.02
+    # t is the larger of two LogitNormal(-1, 1) draws: E[logit t] = -1 + 1/sqrt(pi)
+    assert abs(torch.logit(t).mean() - (-1 + 1 / torch.pi**0.5)) < 0.03
+    assert abs(torch.logit(r[t != r]).mean() - (-1 - 1 / torch.pi**0.5)) < 0.03
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return build_chain(tmp_path_factory.mktemp("dchain"))
+
+
+def test_train_and_sample_diladiff_run(chain, tmp_path, capsys):
+    run = tmp_path / "dl"
+    assert train("diladiff", run, "--teacher", chain["ladiff"], "train.max_steps=3") == 0
+    out = tmp_path / "s.jsonl"
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--num-samples",
+                "2",
+                "--cont-steps",
+                "5",
+                "--disc-steps",
+                "4",
+                "--gamma",
+                "0.2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    meta = json.loads((tmp_path / "s.jsonl.meta.json").read_text())
+    assert meta["stage"] == "diladiff" and meta["cont_nfe"] == 2 * 5  # two calls per step
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_diladiff_under_two_process_torchrun_keeps_replicas_identical(chain, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29519",
+        "-m",
+        "diladiff",
+        "train",
+        "diladiff",
+        "--preset",
+        "tiny",
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--teacher",
+        str(chain["ladiff"]),
+        "train.max_steps=3",
+        "train.progress=false",
+        "train.batch_size=4",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    (end,) = [r for r in log if r.get("event") == "end"]
+    assert end["step"] == 3 and len(set(end["replica_digests"])) == 1
+    assert len(end["replica_digests"]) == 2

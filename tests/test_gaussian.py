@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+
+from diladiff.processes.gaussian import (
+    alpha_sigma,
+    alpha_sigma_derivatives,
+    log_snr,
+    velocity_from_x0,
+    x0_from_velocity,
+)
+from diladiff.sampling.latent import euler_ode_sample, meanflow_sample
+
+
+@pytest.mark.parametrize("d", [2.0, 5.0, 10.0, 15.0])
+def test_tangent_schedule(d):
+    t = torch.linspace(0, 1, 201, dtype=torch.float64)
+    a, s = alpha_sigma(t, d)
+    assert torch.allclose(a**2 + s**2, torch.ones_like(t))
+    assert a[0] == 1 and abs(a[-1]) < 1e-12 and (a.diff() < 0).all()
+    inner = t[1:-1]
+    assert torch.allclose(
+        log_snr(inner, d), torch.log(alpha_sigma(inner, d)[0] ** 2 / alpha_sigma(inner, d)[1] ** 2)
+    )
+    assert torch.allclose(log_snr(inner, d), -2 * torch.log(d * torch.tan(math.pi * inner / 2)))
+    assert torch.allclose(
+        alpha_sigma(inner, d)[0] ** 2, 1 / (1 + d**2 * torch.tan(math.pi * inner / 2) ** 2)
+    )
+    h = 1e-6
+    da, ds = alpha_sigma_derivatives(inner, d)
+    fa = (alpha_sigma(inner + h, d)[0] - alpha_sigma(inner - h, d)[0]) / (2 * h)
+    fs = (alpha_sigma(inner + h, d)[1] - alpha_sigma(inner - h, d)[1]) / (2 * h)
+    assert torch.allclose(da, fa, atol=1e-5) and torch.allclose(ds, fs, atol=1e-5)
+
+
+def test_larger_d_spends_more_time_at_high_noise():
+    t = torch.tensor([0.3])
+    assert alpha_sigma(t, 15.0)[1] > alpha_sigma(t, 5.0)[1] > alpha_sigma(t, 2.0)[1]
+
+
+def test_velocity_and_x0_are_inverse_maps():
+    g = torch.Generator().manual_seed(0)
+    z_t, z_hat = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    v = velocity_from_x0(z_t, z_hat, t, 10.0)
+    assert torch.allclose(x0_from_velocity(z_t, v, t, 10.0), z_hat, atol=1e-4)
+
+
+def gaussian_posterior_mean(mu, std, d):
+    """Exact E[z | z_t] for z ~ N(mu, diag(s^2)): mu + a s^2 / (a^2 s^2 + sigma^2) (z_t - a mu)."""
+
+    def fn(z_t, t, z_sc=None):
+        a, s = alpha_sigma(t.double(), d)
+        a, s = a.view(-1, 1, 1), s.view(-1, 1, 1)
+        return mu + a * std**2 / (a**2 * std**2 + s**2) * (z_t.double() - a * mu)
+
+    return fn
+
+
+def test_euler_ode_integrates_a_gaussian_prior():
+    mu = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64)
+    # Standardised latents have unit-scale coordinates. (A much sharper coordinate, std 0.1,
+    # comes out ~20% too narrow at 200 uniform Euler steps with d = 10: few steps fall where
+    # sigma_t ~ 0.1, a property of the uniform grid, not of the ODE.)
+    std = torch.tensor([[0.5, 1.5, 1.0]], dtype=torch.float64)
+    z, nfe = euler_ode_sample(
+        gaussian_posterior_mean(mu, std, 10.0),
+        (20000, 1, 3),
+        200,
+        10.0,
+        torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    assert nfe == 200
+    flat = z.view(-1, 3)
+    assert torch.allclose(flat.mean(0), mu[0], atol=0.03)
+    assert torch.allclose(flat.std(0), std[0], rtol=0.05)
+    cov = torch.cov(flat.T)
+    assert (cov - torch.diag(torch.diag(cov))).abs().max() < 0.03
+
+
+def test_self_conditioning_input_is_zero_on_the_first_step_then_the_last_prediction():
+    seen = []
+
+    def fn(z_t, t, z_sc):
+        seen.append(z_sc.clone())
+        return torch.full_like(z_t, float(len(seen)))
+
+    euler_ode_sample(fn, (2, 3, 4), 3, 10.0, torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0], torch.zeros(2, 3, 4))
+    assert torch.equal(seen[1], torch.full((2, 3, 4), 1.0))
+    assert torch.equal(seen[2], torch.full((2, 3, 4), 2.0))
+
+
+def exact_average_velocity(mu, std, d):
+    """The exact average velocity of the Gaussian prior's PF-ODE: for a 1-D Gaussian each
+    ODE path is z_t = alpha_t mu + m_t xi with m_t = sqrt(alpha_t^2 s^2 + sigma_t^2), so
+    u(z_t, t, r) = (z_t - z_r) / (t - r) in closed form."""
+
+    def u(z_t, t, r):
+        a_t, s_t = (x.view(-1, 1, 1) for x in alpha_sigma(t.double(), d))
+        a_r, s_r = (x.view(-1, 1, 1) for x in alpha_sigma(r.double(), d))
+        m_t = torch.sqrt(a_t**2 * std**2 + s_t**2)
+        m_r = torch.sqrt(a_r**2 * std**2 + s_r**2)
+        xi = (z_t.double() - a_t * mu) / m_t
+        z_r = a_r * mu + m_r * xi
+        return (z_t.double() - z_r) / (t - r).double().view(-1, 1, 1)
+
+    return u
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_meanflow_sampler_with_the_exact_flow_map_lands_on_the_prior(steps):
+    mu = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    std = torch.tensor([[0.3, 2.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    z, nfe = meanflow_sample(
+        exact_average_velocity(mu, std, 10.0), (20000, 1, 2), steps, 10.0, g, dtype=torch.float64
+    )
+    assert nfe == steps
+    flat = z.view(-1, 2)
+    assert torch.allclose(flat.mean(0), mu[0], atol=0.04)
+    assert torch.allclose(flat.std(0), std[0], rtol=0.03)
+    # gamma-sampling re-noises along the exact forward process: the marginal is unchanged.
+    z2, _ = meanflow_sample(
+        exact_average_velocity(mu, std, 10.0),
+        (20000, 1, 2),
+        steps,
+        10.0,
+        g,
+        gamma=0.5,
+        dtype=torch.float64,
+    )
+    assert torch.allclose(z2.view(-1, 2).std(0), std[0], rtol=0.03)
