@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frontier", help="sweep N_disc (and temperature), evaluate, plot")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--disc-steps", default="4,8,16,32,64")
+    p.add_argument("--cont-steps", default="", help="latent runs: N_cont values, e.g. 5,50,200")
+    p.add_argument("--cont-steps", default="", help="latent runs: N_cont values, e.g. 5,50,200")
     p.add_argument("--temperatures", default="", help="e.g. 0.7,0.8,0.9,1.0 (empty: no sweep)")
     p.add_argument("--temperature-steps", type=int, help="N_disc of the temperature sweep")
     p.add_argument("--num-samples", type=int, default=64)
@@ -100,9 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
 
-    p = sub.add_parser("demo", help="train a tiny MDLM on the built-in corpus, sample, report")
+    p = sub.add_parser("pipeline", help="train all stages, evaluate, report")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--data", help="data.source for every stage (default: the preset's)")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=0.0,
+        help="split this training time across the stages (0 = no limit)",
+    )
+    p.add_argument("--device", default="auto")
+    p.epilog = "Further key=value arguments are config overrides applied to every stage."
+
+    p = sub.add_parser("demo", help="the pipeline: tiny preset, built-in corpus, CPU")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=600)
 
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default="paper")
@@ -308,8 +322,9 @@ def cmd_frontier(args) -> int:
         pick_device(args.device),
         args.seed,
         args.batch_size,
+        cont_steps=[int(n) for n in args.cont_steps.split(",") if n],
     )
-    cols = ["run", "disc_steps", "tokens_per_s", "gen_ppl", "entropy", "mauve"]
+    cols = ["run", "cont_steps", "disc_steps", "tokens_per_s", "gen_ppl", "entropy", "mauve"]
     print(format_table(res["points"], [c for c in cols if c in res["points"][0]]))
     print(
         f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}"
@@ -318,10 +333,18 @@ def cmd_frontier(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from diladiff.pipeline import run_pipeline
+
+    overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
+    run_pipeline(args.run_dir, args.preset, overrides, args.budget_minutes, args.device)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from diladiff.demo import run_demo
 
-    run_demo(args.run_dir, args.steps, args.overrides)
+    run_demo(args.run_dir, args.overrides)
     return 0
 
 
@@ -332,7 +355,7 @@ def cmd_config(args) -> int:
     return 0
 
 
-OVERRIDABLE = ("train", "demo", "config")
+OVERRIDABLE = ("train", "demo", "config", "pipeline")
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -343,6 +366,7 @@ COMMANDS = {
     "eval-recon": cmd_eval_recon,
     "report": cmd_report,
     "frontier": cmd_frontier,
+    "pipeline": cmd_pipeline,
 }
 
 

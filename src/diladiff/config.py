@@ -152,8 +152,11 @@ class AutoencoderConfig:
     p_drop: float = 0.6
     # Decoder blocks followed by a cross-attention layer ("first,last" or indices "0,5").
     cross_attn_after: str = "first,last"
+    # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
+    # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).
     encoder_warmup_steps: int = 1000
     decoder_warmup_steps: int = 10000
+    decoder_lr_scale: float = 1.0
 
 
 @dataclass
@@ -295,8 +298,9 @@ STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
         "autoencoder.decoder_warmup_steps=500",
     ],
     ("autoencoder", "tiny"): [
-        "train.lr=1e-3",
+        "train.lr=2e-3",
         "train.total_steps=400",
+        "autoencoder.decoder_lr_scale=0.1",
         "autoencoder.num_latents=16",
         "autoencoder.perceiver_width=128",
         "autoencoder.perceiver_heads=4",

@@ -1,36 +1,41 @@
-"""`make demo`: train a tiny MDLM on the built-in real corpus (CPU), sample, report the bound."""
+"""`make demo`: the whole pipeline on the tiny preset and the built-in corpus, on CPU."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from diladiff.config import Config
-from diladiff.runs import load_run, train_run
-from diladiff.sampling.generate import generate
+from diladiff.pipeline import run_pipeline
+
+# Step counts that fit the demo in about 15 minutes on 2 CPU cores.
+DEMO_STEPS = {
+    "mdlm": ["train.max_steps=400"],
+    "autoencoder": ["train.max_steps=250"],
+    "ladiff": ["train.max_steps=300"],
+    "diladiff": ["train.max_steps=120"],
+}
 
 
-def run_demo(run_dir: Path, steps: int = 600, overrides: list[str] | None = None) -> dict:
-    start = time.perf_counter()
-    metrics = train_run("mdlm", run_dir, "tiny", [f"train.max_steps={steps}", *(overrides or [])])
-    stage, tok = load_run(run_dir)
-    cfg = Config.load(Path(run_dir) / "config.json")
-    out = generate(stage, tok, cfg.sample, "cpu")
-    samples = Path(run_dir) / "samples" / "demo.jsonl"
-    samples.parent.mkdir(exist_ok=True)
-    with open(samples, "w") as fh:
-        for ids, text in zip(out.ids, out.texts, strict=True):
-            fh.write(json.dumps({"ids": ids, "text": text}) + "\n")
-    print("\n=== samples (tiny MDLM, N_disc = L, ancestral) ===")
-    for i, text in enumerate(out.texts[:4]):
-        print(f"--- {i}: {text}")
-    print("\n=== result ===")
-    print(f"steps trained: {metrics['step']}   run folder: {run_dir}")
-    if "val_ppl_bound" in metrics:
+def run_demo(run_dir: Path, overrides: list[str] | None = None) -> Path:
+    report = run_pipeline(
+        Path(run_dir), "tiny", list(overrides or []), device_spec="cpu", stage_overrides=DEMO_STEPS
+    )
+    root = Path(run_dir)
+    mdlm_eval = [
+        json.loads(x)
+        for x in (root / "mdlm" / "log.jsonl").read_text().splitlines()
+        if '"eval"' in x
+    ]
+    print("\n=== demo result ===")
+    if mdlm_eval:
         print(
-            "validation perplexity bound (ELBO, held-out wiki-vital): "
-            f"{metrics['val_ppl_bound']:.1f}"
+            f"MDLM validation perplexity bound (ELBO, held-out wiki-vital): "
+            f"{mdlm_eval[-1]['val_ppl_bound']:.1f}"
         )
-    print(f"samples: {samples}   total time: {time.perf_counter() - start:.0f} s")
-    return metrics
+    for name in ("mdlm_disc64", "ladiff_cont200_disc64", "diladiff_cont5_disc64"):
+        path = root / "eval" / "samples" / f"{name}.jsonl"
+        if path.is_file():
+            text = json.loads(path.read_text().splitlines()[0])["text"]
+            print(f"--- {name}: {text[:300]}")
+    print(f"\nreport: {report}")
+    return report

@@ -88,9 +88,10 @@ def frontier(
     device="cpu",
     seed: int = 0,
     batch_size: int = 16,
+    cont_steps: list[int] = (),
 ) -> dict:
+    """Sweep N_disc (x N_cont for latent runs when `cont_steps` is given) per run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    points = [{"disc_steps": n} for n in disc_steps]
     result = {
         "device": device_record(device),
         "num_samples": num_samples,
@@ -99,6 +100,12 @@ def frontier(
         "temperature": [],
     }
     for run in run_dirs:
+        latent = (Path(run) / "run.json").is_file() and json.loads(
+            (Path(run) / "run.json").read_text()
+        )["stage"] in ("ladiff", "diladiff")
+        points = [{"disc_steps": n} for n in disc_steps]
+        if latent and cont_steps:
+            points = [{"cont_steps": c, "disc_steps": n} for c in cont_steps for n in disc_steps]
         result["points"] += sweep_run(
             Path(run), points, num_samples, scorer, reference, out_dir, device, seed, batch_size
         )
@@ -118,7 +125,8 @@ def frontier(
 def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(r["run"], []).append(r)
+        key = r["run"] + (f", N_cont={r['cont_steps']}" if "cont_steps" in r else "")
+        groups.setdefault(key, []).append(r)
     return groups
 
 
@@ -136,7 +144,7 @@ def plot_frontier(result: dict, path: Path) -> None:
             ax.plot([r["tokens_per_s"] for r in rows], [r[metric] for r in rows], "o-", label=run)
             for r in rows:
                 ax.annotate(
-                    f"N={r['disc_steps']}",
+                    f"N_disc={r['disc_steps']}",
                     (r["tokens_per_s"], r[metric]),
                     fontsize=8,
                     textcoords="offset points",

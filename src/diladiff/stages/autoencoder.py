@@ -183,11 +183,23 @@ class Autoencoder(MaskedDiffusionStage):
         return self.decoder.head
 
     def param_groups(self) -> list[dict]:
+        """New parameters (encoder, mask vectors, cross-attention) warm up over
+        encoder_warmup_steps; the pretrained decoder over decoder_warmup_steps, at
+        decoder_lr_scale times the learning rate."""
         ac = self.cfg.autoencoder
-        enc = [*self.encoder.parameters(), self.h_mask, self.z_mask]
-        enc_ids = {id(p) for p in enc}
-        dec = [p for p in self.parameters() if p.requires_grad and id(p) not in enc_ids]
+        new = [
+            p
+            for n, p in self.named_parameters()
+            if p.requires_grad and not n.startswith("decoder.")
+        ]
+        old = [
+            p for n, p in self.named_parameters() if p.requires_grad and n.startswith("decoder.")
+        ]
         return [
-            {"params": enc, "warmup_steps": ac.encoder_warmup_steps},
-            {"params": dec, "warmup_steps": ac.decoder_warmup_steps},
+            {"params": new, "warmup_steps": ac.encoder_warmup_steps},
+            {
+                "params": old,
+                "warmup_steps": ac.decoder_warmup_steps,
+                "lr_scale": ac.decoder_lr_scale,
+            },
         ]
