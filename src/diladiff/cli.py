@@ -90,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--disc-steps", default="4,8,16,32,64")
     p.add_argument("--cont-steps", default="", help="latent runs: N_cont values, e.g. 5,50,200")
-    p.add_argument("--cont-steps", default="", help="latent runs: N_cont values, e.g. 5,50,200")
     p.add_argument("--temperatures", default="", help="e.g. 0.7,0.8,0.9,1.0 (empty: no sweep)")
     p.add_argument("--temperature-steps", type=int, help="N_disc of the temperature sweep")
     p.add_argument("--num-samples", type=int, default=64)

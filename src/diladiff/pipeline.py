@@ -39,10 +39,13 @@ class EvalPlan:
     frontier_disc: tuple[int, ...]
     bench_batches: tuple[int, ...]
     bench_repeats: int
+    temperatures: tuple[float, ...] = (0.7, 0.85, 1.0)
+    frontier_mauve: bool = True
 
 
 EVAL_PLANS = {
-    "tiny": EvalPlan("smollm2-135m", 32, 16, 200, (4, 8, 16, 64), (1, 8, 32), 1),
+    # tiny: MAUVE only on the main table (32 samples); the frontier reports GenPPL alone.
+    "tiny": EvalPlan("smollm2-135m", 32, 16, 200, (4, 16, 64), (1, 8, 32), 1, (0.8, 1.0), False),
     "small": EvalPlan("smollm2-135m", 256, 64, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
     "paper": EvalPlan("gpt2-large", 5000, 128, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
 }
@@ -242,8 +245,8 @@ def run_pipeline(
         plan.num_samples // 2,
         plan.scorer,
         root / "frontier",
-        str(root / "mdlm"),
-        temperatures=[0.7, 0.85, 1.0],
+        str(root / "mdlm") if plan.frontier_mauve else None,
+        temperatures=list(plan.temperatures),
         device=device,
         batch_size=plan.batch_size,
     )

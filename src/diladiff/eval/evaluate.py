@@ -9,9 +9,11 @@ import numpy as np
 
 from diladiff.errors import DataError
 from diladiff.eval.diversity import diversity_metrics
-from diladiff.eval.genppl import generative_perplexity
+from diladiff.eval.genppl import pooled_perplexity
 from diladiff.eval.protocol import device_record, protocol_record
 from diladiff.eval.scorer import load_scorer
+
+_REFERENCE_FEATURES: dict[tuple, object] = {}
 
 
 def read_samples(path: Path | str) -> tuple[list[list[int]], list[str], dict]:
@@ -79,15 +81,19 @@ def evaluate_samples(
 ) -> dict:
     """A result record (protocol + metrics) for one sample set."""
     scorer = load_scorer(scorer_name, device)
-    metrics = generative_perplexity(scorer, texts, batch_size)
+    nlls, feats = scorer.score(texts, batch_size, features=bool(reference))
+    metrics = pooled_perplexity(nlls)
     if any(ids):
         metrics |= diversity_metrics([x for x in ids if x])
     ref_meta = None
     if reference:
-        from diladiff.eval.mauve import mauve_score
+        from diladiff.eval.mauve import mauve_from_features
 
         refs, ref_meta = reference_texts(reference, len(texts))
-        metrics |= mauve_score(scorer, texts, refs, mauve_seed, batch_size)
+        key = (scorer_name, str(device), reference, len(texts), batch_size)
+        if key not in _REFERENCE_FEATURES:  # the same reference set for every sample set
+            _REFERENCE_FEATURES[key] = scorer.features(refs, batch_size)
+        metrics |= mauve_from_features(feats, _REFERENCE_FEATURES[key], mauve_seed)
     meta = generator_meta or {}
     return {
         "protocol": protocol_record(

@@ -16,7 +16,11 @@ from diladiff.eval.scorer import Scorer
 
 
 def generative_perplexity(scorer: Scorer, texts: list[str], batch_size: int = 16) -> dict:
-    nlls = [x for x in scorer.token_nll(texts, batch_size)]
+    return pooled_perplexity(scorer.token_nll(texts, batch_size))
+
+
+def pooled_perplexity(nlls: list) -> dict:
+    """GenPPL and the per-sample median from per-text token NLL tensors."""
     scored = [x for x in nlls if x.numel() > 0]
     if not scored:
         raise ValueError("no sample has a token to score (all samples are empty)")

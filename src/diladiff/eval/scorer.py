@@ -105,36 +105,36 @@ class Scorer:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def token_nll(self, texts: list[str], batch_size: int = 16) -> list[torch.Tensor]:
-        """Per text, the NLL (nats) of every re-tokenised token given the boundary + prefix."""
+    def score(
+        self, texts: list[str], batch_size: int = 16, features: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One forward pass per batch: per text, the NLL (nats) of every re-tokenised token given
+        the boundary + prefix; and, if asked, the MAUVE features (final hidden state at each
+        text's last token, (N, hidden))."""
         seqs = self.encode(texts)
-        out: list[torch.Tensor] = []
+        nlls: list[torch.Tensor] = []
+        feats: list[torch.Tensor] = []
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]
             ids, att = self._padded(chunk)
             with self._autocast():
-                logits = self.model(input_ids=ids, attention_mask=att).logits
+                out = self.model(input_ids=ids, attention_mask=att, output_hidden_states=features)
             nll = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+                out.logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
             )
-            out += [nll[j, : len(s) - 1].cpu() for j, s in enumerate(chunk)]
-        return out
+            nlls += [nll[j, : len(s) - 1].cpu() for j, s in enumerate(chunk)]
+            if features:
+                last = att.sum(1) - 1
+                hidden = out.hidden_states[-1]
+                feats.append(hidden[torch.arange(len(chunk)), last].float().cpu())
+        return nlls, (torch.cat(feats) if features else None)
 
-    @torch.no_grad()
+    def token_nll(self, texts: list[str], batch_size: int = 16) -> list[torch.Tensor]:
+        return self.score(texts, batch_size)[0]
+
     def features(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
         """MAUVE features: the final hidden state at each text's last token, (N, hidden)."""
-        seqs = self.encode(texts)
-        feats = []
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i : i + batch_size]
-            ids, att = self._padded(chunk)
-            with self._autocast():
-                hidden = self.model(
-                    input_ids=ids, attention_mask=att, output_hidden_states=True
-                ).hidden_states[-1]
-            last = att.sum(1) - 1
-            feats.append(hidden[torch.arange(len(chunk)), last].float().cpu())
-        return torch.cat(feats)
+        return self.score(texts, batch_size, features=True)[1]
 
 
 _LOADED: dict[tuple[str, str], Scorer] = {}
