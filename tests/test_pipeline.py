@@ -8,11 +8,21 @@ from diladiff.pipeline import EvalPlan, run_pipeline
 from diladiff.train import trainer as trainer_mod
 from diladiff.train.checkpoint import latest_checkpoint
 
-STEPS = {"mdlm": ["train.max_steps=4"], "autoencoder": ["train.max_steps=3", *AE_SMALL],
-         "ladiff": ["train.max_steps=6", "train.ckpt_every=2", *PRIOR_SMALL],
-         "diladiff": ["train.max_steps=2"]}
-PLAN = EvalPlan(scorer="smollm2-135m", num_samples=8, batch_size=8, ladiff_cont_steps=10,
-                frontier_disc=(4, 8), bench_batches=(1, 2), bench_repeats=1)
+STEPS = {
+    "mdlm": ["train.max_steps=4"],
+    "autoencoder": ["train.max_steps=3", *AE_SMALL],
+    "ladiff": ["train.max_steps=6", "train.ckpt_every=2", *PRIOR_SMALL],
+    "diladiff": ["train.max_steps=2"],
+}
+PLAN = EvalPlan(
+    scorer="smollm2-135m",
+    num_samples=8,
+    batch_size=8,
+    ladiff_cont_steps=10,
+    frontier_disc=(4, 8),
+    bench_batches=(1, 2),
+    bench_repeats=1,
+)
 
 
 def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, monkeypatch):
@@ -26,16 +36,28 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
 
     monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(root, "tiny", [*TINY, "train.progress=false"], device_spec="cpu",
-                     stage_overrides=STEPS, plan=PLAN)
+        run_pipeline(
+            root,
+            "tiny",
+            [*TINY, "train.progress=false"],
+            device_spec="cpu",
+            stage_overrides=STEPS,
+            plan=PLAN,
+        )
     assert latest_checkpoint(root / "ladiff").name == "step_00000004"
     assert not (root / "ladiff" / "COMPLETE").exists()
     done = {s: (root / s / "COMPLETE").stat().st_mtime for s in ("mdlm", "autoencoder")}
     mdlm_ckpt = latest_checkpoint(root / "mdlm")
 
     monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
-    report = run_pipeline(root, "tiny", [*TINY, "train.progress=false"], device_spec="cpu",
-                          stage_overrides=STEPS, plan=PLAN)
+    report = run_pipeline(
+        root,
+        "tiny",
+        [*TINY, "train.progress=false"],
+        device_spec="cpu",
+        stage_overrides=STEPS,
+        plan=PLAN,
+    )
     # finished stages were not redone; the interrupted one resumed from its checkpoint
     assert {s: (root / s / "COMPLETE").stat().st_mtime for s in done} == done
     assert latest_checkpoint(root / "mdlm") == mdlm_ckpt
@@ -44,7 +66,12 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
     assert end["step"] == 6 and end["steps_this_run"] == 2
 
     text = report.read_text()
-    for row in ("mdlm_disc4", "ladiff_cont10_disc32", "ladiff_cont5_disc4", "diladiff_cont5_disc32"):
+    for row in (
+        "mdlm_disc4",
+        "ladiff_cont10_disc32",
+        "ladiff_cont5_disc4",
+        "diladiff_cont5_disc32",
+    ):
         assert f"| {row} |" in text
     assert "latent_overhead" in text and "gen_ppl" in text and "mauve" in text
     assert (root / "frontier" / "frontier.png").is_file()

@@ -9,10 +9,10 @@ from diladiff.pipeline import run_pipeline
 
 # Step counts that fit the demo in about 15 minutes on 2 CPU cores.
 DEMO_STEPS = {
-    "mdlm": ["train.max_steps=300"],
-    "autoencoder": ["train.max_steps=200"],
-    "ladiff": ["train.max_steps=200"],
-    "diladiff": ["train.max_steps=100"],
+    "mdlm": ["train.max_steps=250"],
+    "autoencoder": ["train.max_steps=150"],
+    "ladiff": ["train.max_steps=150"],
+    "diladiff": ["train.max_steps=80"],
 }
 
 

@@ -41,11 +41,15 @@ class EvalPlan:
     bench_repeats: int
     temperatures: tuple[float, ...] = (0.7, 0.85, 1.0)
     frontier_mauve: bool = True
+    # Benchmark at N_disc = L / k for each k.
+    bench_disc_divisors: tuple[int, ...] = (8, 1)
 
 
 EVAL_PLANS = {
     # tiny: MAUVE only on the main table (32 samples); the frontier reports GenPPL alone.
-    "tiny": EvalPlan("smollm2-135m", 32, 16, 200, (4, 16, 64), (1, 8, 32), 1, (0.8, 1.0), False),
+    "tiny": EvalPlan(
+        "smollm2-135m", 32, 16, 200, (4, 16, 64), (1, 8, 32), 1, (0.7, 1.0), False, (8,)
+    ),
     "small": EvalPlan("smollm2-135m", 256, 64, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
     "paper": EvalPlan("gpt2-large", 5000, 128, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
 }
@@ -140,7 +144,7 @@ def bench_all(root: Path, plan: EvalPlan, device) -> list[dict]:
     rows = []
     for stage_name, cont in (("mdlm", 0), ("ladiff", plan.ladiff_cont_steps), ("diladiff", 5)):
         stage, _ = load_run(root / stage_name, device=device)
-        for n_disc in (stage.seq_len // 8, stage.seq_len):
+        for n_disc in (stage.seq_len // k for k in plan.bench_disc_divisors):
             sc = stage.cfg.sample
             sc.disc_steps, sc.cont_steps = n_disc, cont
             for row in bench_sampling(
@@ -231,7 +235,7 @@ def run_pipeline(
     device = pick_device(device_spec)
     plan = plan or plan_for(preset)
     print("[pipeline] reconstruction: auto-encoder vs MDLM")
-    rec = recon_report(root / "autoencoder", sequences=32, mc_samples=32, device=device)
+    rec = recon_report(root / "autoencoder", sequences=16, mc_samples=32, device=device)
     plot_recon(rec, root / "autoencoder" / "recon.png", "Auto-encoder vs MDLM (held-out)")
     write_result(root / "eval" / "recon.json", {"metrics": rec, "device": device_record(device)})
     print("[pipeline] evaluation")

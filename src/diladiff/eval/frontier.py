@@ -65,6 +65,7 @@ def sweep_run(
         rows.append(
             {
                 "run": _label(run_dir, stage),
+                "temperature": sc.temperature,
                 **point,
                 "tokens_per_s": num_samples * stage.seq_len / out.seconds,
                 "seconds": out.seconds,
@@ -106,15 +107,24 @@ def frontier(
         points = [{"disc_steps": n} for n in disc_steps]
         if latent and cont_steps:
             points = [{"cont_steps": c, "disc_steps": n} for c in cont_steps for n in disc_steps]
-        result["points"] += sweep_run(
+        frontier_rows = sweep_run(
             Path(run), points, num_samples, scorer, reference, out_dir, device, seed, batch_size
         )
+        result["points"] += frontier_rows
         if temperatures:
             n = temperature_steps or max(disc_steps)
-            tpoints = [{"disc_steps": n, "temperature": t} for t in temperatures]
-            result["temperature"] += sweep_run(
+            # a frontier point at N_disc = n already measured its own temperature: reuse it
+            done = {
+                r["temperature"]: r
+                for r in frontier_rows
+                if r["disc_steps"] == n and "cont_steps" not in r
+            }
+            tpoints = [{"disc_steps": n, "temperature": t} for t in temperatures if t not in done]
+            swept = sweep_run(
                 Path(run), tpoints, num_samples, scorer, None, out_dir, device, seed, batch_size
             )
+            by_t = done | {r["temperature"]: r for r in swept}
+            result["temperature"] += [by_t[t] for t in temperatures]
     (out_dir / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_frontier(result, out_dir / "frontier.png")
     if result["temperature"]:

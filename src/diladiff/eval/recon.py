@@ -7,8 +7,8 @@ Discrete-ratio (any-order) estimator of an upper bound on -log p(x), for L token
 estimated with `samples` Monte Carlo draws of (l, M) per sequence; reported per token
 (divided by L) and as a perplexity exp(.). Recovery = the fraction of masked tokens whose
 argmax prediction equals the clean token. Both are also reported per masking ratio l / L.
-`log_probs(x_t, x0)` may be any denoiser: the MDLM ignores x0; the auto-encoder's decoder is
-given the latent that its encoder computes from the clean x0.
+`log_probs(x_t, cond)` may be any denoiser: the MDLM ignores cond; the auto-encoder's decoder
+is given the latent that `condition(x0)` computes once per clean sequence.
 """
 
 from __future__ import annotations
@@ -23,17 +23,22 @@ from diladiff.processes.masking import mask_exactly
 
 @torch.no_grad()
 def discrete_ratio_bound(
-    log_probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    log_probs: Callable[[torch.Tensor, object], torch.Tensor],
     x0: torch.Tensor,
     mask_id: int,
     samples: int = 128,
     generator: torch.Generator | None = None,
     ratio_bins: int = 10,
     batch_size: int = 64,
+    condition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """The bound and recovery over sequences x0 (N, L), overall and per masking-ratio bin."""
     n, length = x0.shape
     rows = x0.repeat_interleave(samples, dim=0)
+    cond = None
+    if condition is not None:  # once per sequence, then repeated with its rows
+        cond = torch.cat([condition(x0[i : i + batch_size]) for i in range(0, n, batch_size)])
+        cond = cond.repeat_interleave(samples, dim=0)
     total_terms, total_correct, total_masked = 0.0, 0, 0
     bins = [{"terms": 0.0, "draws": 0, "correct": 0, "masked": 0} for _ in range(ratio_bins)]
     for i in range(0, len(rows), batch_size):
@@ -42,7 +47,7 @@ def discrete_ratio_bound(
             x.device
         )
         x_t = mask_exactly(x, counts, mask_id, generator)
-        logp = log_probs(x_t, x).float()
+        logp = log_probs(x_t, None if cond is None else cond[i : i + batch_size]).float()
         masked = x_t == mask_id
         nll = -logp.gather(-1, x.unsqueeze(-1)).squeeze(-1)
         nll = torch.where(masked, nll, torch.zeros_like(nll))
@@ -81,16 +86,17 @@ def discrete_ratio_bound(
     }
 
 
-def stage_log_probs(stage, noise_std: float = 0.0, generator: torch.Generator | None = None):
-    """log_probs(x_t, x0) for a trained stage: the MDLM as it is; a latent-conditioned decoder
-    given its encoder's latent of x0, plus N(0, noise_std^2) noise (latent robustness)."""
+def stage_denoiser(stage, noise_std: float = 0.0, generator: torch.Generator | None = None):
+    """(log_probs(x_t, cond), condition(x0) or None) for a trained stage: the MDLM as it is; a
+    latent-conditioned decoder given its encoder's latent of x0 plus N(0, noise_std^2) noise
+    (latent robustness)."""
     if not hasattr(stage, "encode"):
-        return lambda x_t, x0: stage.log_probs(x_t)
+        return (lambda x_t, cond: stage.log_probs(x_t)), None
 
-    def fn(x_t, x0):
+    def condition(x0):
         z = stage.encode(x0)
         if noise_std:
             z = z + noise_std * torch.randn(z.shape, generator=generator, device=z.device)
-        return stage.log_probs(x_t, z)
+        return z
 
-    return fn
+    return stage.log_probs, condition

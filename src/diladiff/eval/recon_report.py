@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from diladiff.data.packing import prepare_data
-from diladiff.eval.recon import discrete_ratio_bound, stage_log_probs
+from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
 from diladiff.runs import load_run
 from diladiff.train.checkpoint import read_run_info
 
@@ -37,7 +37,8 @@ def recon_report(
 
     def measure(s, noise=0.0, samples=mc_samples):
         gen = torch.Generator(device).manual_seed(seed)
-        return discrete_ratio_bound(stage_log_probs(s, noise, gen), x0, s.mask_id, samples, gen)
+        log_probs, condition = stage_denoiser(s, noise, gen)
+        return discrete_ratio_bound(log_probs, x0, s.mask_id, samples, gen, condition=condition)
 
     out = {"runs": {f"{stage.kind} ({Path(run_dir).name})": measure(stage)}, "robustness": []}
     parent = read_run_info(run_dir).get("parents", {}).get("init_from")
