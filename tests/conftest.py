@@ -37,6 +37,18 @@ def tiny_overrides():
     return list(TINY)
 
 
+def word_level_tokenizer(folder: Path, words: list[str], **special: str) -> Path:
+    """Save a whitespace word-level fast tokenizer over `words` (ids in order) to `folder`;
+    `special` names its special tokens (unk_token="[UNK]", mask_token="[MASK]", ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(folder)
+    return folder
+
+
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as fh:

@@ -16,20 +16,14 @@ WORDS = ["the", "river", "town", "old", "a", "flows", "through", "green", "valle
 @pytest.fixture(scope="module")
 def tiny_lm_path(tmp_path_factory):
     """A tiny GPT-2 with a word-level tokenizer that has <|endoftext|> (id 0)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from conftest import word_level_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     folder = tmp_path_factory.mktemp("tiny_lm")
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+    word_level_tokenizer(
+        folder, list(vocab), unk_token="[UNK]", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
-    tok.save_pretrained(folder)
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2, n_head=2)
     GPT2LMHeadModel(cfg).save_pretrained(folder)

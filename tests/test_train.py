@@ -87,21 +87,12 @@ def test_non_utf8_corpus_is_a_one_line_error(tmp_path, capsys):
 
 
 def make_other_tokenizer(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import word_level_tokenizer
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[SEP]", "[MASK]", "the", "river"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        pad_token="[PAD]",
+    words = ["[PAD]", "[UNK]", "[SEP]", "[MASK]", "the", "river"]
+    return word_level_tokenizer(
+        folder, words, unk_token="[UNK]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]"
     )
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(tmp_path, capsys):

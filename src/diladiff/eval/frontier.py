@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from diladiff.eval.evaluate import evaluate_samples
+from diladiff.eval.plots import pyplot, save
 from diladiff.eval.protocol import device_record
 from diladiff.runs import load_run
 from diladiff.sampling.generate import generate
@@ -141,10 +142,7 @@ def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def plot_frontier(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [m for m in ("mauve", "gen_ppl") if any(m in r for r in result["points"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
@@ -177,16 +175,11 @@ def plot_frontier(result: dict, path: Path) -> None:
         f"{p0.get('scorer')}, {result['device']})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_temperature(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for run, rows in _by_run(result["temperature"]).items():
@@ -210,6 +203,4 @@ def plot_temperature(result: dict, path: Path) -> None:
         f"{result['num_samples']} samples)",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from diladiff.data.packing import prepare_data
+from diladiff.eval.plots import pyplot, save
 from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
 from diladiff.runs import load_run
 from diladiff.train.checkpoint import read_run_info
@@ -55,10 +56,7 @@ def recon_report(
 
 
 def plot_recon(report: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, res in report["runs"].items():
@@ -77,6 +75,4 @@ def plot_recon(report: dict, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
