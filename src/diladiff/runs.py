@@ -43,13 +43,9 @@ def resolve_config(
         raise CheckpointError(f"training {kind} needs {flag} RUN_DIR (the run it builds on)")
     cfg = build_config(preset or "paper", [], stage=kind)
     if parent:
-        parent_cfg = (
-            Config.load(Path(parent) / "config.json")
-            if (Path(parent) / "config.json").is_file()
-            else None
-        )
-        if parent_cfg is None:
+        if not (Path(parent) / "config.json").is_file():
             raise CheckpointError(f"{parent} is not a diladiff run folder (no config.json)")
+        parent_cfg = Config.load(Path(parent) / "config.json")
         for section in cls.inherits:
             setattr(cfg, section, getattr(parent_cfg, section))
     return apply_overrides(cfg, overrides), False

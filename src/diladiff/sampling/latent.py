@@ -24,16 +24,10 @@ from collections.abc import Callable
 import torch
 
 from diladiff.processes.gaussian import alpha_sigma, velocity_from_x0
+from diladiff.registry import registrar
 
 LATENT_SAMPLERS: dict[str, Callable] = {}
-
-
-def register_latent_sampler(name: str):
-    def wrap(fn):
-        LATENT_SAMPLERS[name] = fn
-        return fn
-
-    return wrap
+register_latent_sampler = registrar(LATENT_SAMPLERS)
 
 
 @register_latent_sampler("ode_euler")

@@ -21,17 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diladiff.processes.masking import unmask_probability
+from diladiff.registry import registrar
 
 Denoiser = Callable[[torch.Tensor], torch.Tensor]  # x_t (B, L) -> log p(x_0 | x_t) (B, L, V)
 STRATEGIES: dict[str, Callable] = {}
-
-
-def register_strategy(name: str):
-    def wrap(fn):
-        STRATEGIES[name] = fn
-        return fn
-
-    return wrap
+register_strategy = registrar(STRATEGIES)
 
 
 @dataclass
