@@ -131,6 +131,7 @@ def test_eval_recon_compares_with_the_parent_mdlm(mdlm_run, tmp_path, capsys):
     assert main(["eval-recon", str(tmp_path / "ae"), "--sequences", "2", "--mc-samples", "8"]) == 0
     out = capsys.readouterr().out
     assert "autoencoder (ae)" in out and "mdlm (mdlm)" in out and "latent_noise_std" in out
+    assert "autoencoder (ae), z ~ N(0, I)" in out  # the decoder-alone control row
     assert (tmp_path / "ae" / "recon.png").is_file()
 
 

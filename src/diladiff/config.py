@@ -152,6 +152,11 @@ class AutoencoderConfig:
     p_drop: float = 0.6
     # Decoder blocks followed by a cross-attention layer ("first,last" or indices "0,5").
     cross_attn_after: str = "first,last"
+    # Position tables on the queries/keys between sequence and latent (nets/positions.py;
+    # sinusoidal at init, learned). Not in DESIGN.md: without them a small, briefly trained
+    # MDLM decoder's masked positions all ask the latent the same question and the latent goes
+    # unused (nets/cross_attention.py). False = the paper's architecture as described.
+    position_embeddings: bool = True
     # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
     # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).
     encoder_warmup_steps: int = 1000

@@ -86,15 +86,23 @@ def discrete_ratio_bound(
     }
 
 
-def stage_denoiser(stage, noise_std: float = 0.0, generator: torch.Generator | None = None):
+def stage_denoiser(
+    stage,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    replace_latent: bool = False,
+):
     """(log_probs(x_t, cond), condition(x0) or None) for a trained stage: the MDLM as it is; a
     latent-conditioned decoder given its encoder's latent of x0 plus N(0, noise_std^2) noise
-    (latent robustness)."""
+    (latent robustness), or with `replace_latent` given pure N(0, I) noise instead of the latent
+    (the decoder on its own: what training's whole-latent replacement, p_drop, teaches it)."""
     if not hasattr(stage, "encode"):
         return (lambda x_t, cond: stage.log_probs(x_t)), None
 
     def condition(x0):
         z = stage.encode(x0)
+        if replace_latent:
+            return torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         if noise_std:
             z = z + noise_std * torch.randn(z.shape, generator=generator, device=z.device)
         return z

@@ -2,7 +2,9 @@
 
 Perplexity bound (discrete-ratio estimator) and token recovery, overall and per masking ratio,
 for a run and (for an auto-encoder) its parent MDLM on the same held-out rows, Monte Carlo
-draws and seed; latent robustness = recovery when N(0, sigma^2) noise is added to the latent.
+draws and seed, plus the auto-encoder's decoder given z ~ N(0, I) instead of its latent (so the
+latent's share of any gain is visible); latent robustness = recovery when N(0, sigma^2) noise
+is added to the latent.
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ def recon_report(
     stage, tok = load_run(run_dir, which=weights, device=device)
     x0 = heldout_rows(stage, tok, sequences, device)
 
-    def measure(s, noise=0.0, samples=mc_samples):
+    def measure(s, noise=0.0, samples=mc_samples, replace_latent=False):
         gen = torch.Generator(device).manual_seed(seed)
-        log_probs, condition = stage_denoiser(s, noise, gen)
+        log_probs, condition = stage_denoiser(s, noise, gen, replace_latent)
         return discrete_ratio_bound(log_probs, x0, s.mask_id, samples, gen, condition=condition)
 
-    out = {"runs": {f"{stage.kind} ({Path(run_dir).name})": measure(stage)}, "robustness": []}
+    name = f"{stage.kind} ({Path(run_dir).name})"
+    out = {"runs": {name: measure(stage)}, "robustness": []}
+    if hasattr(stage, "encode"):
+        # Control: the same decoder with z ~ N(0, I); the gap to the row above is the latent's.
+        out["runs"][f"{name}, z ~ N(0, I)"] = measure(stage, replace_latent=True)
     parent = read_run_info(run_dir).get("parents", {}).get("init_from")
     if parent and Path(parent).is_dir():
         mdlm, _ = load_run(parent, device=device)

@@ -6,7 +6,9 @@ then an MLP (pre-norm, residual):
     u <- u + Attn(LN(u), LN([h; u]))
     u <- u + MLP(LN(u))
 
-and a final projection maps the latents to width d_z.
+and a final projection maps the latents to width d_z. With `max_len` > 0, queries and keys get
+learned position tables (nets/positions.py): latent j's query and key start at its centre
+c_j = (j + 1/2) L / N_z, feature i's key at i, so latent j first reads the positions near c_j.
 """
 
 from __future__ import annotations
@@ -14,12 +16,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diladiff.nets.positions import latent_centres, sinusoidal_table
 from diladiff.nets.transformer import MLP, attention
 
 
 class PerceiverLayer(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        backend: str = "sdpa",
+        max_len: int = 0,
+        num_latents: int = 0,
+    ):
         super().__init__()
+        self.q_pos = self.kv_pos = None
+        if max_len and num_latents:
+            centres = latent_centres(num_latents, max_len)
+            self.q_pos = nn.Parameter(sinusoidal_table(centres, width // heads))
+            key_positions = torch.cat([torch.arange(max_len, dtype=torch.float64), centres])
+            self.kv_pos = nn.Parameter(sinusoidal_table(key_positions, width // heads))
+            self.max_len = max_len
         self.heads, self.backend = heads, backend
         self.norm_q = nn.LayerNorm(width)
         self.norm_kv = nn.LayerNorm(width)
@@ -34,6 +52,12 @@ class PerceiverLayer(nn.Module):
         ctx = self.norm_kv(torch.cat([h, u], dim=1))
         q = self.q(self.norm_q(u)).view(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.q_pos is not None:
+            L = h.shape[1]
+            if L > self.max_len:
+                raise ValueError(f"{L} feature positions exceed max_len {self.max_len}")
+            q = q + self.q_pos
+            k = k + torch.cat([self.kv_pos[:L], self.kv_pos[self.max_len :]])
         u = u + self.out(attention(q, k, v, self.backend).transpose(1, 2).reshape(b, n, -1))
         return u + self.mlp(self.norm_mlp(u))
 
@@ -48,12 +72,15 @@ class PerceiverCompressor(nn.Module):
         depth: int = 2,
         heads: int = 8,
         backend: str = "sdpa",
+        max_len: int = 0,
     ):
+        """`max_len` > 0 (the longest feature sequence) turns on the position tables."""
         super().__init__()
         self.inp = nn.Linear(in_dim, width)
         self.latents = nn.Parameter(torch.randn(num_latents, width) * 0.02)
         self.layers = nn.ModuleList(
-            PerceiverLayer(width, heads, backend=backend) for _ in range(depth)
+            PerceiverLayer(width, heads, 4.0, backend, max_len, num_latents if max_len else 0)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, latent_dim)

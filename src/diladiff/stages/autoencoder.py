@@ -103,6 +103,7 @@ class Autoencoder(MaskedDiffusionStage):
             ac.perceiver_depth,
             ac.perceiver_heads,
             mc.attention,
+            max_len=cfg.data.seq_len if ac.position_embeddings else 0,
         )
         self.z_norm = RunningStandardizer((ac.num_latents, ac.latent_dim))
         self.z_mask = nn.Parameter(torch.zeros(ac.latent_dim))
@@ -111,7 +112,13 @@ class Autoencoder(MaskedDiffusionStage):
         self.cross = nn.ModuleDict(
             {
                 str(i): LatentCrossAttention(
-                    mc.width, ac.latent_dim, mc.heads, mc.qk_norm, mc.attention
+                    mc.width,
+                    ac.latent_dim,
+                    mc.heads,
+                    mc.qk_norm,
+                    mc.attention,
+                    max_len=cfg.data.seq_len if ac.position_embeddings else 0,
+                    num_latents=ac.num_latents if ac.position_embeddings else 0,
                 )
                 for i in cross_attention_blocks(ac.cross_attn_after, mc.depth)
             }
