@@ -304,7 +304,7 @@ STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
     ],
     ("autoencoder", "tiny"): [
         "train.lr=2e-3",
-        "train.total_steps=400",
+        "train.total_steps=600",  # the latent starts to pay off between 250 and 500 steps
         "autoencoder.decoder_lr_scale=0.1",
         "autoencoder.num_latents=16",
         "autoencoder.perceiver_width=128",

@@ -10,7 +10,7 @@ from diladiff.pipeline import run_pipeline
 # Step counts that fit the demo in about 15 minutes on 2 CPU cores.
 DEMO_STEPS = {
     "mdlm": ["train.max_steps=250"],
-    "autoencoder": ["train.max_steps=300"],
+    "autoencoder": ["train.max_steps=600"],
     "ladiff": ["train.max_steps=150"],
     "diladiff": ["train.max_steps=80"],
 }
