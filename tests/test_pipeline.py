@@ -29,14 +29,8 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
     root = tmp_path / "pipe"
     real_save = trainer_mod.Trainer.save
 
-    def save_then_die(self):
-        real_save(self)
-        if self.stage.kind == "ladiff" and self.step == 4:
-            raise KeyboardInterrupt  # as if killed during the LaDiff stage
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(
+    def run():
+        return run_pipeline(
             root,
             "tiny",
             [*TINY, "train.progress=false"],
@@ -44,20 +38,22 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
             stage_overrides=STEPS,
             plan=PLAN,
         )
+
+    def save_then_die(self):
+        real_save(self)
+        if self.stage.kind == "ladiff" and self.step == 4:
+            raise KeyboardInterrupt  # as if killed during the LaDiff stage
+
+    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
     assert latest_checkpoint(root / "ladiff").name == "step_00000004"
     assert not (root / "ladiff" / "COMPLETE").exists()
     done = {s: (root / s / "COMPLETE").stat().st_mtime for s in ("mdlm", "autoencoder")}
     mdlm_ckpt = latest_checkpoint(root / "mdlm")
 
     monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
-    report = run_pipeline(
-        root,
-        "tiny",
-        [*TINY, "train.progress=false"],
-        device_spec="cpu",
-        stage_overrides=STEPS,
-        plan=PLAN,
-    )
+    report = run()
     # finished stages were not redone; the interrupted one resumed from its checkpoint
     assert {s: (root / s / "COMPLETE").stat().st_mtime for s in done} == done
     assert latest_checkpoint(root / "mdlm") == mdlm_ckpt

@@ -79,8 +79,7 @@ class PerceiverCompressor(nn.Module):
         self.inp = nn.Linear(in_dim, width)
         self.latents = nn.Parameter(torch.randn(num_latents, width) * 0.02)
         self.layers = nn.ModuleList(
-            PerceiverLayer(width, heads, 4.0, backend, max_len, num_latents if max_len else 0)
-            for _ in range(depth)
+            PerceiverLayer(width, heads, 4.0, backend, max_len, num_latents) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, latent_dim)

@@ -93,6 +93,7 @@ class Autoencoder(MaskedDiffusionStage):
             f"feature model {ac.feature_model!r} vs data.tokenizer {cfg.data.tokenizer!r}",
         )
         d_bert = self.features.dim
+        table_len = cfg.data.seq_len if ac.position_embeddings else 0  # 0: no position tables
         self.feat_norm = RunningStandardizer((d_bert,))
         self.h_mask = nn.Parameter(torch.zeros(d_bert))
         self.encoder = PerceiverCompressor(
@@ -103,7 +104,7 @@ class Autoencoder(MaskedDiffusionStage):
             ac.perceiver_depth,
             ac.perceiver_heads,
             mc.attention,
-            max_len=cfg.data.seq_len if ac.position_embeddings else 0,
+            max_len=table_len,
         )
         self.z_norm = RunningStandardizer((ac.num_latents, ac.latent_dim))
         self.z_mask = nn.Parameter(torch.zeros(ac.latent_dim))
@@ -117,8 +118,8 @@ class Autoencoder(MaskedDiffusionStage):
                     mc.heads,
                     mc.qk_norm,
                     mc.attention,
-                    max_len=cfg.data.seq_len if ac.position_embeddings else 0,
-                    num_latents=ac.num_latents if ac.position_embeddings else 0,
+                    max_len=table_len,
+                    num_latents=ac.num_latents,
                 )
                 for i in cross_attention_blocks(ac.cross_attn_after, mc.depth)
             }
