@@ -5,12 +5,11 @@ from conftest import TINY
 from diladiff.cli import main
 
 AE_SMALL = [
-    "autoencoder.latent_dim=64",
-    "autoencoder.perceiver_width=32",
+    "autoencoder.latent_dim=64",  # the Perceiver's width follows (= d_z)
     "autoencoder.perceiver_heads=2",
     "autoencoder.num_latents=8",
 ]
-PRIOR_SMALL = ["prior.depth=1", "prior.width=32", "prior.heads=2"]
+PRIOR_SMALL = ["prior.depth=1", "prior.width=64", "prior.heads=2"]  # width = d_z
 QUIET = ["train.progress=false", "train.eval_every=1000"]
 
 

@@ -11,8 +11,7 @@ from diladiff.stages.mdlm import MDLM
 from diladiff.train.checkpoint import latest_checkpoint
 
 AE_SMALL = [
-    "autoencoder.latent_dim=64",
-    "autoencoder.perceiver_width=32",
+    "autoencoder.latent_dim=64",  # the Perceiver's width follows (= d_z)
     "autoencoder.perceiver_heads=2",
     "autoencoder.num_latents=8",
 ]
@@ -45,6 +44,62 @@ def test_latent_shape_and_compression():
     L, d_bert = two.data.seq_len, 384
     assert L * d_bert / (two.autoencoder.num_latents * two.autoencoder.latent_dim) == 2
     assert L * d_bert / (four.autoencoder.num_latents * four.autoencoder.latent_dim) == 4
+
+
+D_BERT = {"minilm-l6": 384, "bert-base-uncased": 768}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper", "tiny-4x", "small-4x", "paper-4x"])
+def test_presets_give_every_latent_direction_a_width(preset):
+    """Perceiver width = d_z, the prior at least as wide, compression (L d_bert)/(N_z d_z)
+    2x (4x with the -4x suffix)."""
+    ae = build_config(preset, stage="autoencoder")
+    ac = ae.autoencoder
+    assert (ac.perceiver_width or ac.latent_dim) == ac.latent_dim
+    assert (
+        ac.latent_dim % ac.perceiver_heads == 0 and (ac.latent_dim // ac.perceiver_heads) % 2 == 0
+    )
+    compression = ae.data.seq_len * D_BERT[ac.feature_model] / (ac.num_latents * ac.latent_dim)
+    assert compression == (4 if preset.endswith("-4x") else 2)
+    prior = build_config(preset, stage="ladiff").prior
+    assert prior.width >= ac.latent_dim and prior.width % prior.heads == 0
+
+
+def latent_direction_stds(cfg, batch: int) -> torch.Tensor:
+    """Per latent vector, the standard deviations of the standardised latent along its
+    principal directions (singular values of the centred (batch, d_z) matrix / sqrt(batch)),
+    for `batch` distinct random standardised feature sequences, at initialisation."""
+    ac = cfg.autoencoder
+    torch.manual_seed(0)
+    ae = Autoencoder(cfg, tokenizer_identity(load_tokenizer("minilm-l6")))
+    h = torch.randn(batch, cfg.data.seq_len, ae.features.dim)  # standardised features
+    with torch.no_grad():
+        z = ae.encoder(h).double()
+    z = (z - z.mean(0)) / z.std(0, unbiased=False)  # what z_norm does
+    assert z.shape[1:] == (ac.num_latents, ac.latent_dim)
+    return torch.linalg.svdvals(z.transpose(0, 1)) / batch**0.5  # (N_z, d_z)
+
+
+def test_encoder_latent_has_no_near_zero_variance_directions():
+    cfg = build_config("tiny", stage="autoencoder")
+    d_z = cfg.autoencoder.latent_dim
+    stds = latent_direction_stds(cfg, 2 * d_z)
+    # The Perceiver's final LayerNorm centres each vector over its width = d_z, which removes
+    # exactly one direction; every other direction keeps a share of the variance.
+    assert (stds[:, :-1] > 0.05).all()
+    assert (stds[:, -1] < 1e-4).all()
+
+
+def test_old_tiny_preset_left_most_latent_directions_without_variance():
+    """Perceiver width 128 projected to d_z = 768: at most 127 directions carry variance."""
+    old = [
+        "autoencoder.num_latents=16",
+        "autoencoder.latent_dim=768",
+        "autoencoder.perceiver_width=128",
+        "autoencoder.perceiver_heads=4",
+    ]
+    stds = latent_direction_stds(build_config("tiny", old, stage="autoencoder"), 800)
+    assert ((stds > 0.05).sum(-1) <= 127).all()
 
 
 def test_feature_augmentation_statistics():

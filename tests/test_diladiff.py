@@ -8,9 +8,12 @@ from conftest import TINY
 from latent_fixtures import AE_SMALL, PRIOR_SMALL, build_chain, train
 
 from diladiff.cli import main
-from diladiff.config import build_config
+from diladiff.config import PRESETS, ConfigError, build_config, check_warmups
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
-from diladiff.processes.gaussian import velocity_from_x0
+from diladiff.demo import DEMO_STEPS
+from diladiff.processes.gaussian import velocity_from_x0, x0_from_velocity
+from diladiff.runs import load_run
+from diladiff.stages import STAGES
 from diladiff.stages.diladiff import DiLaDiff, directional_derivative, sample_t_r
 
 
@@ -25,6 +28,8 @@ def stage():
     missing, _ = s.student.load_state_dict(s.teacher.state_dict(), strict=False)
     assert all(k.startswith("dt_embed") for k in missing)
     s.ae.train().encode(torch.randint(1000, 3000, (8, 32)), train=True)  # feature statistics
+    s.ae.eval()
+    s.prior_norm.fit([s.ae.encode(torch.randint(1000, 3000, (16, 32)))])
     return s.eval()
 
 
@@ -98,6 +103,59 @@ def test_meanflow_loss_trains_the_student_only(stage):
     stage.eval()
 
 
+def test_student_is_self_conditioned_on_its_own_estimate_on_half_the_examples(stage):
+    """Zeros (the input of a sampling step's first pass) on ~50% of the examples; elsewhere
+    X(u_eta(z_t, t, t; 0)), the clean estimate of the student's own r = t velocity. The
+    teacher's target stays the self-conditioned teacher's velocity."""
+    seen = {}
+    terms = stage.meanflow_terms
+
+    def spy(z_t, t, r, v, z_sc):
+        seen.update(z_t=z_t, t=t, v=v, z_sc=z_sc)
+        return terms(z_t, t, r, v, z_sc)
+
+    stage.train()
+    stage.on_step(10_000)
+    stage.meanflow_terms = spy
+    try:
+        loss, _ = stage(torch.randint(1000, 3000, (256, 32)), torch.Generator().manual_seed(0))
+    finally:
+        del stage.meanflow_terms
+    z_t, t, z_sc = seen["z_t"], seen["t"], seen["z_sc"]
+    zero = (z_sc == 0).flatten(1).all(1)
+    assert abs(zero.float().mean().item() - 0.5) < 0.1
+    own = x0_from_velocity(z_t, stage.average_velocity(z_t, t, t), t, stage.cfg.diffusion.d)
+    assert torch.allclose(z_sc[~zero], own[~zero], atol=1e-5)
+    assert torch.allclose(seen["v"], stage.teacher_velocity(z_t, t)[0])
+    loss.backward()  # the zero-input path the sampler's first pass uses gets trained
+    grad = stage.student.inp.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert not seen["z_sc"].requires_grad  # stop-gradient
+    stage.zero_grad()
+    stage.eval()
+
+
+def test_sampling_step_self_conditions_the_jump_on_the_zero_input_pass(stage):
+    calls = []
+    student = stage.student.forward
+
+    def spy(z_t, t, z_sc=None, r=None):
+        calls.append((z_sc, r))
+        return student(z_t, t, z_sc, r)
+
+    z_t, t, r = inputs()
+    stage.student.forward = spy
+    try:
+        u = stage.self_conditioned_u(z_t, t, r)
+    finally:
+        del stage.student.forward
+    (sc0, r0), (sc1, r1) = calls
+    assert sc0 is None and torch.equal(r0, t) and torch.equal(r1, r)
+    expect = x0_from_velocity(z_t, stage.average_velocity(z_t, t, t), t, stage.cfg.diffusion.d)
+    assert torch.allclose(sc1, expect)
+    assert torch.allclose(u, stage.average_velocity(z_t, t, r, expect))
+
+
 def test_t_r_sampling():
     t, r = sample_t_r(20000, -1.0, 1.0, 0.25, torch.Generator().manual_seed(0), "cpu")
     assert (t >= r).all() and ((t > 0) & (t < 1)).all()
@@ -138,6 +196,54 @@ def test_train_and_sample_diladiff_run(chain, tmp_path, capsys):
     meta = json.loads((tmp_path / "s.jsonl.meta.json").read_text())
     assert meta["stage"] == "diladiff" and meta["cont_nfe"] == 2 * 5  # two calls per step
     assert len(out.read_text().splitlines()) == 2
+    # the student works in its teacher's prior space
+    student, _ = load_run(run)
+    teacher, _ = load_run(chain["ladiff"])
+    assert student.prior_norm.fitted
+    for k, v in teacher.prior_norm.state_dict().items():
+        assert torch.equal(student.prior_norm.state_dict()[k], v)
+
+
+def test_training_short_of_a_warmup_warns_and_a_schedule_short_of_one_is_an_error(
+    chain, tmp_path, capsys
+):
+    capsys.readouterr()
+    assert train("diladiff", tmp_path / "w", "--teacher", chain["ladiff"], "train.max_steps=1") == 0
+    out = capsys.readouterr().out
+    assert (
+        "warning: train.max_steps=1 stops before the warm-up meanflow.tangent_warmup_steps" in out
+    )
+    run = tmp_path / "e"
+    assert train("diladiff", run, "--teacher", chain["ladiff"], "train.total_steps=50") == 2
+    err = capsys.readouterr().err
+    assert "train.total_steps=50 is shorter than the warm-up meanflow.tangent_warmup_steps" in err
+    assert not run.exists()  # refused before anything was written
+
+
+def test_check_warmups():
+    cfg = build_config("tiny", ["train.max_steps=80"], stage="diladiff")
+    assert check_warmups(cfg.train, {"a": 50, "b": 100}) == [
+        "train.max_steps=80 stops before the warm-up b=100 ends"
+    ]
+    assert check_warmups(cfg.train, {"a": 80}) == []
+    with pytest.raises(ConfigError, match="shorter than the warm-up b=400"):
+        check_warmups(cfg.train, {"a": 50, "b": 400})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("kind", sorted(STAGES))
+def test_every_preset_runs_past_its_warmups(preset, kind):
+    cfg = build_config(preset, stage=kind)
+    assert check_warmups(cfg.train, STAGES[kind].warmups(cfg)) == []
+
+
+@pytest.mark.parametrize("kind", sorted(DEMO_STEPS))
+def test_the_demo_runs_every_stage_past_its_warmups(kind):
+    cfg = build_config("tiny", DEMO_STEPS[kind], stage=kind)
+    warmups = STAGES[kind].warmups(cfg)
+    assert check_warmups(cfg.train, warmups) == []
+    if kind == "diladiff":
+        assert cfg.train.max_steps > cfg.meanflow.tangent_warmup_steps
 
 
 def test_diladiff_under_two_process_torchrun_keeps_replicas_identical(chain, tmp_path):

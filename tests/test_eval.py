@@ -2,11 +2,17 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from diladiff.eval.diversity import diversity_metrics, repetition_rate, unigram_entropy
-from diladiff.eval.genppl import generative_perplexity
+from diladiff.eval.genppl import (
+    bootstrap_ppl_interval,
+    generative_perplexity,
+    per_sample_totals,
+    pooled_perplexity,
+)
 from diladiff.eval.recon import discrete_ratio_bound
 from diladiff.eval.scorer import load_scorer
 
@@ -73,6 +79,48 @@ def test_batching_and_padding_do_not_change_genppl(tiny_lm_path):
 
 def test_scorer_is_loaded_once(tiny_lm_path):
     assert load_scorer(tiny_lm_path) is load_scorer(tiny_lm_path)
+
+
+def test_bootstrap_interval_of_identical_samples_has_zero_width():
+    nlls = [torch.tensor([1.0, 2.0, 3.0])] * 10
+    res = pooled_perplexity(nlls)
+    assert res["gen_ppl"] == pytest.approx(math.exp(2.0))
+    assert res["gen_ppl_ci95"] == pytest.approx([math.exp(2.0)] * 2)
+
+
+def test_bootstrap_interval_is_token_pooled_and_seeded():
+    """Resamples of (sum, count) pairs: a sample with many tokens weighs more; same seed, same
+    interval; the point estimate lies inside; more samples, a narrower interval."""
+    g = torch.Generator().manual_seed(0)
+    nlls = [torch.rand(int(n), generator=g) * 6 for n in torch.randint(1, 40, (60,), generator=g)]
+    totals = per_sample_totals(nlls)
+    res = pooled_perplexity(nlls)
+    assert res["gen_ppl"] == pytest.approx(
+        math.exp(sum(totals["nll_sum"]) / sum(totals["tokens"])), rel=1e-9
+    )
+    lo, hi = res["gen_ppl_ci95"]
+    assert lo < res["gen_ppl"] < hi
+    assert bootstrap_ppl_interval(totals["nll_sum"], totals["tokens"]) == (lo, hi)
+    wide = bootstrap_ppl_interval(totals["nll_sum"][:15], totals["tokens"][:15])
+    assert wide[1] - wide[0] > hi - lo
+    # two samples, one token each with NLL 0 and 1: every resample is exp(0), exp(.5) or exp(1)
+    lo2, hi2 = bootstrap_ppl_interval([0.0, 1.0], [1, 1])
+    assert lo2 == pytest.approx(1.0) and hi2 == pytest.approx(math.e)
+    with pytest.raises(ValueError):
+        bootstrap_ppl_interval([1.0], [0])
+
+
+def test_bootstrap_interval_covers_the_true_perplexity_about_95_percent_of_the_time():
+    """Samples of 20 tokens with iid NLL ~ Exponential(mean 3): the true pooled perplexity is
+    e^3. Over 300 simulated sets of 40 samples the 95% interval should cover it ~95% of the
+    time (percentile intervals run a little short at small n)."""
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(300):
+        sums = rng.exponential(3.0, size=(40, 20)).sum(1)
+        lo, hi = bootstrap_ppl_interval(sums, np.full(40, 20), resamples=500)
+        hits += lo <= math.exp(3.0) <= hi
+    assert 0.88 <= hits / 300 <= 0.99
 
 
 def test_entropy_and_repetition_by_hand():
@@ -183,14 +231,22 @@ def test_eval_cli_records_the_protocol_offline(trained_run, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "gen_ppl" in printed and "mauve" in printed and "<|endoftext|>" in printed
+    assert "95% bootstrap interval [" in printed
     result = json.loads(out_json.read_text())
     m, p = result["metrics"], result["protocol"]
     assert m["gen_ppl"] > 1 and 0 < m["mauve"] <= 1 and m["entropy"] > 0
+    lo, hi = m["gen_ppl_ci95"]
+    assert lo <= m["gen_ppl"] <= hi and "bootstrap" in p["interval"]
+    per = result["per_sample"]
+    assert len(per["nll_sum"]) == len(per["tokens"]) == 20
+    assert sum(per["tokens"]) == m["scored_tokens"]
+    assert m["gen_ppl"] == pytest.approx(math.exp(sum(per["nll_sum"]) / sum(per["tokens"])))
     assert p["scorer"] == "smollm2-135m" and p["boundary_token"] == "<|endoftext|>"
     assert p["num_samples"] == 20 and p["mauve"]["reference"]["rows"] == 20
     assert result["generator"]["disc_steps"] == 16 and result["generator"]["stage"] == "mdlm"
     assert main(["report", str(out_json)]) == 0
-    assert "| r | mdlm | 16 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| r | mdlm | 16 |" in table and "gen_ppl_ci95" in table and f"[{lo:,.4g}, " in table
 
 
 def test_eval_recon_cli(trained_run, tmp_path, capsys):

@@ -6,11 +6,13 @@ import torch
 from diladiff.processes.gaussian import (
     alpha_sigma,
     alpha_sigma_derivatives,
+    forward_transition,
+    gamma_jump_time,
     log_snr,
     velocity_from_x0,
     x0_from_velocity,
 )
-from diladiff.sampling.latent import euler_ode_sample, meanflow_sample
+from diladiff.sampling.latent import euler_ode_sample, meanflow_sample, meanflow_step
 
 
 @pytest.mark.parametrize("d", [2.0, 5.0, 10.0, 15.0])
@@ -133,3 +135,71 @@ def test_meanflow_sampler_with_the_exact_flow_map_lands_on_the_prior(steps):
         dtype=torch.float64,
     )
     assert torch.allclose(z2.view(-1, 2).std(0), std[0], rtol=0.03)
+
+
+def nsr(t: float, d: float) -> float:
+    a, s = alpha_sigma(torch.tensor(t, dtype=torch.float64), d)
+    return float(s / a)
+
+
+@pytest.mark.parametrize("d", [5.0, 10.0])
+@pytest.mark.parametrize("r", [0.05, 0.2, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("gamma", [0.1, 0.2, 0.3, 0.5, 0.9])
+def test_gamma_jump_time_leaves_a_gamma_squared_share_of_fresh_noise(d, r, gamma):
+    s = gamma_jump_time(r, gamma)
+    assert 0 < s < r
+    # CTM in noise-to-signal terms: nsr(s) = sqrt(1 - gamma^2) nsr(r)
+    assert math.isclose(nsr(s, d), math.sqrt(1 - gamma**2) * nsr(r, d), rel_tol=1e-9)
+    assert math.isclose(
+        s, 2 / math.pi * math.atan(math.sqrt(1 - gamma**2) * math.tan(math.pi * r / 2))
+    )
+    # the forward kernel s -> r then adds fresh noise worth gamma^2 of the noise variance at r
+    ratio, std = forward_transition(s, r, d)
+    sigma_r = float(alpha_sigma(torch.tensor(r, dtype=torch.float64), d)[1])
+    assert math.isclose(std**2 / sigma_r**2, gamma**2, rel_tol=1e-9)
+
+
+def test_gamma_jump_time_end_points():
+    assert gamma_jump_time(0.37, 0.0) == 0.37
+    assert gamma_jump_time(0.37, 1.0) == 0.0
+    assert gamma_jump_time(1.0, 0.5) == 1.0
+    with pytest.raises(ValueError):
+        gamma_jump_time(0.5, 1.5)
+
+
+def point_mass_average_velocity(d):
+    """Data z = 0: every PF-ODE path is z_t = sigma_t xi, so z_s = (sigma_s / sigma_t) z_t and
+    u(z_t, t, s) = (z_t - z_s) / (t - s) exactly."""
+
+    def u(z_t, t, s):
+        sig_t = alpha_sigma(t.double(), d)[1].view(-1, 1)
+        sig_s = alpha_sigma(s.double(), d)[1].view(-1, 1)
+        return z_t * (1 - sig_s / sig_t) / (t - s).double().view(-1, 1)
+
+    return u
+
+
+@pytest.mark.parametrize("t,r", [(1.0, 0.8), (0.8, 0.6), (0.4, 0.2), (0.2, 0.1)])
+@pytest.mark.parametrize("gamma", [0.1, 0.3, 0.7])
+def test_gamma_step_injects_a_gamma_squared_share_of_fresh_noise(t, r, gamma):
+    """One sampling step on data z = 0: z_r keeps the variance sigma_r^2, and the share of it
+    not explained by z_t (1 - corr^2) is the fresh noise, gamma^2."""
+    d, n = 10.0, 200_000
+    g = torch.Generator().manual_seed(0)
+    sigma_t = float(alpha_sigma(torch.tensor(t, dtype=torch.float64), d)[1])
+    sigma_r = float(alpha_sigma(torch.tensor(r, dtype=torch.float64), d)[1])
+    z_t = sigma_t * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    z_r = meanflow_step(point_mass_average_velocity(d), z_t, t, r, d, gamma, g)
+    assert abs(z_r.var().item() / sigma_r**2 - 1) < 0.01
+    corr = torch.corrcoef(torch.stack([z_t.flatten(), z_r.flatten()]))[0, 1].item()
+    assert abs((1 - corr**2) - gamma**2) < 0.01
+
+
+def test_gamma_zero_step_is_the_deterministic_jump():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    state = g.get_state()
+    u = point_mass_average_velocity(10.0)
+    out = meanflow_step(u, z, 0.7, 0.3, 10.0, 0.0, g)
+    expect = z - 0.4 * u(z, torch.full((5,), 0.7), torch.full((5,), 0.3))
+    assert torch.allclose(out, expect) and torch.equal(g.get_state(), state)  # no noise drawn

@@ -1,11 +1,16 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from latent_fixtures import PRIOR_SMALL, build_chain, train
 from safetensors.torch import load_file
 
 from diladiff.cli import main
+from diladiff.data.packing import prepare_data
+from diladiff.runs import load_run
+from diladiff.sampling.masked import SamplerSettings
+from diladiff.stages import LaDiff
 from diladiff.train.checkpoint import latest_checkpoint
 
 
@@ -105,3 +110,65 @@ def test_ladiff_needs_an_autoencoder_parent(chain, tmp_path, capsys):
     assert "needs --autoencoder" in capsys.readouterr().err
     assert train("ladiff", tmp_path / "y", "--autoencoder", chain["mdlm"], "train.max_steps=1") == 2
     assert "not an autoencoder run" in capsys.readouterr().err
+
+
+def encode_rows(fn, rows, batch=64):
+    return torch.cat(
+        [
+            fn(torch.from_numpy(np.asarray(rows[i : i + batch], dtype=np.int64)))
+            for i in range(0, len(rows), batch)
+        ]
+    ).double()
+
+
+def test_prior_data_has_zero_mean_unit_variance_coordinates(chain):
+    """The prior-space standardisation is estimated from the frozen encoder when the run starts
+    (here from all training rows: fewer than diffusion.latent_stats_rows)."""
+    stage, tok = load_run(chain["ladiff"])
+    assert stage.prior_norm.fitted
+    rows = prepare_data(stage.cfg.data, tok, progress=False).train
+    assert len(rows) < stage.cfg.diffusion.latent_stats_rows
+    z = encode_rows(stage.prior_latents, rows)
+    mean, var = z.mean(0), z.var(0, unbiased=False)
+    assert mean.abs().max() < 1e-3 and (var - 1).abs().max() < 1e-3
+    # The auto-encoder's own statistics (averaged over its training batches) are far off:
+    # the prior would not see standardised coordinates without its own standardisation.
+    z_ae = encode_rows(stage.ae.encode, rows)
+    mean_ae, var_ae = z_ae.mean(0), z_ae.var(0, unbiased=False)
+    assert mean_ae.abs().max() > 0.1 or (var_ae - 1).abs().max() > 0.1
+
+
+def test_latent_spaces_round_trip_and_sampling_decodes_in_decoder_space(chain):
+    stage, _ = load_run(chain["ladiff"])
+    x0 = torch.randint(1000, 3000, (3, 32))
+    z_ae = stage.ae.encode(x0)
+    assert torch.allclose(stage.to_decoder_space(stage.prior_latents(x0)), z_ae, atol=1e-5)
+    assert torch.allclose(stage.to_prior_space(z_ae), stage.prior_latents(x0))
+    settings = SamplerSettings(steps=4, cont_steps=3)
+    seen = {}
+    decode = stage.decode
+
+    def spy(z, *args, **kwargs):
+        seen["z"] = z
+        return decode(z, *args, **kwargs)
+
+    stage.decode = spy
+    ids, st = stage.sample(2, settings, torch.Generator().manual_seed(0), "cpu")
+    assert ids.shape == (2, 32) and st["cont_nfe"] == 3
+    assert set(st) == {"disc_nfe", "disc_steps_taken", "cont_nfe", "latent_s", "decode_s"}
+    z_p, _ = stage.sample_latent(2, settings, torch.Generator().manual_seed(0), "cpu")
+    assert torch.allclose(seen["z"], stage.to_decoder_space(z_p))
+    ids2, st2 = decode(z_ae, settings, torch.Generator().manual_seed(0), "cpu")
+    assert ids2.shape == (3, 32) and {"disc_nfe", "disc_steps_taken", "decode_s"} <= set(st2)
+
+
+def test_checkpoint_without_prior_standardisation_loads_as_the_identity(chain):
+    """Runs written before the prior had its own standardisation trained on ae.encode(x0)."""
+    weights = load_file(latest_checkpoint(chain["ladiff"]) / "ema.safetensors")
+    old = {k: v for k, v in weights.items() if not k.startswith("prior_norm.")}
+    stage, _ = load_run(chain["ladiff"])
+    fresh = LaDiff(stage.cfg, stage.tokenizer_identity)
+    with pytest.warns(UserWarning, match="identity"):
+        fresh.load_state_dict(old)
+    z = torch.randn(2, *fresh.latent_shape)
+    assert torch.equal(fresh.to_decoder_space(z), z)

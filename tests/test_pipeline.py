@@ -22,6 +22,8 @@ PLAN = EvalPlan(
     frontier_disc=(4, 8),
     bench_batches=(1, 2),
     bench_repeats=1,
+    latent_samples=6,
+    latent_train_rows=12,
 )
 
 
@@ -67,8 +69,29 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
         "ladiff_cont10_disc32",
         "ladiff_cont5_disc4",
         "diladiff_cont5_disc32",
+        "oracle_disc4",
+        "oracle_disc32",
+        "noise_latent_disc4",
+        "noise_latent_disc32",
     ):
         assert f"| {row} |" in text
+        result = json.loads((root / "eval" / f"{row}.json").read_text())
+        lo, hi = result["metrics"]["gen_ppl_ci95"]
+        assert lo <= result["metrics"]["gen_ppl"] <= hi
+        assert len(result["per_sample"]["tokens"]) == PLAN.num_samples
+        assert ("token_recovery" in result["metrics"]) == row.startswith(("oracle", "noise"))
+    oracle = json.loads((root / "eval" / "oracle_disc32.json").read_text())
+    assert oracle["generator"]["stage"] == "oracle" and oracle["generator"]["disc_steps"] == 32
+    assert not oracle["generator"]["overlaps_mauve_reference"]
     assert "latent_overhead" in text and "gen_ppl" in text and "mauve" in text
+    assert "gen_ppl_ci95" in text and "token_recovery" in text
+    # latent-prior diagnostics: LaDiff at N_cont 10 and 5, DiLaDiff at gamma 0 and > 0
+    assert "## Latent prior diagnostics" in text
+    latent = json.loads((root / "eval" / "latent.json").read_text())
+    names = [r["sampler"] for r in latent["metrics"]["rows"]]
+    assert names[:2] == ["encoder train (floor)", "encoder held-out"]
+    assert names[2:4] == ["ladiff N_cont=10", "ladiff N_cont=5"]
+    assert names[4].startswith("diladiff N_cont=5 gamma=0") and len(names) == 6
+    assert f"| {names[5]} |" in text
     assert (root / "frontier" / "frontier.png").is_file()
     assert (root / "autoencoder" / "recon.png").is_file()

@@ -3,6 +3,7 @@
 diladiff train mdlm --preset tiny --run-dir runs/m [key=value ...]
 diladiff sample runs/m --num-samples 8 --disc-steps 64 --out samples.jsonl
 diladiff bench sample runs/m --batch-sizes 1,8,32
+diladiff eval-latent runs/l --json latent.json     # prior samples vs encoder latents
 diladiff demo --run-dir runs/demo
 diladiff config --preset tiny [key=value ...]      # print the resolved config
 """
@@ -28,6 +29,12 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--no-cache", action="store_true", help="recompute logits every step")
+    p.add_argument(
+        "--sampler",
+        choices=["fast", "reference"],
+        help="fast (default): vocabulary head only where tokens are drawn; reference: the "
+        "previous full-vocabulary sampler (same samples, slower)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -61,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default="1,8,32")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    b.add_argument(
+        "--compare-reference",
+        action="store_true",
+        help="time the reference sampler too, interleaved in this process; add a speed-up column",
+    )
 
     p = sub.add_parser("eval", help="GenPPL, entropy, diversity and MAUVE of a samples file")
     p.add_argument("samples", type=Path, help="JSONL with 'text' (and 'ids') per line")
@@ -80,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path, help="curve plot (default RUN/recon.png)")
+
+    p = sub.add_parser("eval-latent", help="latent-prior diagnostics of a LaDiff/DiLaDiff run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--num-samples", type=int, default=256, help="prior samples = held-out rows")
+    p.add_argument("--train-rows", type=int, default=1024, help="nearest-neighbour reference")
+    p.add_argument("--cont-steps", default="", help="N_cont list (default ladiff 200,5; dila. 5)")
+    p.add_argument("--gamma", default="", help="diladiff gamma list (default 0 and the run's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--json", type=Path)
 
     p = sub.add_parser("report", help="Markdown table of result JSON files")
     p.add_argument("results", type=Path, nargs="+")
@@ -114,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.epilog = "Further key=value arguments are config overrides applied to every stage."
 
+    p = sub.add_parser("check", help="known-answer checks of the method's mechanism")
+    csub = p.add_subparsers(dest="what", required=True)
+    c = csub.add_parser(
+        "parallel-decoding",
+        help="train the chain on K memorisable rows; validity vs N_disc per generator",
+    )
+    c.add_argument("--run-dir", type=Path, required=True)
+    c.add_argument("--data", help="where the K rows come from (default: the preset's source)")
+    c.add_argument("--num-sequences", type=int, default=256, help="K distinct rows")
+    c.add_argument("--preset", default="tiny")
+    c.add_argument("--num-samples", type=int, default=512, help="rows per generator and N_disc")
+    c.add_argument("--gamma", type=float, default=0.2, help="DiLaDiff's gamma-sampling row")
+    c.add_argument(
+        "--steps",
+        default="",
+        help="training steps per stage, e.g. mdlm=1500,autoencoder=800 (default: the check's)",
+    )
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.epilog = "Further key=value arguments are config overrides applied to every stage."
+
     p = sub.add_parser("demo", help="the pipeline: tiny preset, built-in corpus, CPU")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
 
@@ -131,6 +176,7 @@ def _sample_config(args, cfg):
         "strategy",
         "temperature",
         "top_p",
+        "sampler",
         "seed",
         "num_samples",
         "batch_size",
@@ -184,16 +230,20 @@ def cmd_sample(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from diladiff.eval.bench import bench_sampling, format_table
+    from diladiff.eval.bench import bench_sampling, compare_samplers, format_table
     from diladiff.sampling.generate import sampler_settings
 
     stage, _, device = _load(args)
     settings = sampler_settings(_sample_config(args, stage.cfg), stage.seq_len)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    rows = bench_sampling(stage, settings, sizes, args.repeats, device)
+    if args.compare_reference:
+        rows = compare_samplers(stage, settings, sizes, args.repeats, device)
+    else:
+        rows = bench_sampling(stage, settings, sizes, args.repeats, device)
     print(
         f"device: {device}, L={stage.seq_len}, N_disc={settings.steps}, "
-        f"strategy={settings.strategy}"
+        f"strategy={settings.strategy}, sampler="
+        f"{'reference vs fast' if args.compare_reference else settings.sampler}"
     )
     print(format_table(rows))
     if args.json:
@@ -223,6 +273,8 @@ def cmd_eval(args) -> int:
     result["samples_file"] = str(args.samples)
     m = result["metrics"]
     print(format_table([{k: v for k, v in m.items() if not isinstance(v, list)}]))
+    lo, hi = m["gen_ppl_ci95"]
+    print(f"gen_ppl {m['gen_ppl']:.4g}, 95% bootstrap interval [{lo:.4g}, {hi:.4g}]")
     p = result["protocol"]
     print(
         f"protocol {p['version']}: scorer={p['scorer']}, boundary={p['boundary_token']!r}, "
@@ -292,6 +344,43 @@ def cmd_eval_recon(args) -> int:
     return 0
 
 
+def cmd_eval_latent(args) -> int:
+    from diladiff.eval.bench import format_table
+    from diladiff.eval.latent_diag import (
+        STATISTICS,
+        TABLE_COLUMNS,
+        latent_diagnostics,
+        latent_result,
+        reference_latents,
+        sampler_grid,
+    )
+    from diladiff.eval.protocol import write_result
+
+    stage, tok, device = _load(args)
+    if not hasattr(stage, "sample_latent"):
+        raise ConfigError(f"{args.run_dir} is a {stage.kind} run; eval-latent needs a latent prior")
+    conts = [int(c) for c in args.cont_steps.split(",") if c] or None
+    gammas = [float(g) for g in args.gamma.split(",") if g] or None
+    try:
+        samplers = sampler_grid(stage, conts, gammas)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    refs = reference_latents(
+        stage, tok, args.num_samples, args.train_rows, args.seed, device, args.batch_size
+    )
+    rows = latent_diagnostics(stage, refs, samplers, args.seed, args.batch_size, device)
+    print(format_table(rows, TABLE_COLUMNS + ["nn_dist", "seconds"]))
+    for key, text in STATISTICS.items():
+        print(f"  {key}: {text}")
+    print(
+        f"{args.num_samples} samples (seed {args.seed}) vs held-out {refs['meta']['heldout_rows']}"
+        f"; training rows {refs['meta']['train_rows']}"
+    )
+    if args.json:
+        write_result(args.json, latent_result(stage, args.run_dir, refs, rows, args.seed, device))
+    return 0
+
+
 def cmd_report(args) -> int:
     from diladiff.eval.report import markdown_report
 
@@ -340,6 +429,28 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from diladiff.check.parallel_decoding import CHECK_STEPS, CheckPlan, run_check
+
+    plan = CheckPlan(num_samples=args.num_samples, seed=args.seed, gamma=args.gamma)
+    for item in filter(None, args.steps.split(",")):
+        stage, _, n = item.partition("=")
+        if stage not in CHECK_STEPS or not n.isdigit():
+            raise ConfigError(f"--steps: expected STAGE=N with STAGE in {list(CHECK_STEPS)}")
+        plan.steps[stage] = int(n)
+    result = run_check(
+        args.run_dir,
+        args.preset,
+        args.overrides,
+        args.num_sequences,
+        args.data,
+        plan,
+        args.device,
+    )
+    print((args.run_dir / "check.md").read_text())
+    return 0 if result["verdict"]["diagnosis"] == "every link passes" else 1
+
+
 def cmd_demo(args) -> int:
     from diladiff.demo import run_demo
 
@@ -354,15 +465,17 @@ def cmd_config(args) -> int:
     return 0
 
 
-OVERRIDABLE = ("train", "demo", "config", "pipeline")
+OVERRIDABLE = ("train", "demo", "config", "pipeline", "check")
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "check": cmd_check,
     "config": cmd_config,
     "eval": cmd_eval,
     "eval-recon": cmd_eval_recon,
+    "eval-latent": cmd_eval_latent,
     "report": cmd_report,
     "frontier": cmd_frontier,
     "pipeline": cmd_pipeline,

@@ -123,6 +123,10 @@ class SampleConfig:
     float64_gumbel: bool = True
     # Reuse the previous step's network output when no token changed (exact: no time input).
     cache: bool = True
+    # "fast": the vocabulary head and the token draw only at the positions drawn (revealed ones
+    # for ancestral, masked ones for top-k); "reference": the previous sampler, over all
+    # (B, L, V) logits every step. Same tokens for the same seed.
+    sampler: str = "fast"
     seed: int = 0
     use_ema: bool = True
     # Latent stages: N_cont steps of the latent sampler (LaDiff ODE: 200; DiLaDiff: 5) and
@@ -139,7 +143,9 @@ class AutoencoderConfig:
     feature_layer: int = -1  # hidden-state index (-1 = last layer)
     num_latents: int = 64  # N_z
     latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
-    perceiver_width: int = 768
+    # Perceiver width; 0 = latent_dim (the paper's choice). A width below d_z leaves
+    # d_z - width directions of every latent vector without variance.
+    perceiver_width: int = 0
     perceiver_depth: int = 2
     perceiver_heads: int = 12
     # Feature augmentation (training only): half the batch has positions of h masked with
@@ -166,7 +172,12 @@ class AutoencoderConfig:
 
 @dataclass
 class PriorConfig:
-    """Stage 2 network: the x0-predicting transformer over the N_z latent vectors."""
+    """Stage 2 network: the x0-predicting transformer over the N_z latent vectors.
+
+    Its output layer maps width -> d_z, so with width < d_z every clean-latent prediction lies
+    in a width-dimensional subspace of each latent vector's d_z; along the other directions
+    the probability-flow ODE contracts the noise to 0 at t = 0 and the samples have no
+    variance there. The presets keep width >= d_z."""
 
     depth: int = 12
     width: int = 768
@@ -181,6 +192,9 @@ class DiffusionConfig:
     d: float = 10.0
     self_cond_prob: float = 0.5
     t_eps: float = 1e-4
+    # Clean training rows (drawn at random) whose frozen-encoder latents give the prior-space
+    # standardisation, estimated once when a LaDiff run starts; 0 or more than there are = all.
+    latent_stats_rows: int = 4096
 
 
 @dataclass
@@ -193,6 +207,9 @@ class MeanFlowConfig:
     adaptive_p: float = 1.0  # loss / (||delta||^2 + c)^p, detached
     adaptive_c: float = 1e-3
     tangent_warmup_steps: int = 10000
+    # Share of training examples on which the student is self-conditioned on its own r = t
+    # clean estimate (stop-gradient); the others get zeros, as the first pass of a sampling step.
+    student_self_cond_prob: float = 0.5
     # "jvp" (exact forward-mode AD) or "finite_difference" (central difference of step fd_eps;
     # the time embedding's 1000 t scale makes t-derivatives steep: keep fd_eps small).
     derivative: str = "jvp"
@@ -255,6 +272,10 @@ def _small() -> Config:
         ckpt_every=1000,
         eval_batches=16,
     )
+    # d_bert = 384; compression (L d_bert) / (N_z d_z) = 128 * 384 / (32 * 768) = 2.
+    cfg.autoencoder = AutoencoderConfig(
+        feature_model="minilm-l6", num_latents=32, latent_dim=768, perceiver_heads=12
+    )
     return cfg
 
 
@@ -275,7 +296,10 @@ def _tiny() -> Config:
         eval_batches=4,
     )
     cfg.sample = SampleConfig(num_samples=8, batch_size=8)
-    cfg.autoencoder = AutoencoderConfig(feature_model="minilm-l6")  # d_bert = 384
+    # d_bert = 384; compression (L d_bert) / (N_z d_z) = 64 * 384 / (32 * 384) = 2.
+    cfg.autoencoder = AutoencoderConfig(
+        feature_model="minilm-l6", num_latents=32, latent_dim=384, perceiver_heads=6
+    )
     return cfg
 
 
@@ -296,9 +320,6 @@ STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
     ("autoencoder", "small"): [
         "train.lr=2e-4",
         "train.total_steps=3000",
-        "autoencoder.num_latents=32",
-        "autoencoder.perceiver_width=512",
-        "autoencoder.perceiver_heads=8",
         "autoencoder.encoder_warmup_steps=100",
         "autoencoder.decoder_warmup_steps=500",
     ],
@@ -306,9 +327,6 @@ STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
         "train.lr=2e-3",
         "train.total_steps=600",  # the latent starts to pay off between 250 and 500 steps
         "autoencoder.decoder_lr_scale=0.1",
-        "autoencoder.num_latents=16",
-        "autoencoder.perceiver_width=128",
-        "autoencoder.perceiver_heads=4",
         "autoencoder.encoder_warmup_steps=20",
         "autoencoder.decoder_warmup_steps=100",
     ],
@@ -322,16 +340,17 @@ STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
         "train.lr=3e-4",
         "train.total_steps=4000",
         "prior.depth=8",
-        "prior.width=512",
-        "prior.heads=8",
+        "prior.width=768",  # = d_z: see PriorConfig
+        "prior.heads=12",
         "sample.cont_steps=200",
     ],
     ("ladiff", "tiny"): [
         "train.lr=1e-3",
         "train.total_steps=600",
         "prior.depth=3",
-        "prior.width=128",
-        "prior.heads=4",
+        "prior.width=384",  # = d_z: see PriorConfig
+        "prior.heads=6",
+        "diffusion.latent_stats_rows=2048",
         "sample.cont_steps=200",
     ],
     ("diladiff", "paper"): [
@@ -374,6 +393,27 @@ def build_config(
     cfg.preset = preset
     apply_overrides(cfg, overrides)
     return cfg
+
+
+def check_warmups(train: TrainConfig, warmups: dict[str, int]) -> list[str]:
+    """Compare a run's length with its warm-ups (config key -> steps).
+
+    A schedule (train.total_steps) shorter than a warm-up can never finish it: ConfigError.
+    A stop point (train.max_steps) before the end of a warm-up is allowed (a run can be
+    continued later) but returns a warning for each warm-up it cuts short."""
+    short = {k: v for k, v in warmups.items() if v > train.total_steps}
+    if short:
+        names = ", ".join(f"{k}={v}" for k, v in short.items())
+        raise ConfigError(
+            f"train.total_steps={train.total_steps} is shorter than the warm-up {names}: "
+            "raise train.total_steps or shorten the warm-up"
+        )
+    stop = train.max_steps or train.total_steps
+    return [
+        f"train.max_steps={stop} stops before the warm-up {k}={v} ends"
+        for k, v in warmups.items()
+        if v > stop
+    ]
 
 
 # --------------------------------------------------------------------------- overrides

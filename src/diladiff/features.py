@@ -1,4 +1,5 @@
-"""The frozen feature model (a pretrained BERT-style encoder) and running standardisation.
+"""The frozen feature model (a pretrained BERT-style encoder) and per-coordinate standardisation
+(running, aggregated during training; or fixed, estimated once from a frozen model).
 
     h = FeatureModel("bert-base-uncased", layer=-1)(ids)      # (B, L, d_bert), no gradients
 
@@ -7,6 +8,8 @@ local path or the alias "minilm-l6"), since it is never trained.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -88,3 +91,38 @@ class RunningStandardizer(nn.Module):
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sqrt(self.var + self.eps).to(x.dtype) + self.mean.to(x.dtype)
+
+
+class Standardizer(nn.Module):
+    """y = (x - m) / s per coordinate, with m and s = sqrt(var + eps) estimated once (`fit`) over
+    all the data given, stored as buffers, and not changed afterwards."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Exact pooled mean and variance of batches (..., *shape), accumulated in float64."""
+        acc = RunningStandardizer(tuple(self.mean.shape)).to(self.mean.device)
+        for x in batches:
+            acc.update(x)
+        if acc.count == 0:
+            raise ValueError("cannot fit a standardiser on no data")
+        self.mean.copy_(acc.mean)
+        self.std.copy_(torch.sqrt(acc.var + self.eps))
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fitted:
+            raise RuntimeError("standardiser has no statistics yet (fit it first)")
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """x = m + s y."""
+        if not self.fitted:
+            raise RuntimeError("standardiser has no statistics yet (fit it first)")
+        return y * self.std.to(y.dtype) + self.mean.to(y.dtype)

@@ -5,6 +5,11 @@ sweep and DIR/report.md.
     DIR/mdlm  DIR/autoencoder  DIR/ladiff  DIR/diladiff      run folders (each resumable)
     DIR/eval/*.json  DIR/eval/samples/  DIR/frontier/  DIR/report.md
 
+The evaluation rows: MDLM, LaDiff (N_cont 200 and 5), DiLaDiff, and two controls on the
+auto-encoder (eval/oracle.py): the oracle (decoder given the encoder latent of a held-out row)
+and the noise latent (z ~ N(0, I)), each at N_disc = L/8 and L; GenPPL with its bootstrap
+interval. DIR/eval/latent.json holds the latent-prior diagnostics (eval/latent_diag.py).
+
 A stage whose folder holds a COMPLETE marker is skipped; an interrupted stage resumes from its
 last checkpoint. With --budget-minutes, each stage gets its preset share of the budget as a
 time limit (it stops, checkpoints and counts as complete when its share is spent).
@@ -43,12 +48,19 @@ class EvalPlan:
     frontier_mauve: bool = True
     # Benchmark at N_disc = L / k for each k.
     bench_disc_divisors: tuple[int, ...] = (8, 1)
+    # Latent-prior diagnostics: prior samples (= held-out rows compared) and training rows of
+    # the nearest-neighbour reference set.
+    latent_samples: int = 256
+    latent_train_rows: int = 1024
 
 
 EVAL_PLANS = {
     # tiny: MAUVE only on the main table (32 samples); the frontier reports GenPPL alone.
+    # tiny: 32 prior samples for the latent diagnostics (the 200-step Euler row alone takes
+    # about 20 s on one CPU core); at that n a Fréchet distance is mostly estimator bias: read
+    # it against its floor row.
     "tiny": EvalPlan(
-        "smollm2-135m", 32, 16, 200, (4, 16, 64), (1, 8, 32), 1, (0.7, 1.0), False, (8,)
+        "smollm2-135m", 32, 16, 200, (4, 16, 64), (1, 8, 32), 1, (0.7, 1.0), False, (8,), 32, 256
     ),
     "small": EvalPlan("smollm2-135m", 256, 64, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
     "paper": EvalPlan("gpt2-large", 5000, 128, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
@@ -91,15 +103,52 @@ def plan_for(preset: str) -> EvalPlan:
     return EVAL_PLANS[preset.removesuffix("-4x")]
 
 
-def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
-    """Samples and protocol evaluation of MDLM, LaDiff and DiLaDiff at N_disc = L/8 and L."""
+def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: int, extra=None):
+    """Write the samples and their protocol evaluation (DIR/eval/NAME.json); print one line."""
     from diladiff.eval.evaluate import evaluate_samples
     from diladiff.eval.protocol import write_result
+    from diladiff.sampling.generate import write_samples
+
+    out = root / "eval"
+    meta = {**meta, "seconds": gen.seconds, **gen.stats}
+    write_samples(out / "samples" / f"{name}.jsonl", gen, meta)
+    result = evaluate_samples(
+        gen.ids,
+        gen.texts,
+        plan.scorer,
+        str(root / "mdlm"),
+        device,
+        generator_meta=meta,
+        batch_size=plan.batch_size,
+    )
+    result["metrics"]["tokens_per_s"] = len(gen.ids) * L / gen.seconds
+    result["metrics"] |= extra or {}
+    write_result(out / f"{name}.json", result)
+    m = result["metrics"]
+    lo, hi = m["gen_ppl_ci95"]
+    print(
+        f"[pipeline] eval {name}: gen_ppl={m['gen_ppl']:.1f} [{lo:.1f}, {hi:.1f}] "
+        f"mauve={m.get('mauve', float('nan')):.3f}"
+        + (f" recovery={m['token_recovery']:.3f}" if "token_recovery" in m else "")
+    )
+    return out / f"{name}.json"
+
+
+def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
+    """Samples and protocol evaluation of MDLM, LaDiff and DiLaDiff, then the oracle and
+    noise-latent controls, at N_disc = L/8 and L."""
+    from diladiff.eval.oracle import (
+        CONTROLS,
+        control_latents,
+        decode_latents,
+        oracle_rows,
+        token_recovery,
+    )
     from diladiff.runs import load_run
-    from diladiff.sampling.generate import generate, write_samples
+    from diladiff.sampling.generate import generate, sampler_settings
 
     L = load_run(root / "mdlm")[0].seq_len
-    out, paths = root / "eval", []
+    paths = []
     points = [("mdlm", 0), ("ladiff", plan.ladiff_cont_steps), ("ladiff", 5), ("diladiff", 5)]
     for stage_name, cont in points:
         stage, tok = load_run(root / stage_name, device=device)
@@ -109,31 +158,71 @@ def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
             sc.disc_steps, sc.cont_steps = n_disc, cont
             name = f"{stage_name}_cont{cont}_disc{n_disc}" if cont else f"{stage_name}_disc{n_disc}"
             gen = generate(stage, tok, sc, device, progress=False)
-            meta = {
-                "run": str(root / stage_name),
-                "stage": stage_name,
-                **vars(sc),
-                "seconds": gen.seconds,
-                **gen.stats,
-            }
-            write_samples(out / "samples" / f"{name}.jsonl", gen, meta)
-            result = evaluate_samples(
-                gen.ids,
-                gen.texts,
-                plan.scorer,
-                str(root / "mdlm"),
-                device,
-                generator_meta=meta,
-                batch_size=plan.batch_size,
+            meta = {"run": str(root / stage_name), "stage": stage_name, **vars(sc)}
+            paths.append(_score(root, plan, device, name, gen, meta, L))
+
+    # Controls on the auto-encoder (through the LaDiff run's frozen copy of it).
+    stage, tok = load_run(root / "ladiff", device=device)
+    rows, rows_meta = oracle_rows(stage, tok, plan.num_samples)
+    latents = control_latents(stage, rows, 0, plan.batch_size, device)
+    for n_disc in (L // 8, L):
+        sc = stage.cfg.sample
+        sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
+        sc.disc_steps, sc.cont_steps = n_disc, 0
+        for control in CONTROLS:
+            gen = decode_latents(
+                stage, tok, latents[control], sampler_settings(sc, L), 0, plan.batch_size, device
             )
-            result["metrics"]["tokens_per_s"] = plan.num_samples * L / gen.seconds
-            write_result(out / f"{name}.json", result)
-            paths.append(out / f"{name}.json")
-            print(
-                f"[pipeline] eval {name}: gen_ppl={result['metrics']['gen_ppl']:.1f} "
-                f"mauve={result['metrics'].get('mauve', float('nan')):.3f}"
+            meta = {
+                "run": str(root / "autoencoder"),
+                "stage": control,
+                "latent": "encoder latent of the held-out row"
+                if control == "oracle"
+                else "z ~ N(0, I) (torch CPU generator, seed 0)",
+                **rows_meta,
+                **vars(sc),
+            }
+            recovery = {"token_recovery": token_recovery(gen.ids, rows)}
+            paths.append(
+                _score(root, plan, device, f"{control}_disc{n_disc}", gen, meta, L, recovery)
             )
     return paths
+
+
+def latent_all(root: Path, plan: EvalPlan, device) -> Path:
+    """Latent-prior diagnostics of the LaDiff and DiLaDiff runs (DIR/eval/latent.json); the
+    encoder reference latents are reused for DiLaDiff when it maps rows to the same latents."""
+    from diladiff.eval.latent_diag import (
+        latent_diagnostics,
+        latent_result,
+        reference_latents,
+        same_latent_space,
+    )
+    from diladiff.eval.protocol import write_result
+    from diladiff.runs import load_run
+
+    refs, rows = None, []
+    for stage_name in ("ladiff", "diladiff"):
+        stage, tok = load_run(root / stage_name, device=device)
+        if refs is None or not same_latent_space(stage, refs, device):
+            refs = reference_latents(
+                stage, tok, plan.latent_samples, plan.latent_train_rows, 0, device, plan.batch_size
+            )
+        samplers = None  # DiLaDiff: its defaults (N_cont 5, gamma 0 and > 0)
+        if stage_name == "ladiff":
+            samplers = [{"cont_steps": c} for c in (plan.ladiff_cont_steps, 5)]
+        for row in latent_diagnostics(stage, refs, samplers, 0, plan.batch_size, device):
+            if not any(r["sampler"] == row["sampler"] for r in rows):  # shared reference rows
+                rows.append(row)
+    result = latent_result(stage, root, refs, rows, 0, device)
+    result["generator"] = {"runs": [str(root / "ladiff"), str(root / "diladiff")]}
+    write_result(root / "eval" / "latent.json", result)
+    for row in rows:
+        print(
+            f"[pipeline] latent {row['sampler']}: frechet={row.get('frechet', float('nan')):.3g} "
+            f"nn_ratio={row['nn_ratio']:.3f} sq_norm={row['sq_norm']:.3f}"
+        )
+    return root / "eval" / "latent.json"
 
 
 def bench_all(root: Path, plan: EvalPlan, device) -> list[dict]:
@@ -190,6 +279,26 @@ def write_report(
             ),
             "",
         ]
+    latent = root / "eval" / "latent.json"
+    if latent.is_file():
+        from diladiff.eval.latent_diag import TABLE_COLUMNS
+
+        res = read_result(latent)
+        p = res["protocol"]
+        lines += [
+            "## Latent prior diagnostics (prior space)",
+            "",
+            f"{p['num_samples']} prior samples per sampler (seed {p['sample_seed']}) against "
+            f"the encoder latents of the held-out rows {p['heldout_rows']}; nearest neighbours "
+            f"among {p['train_reference_rows']} training latents. Fréchet distance per latent "
+            "vector, averaged; its floor is the `encoder train (floor)` row (n training "
+            "latents against the same held-out ones). nn_ratio: mean nearest-neighbour "
+            "distance to training latents over the held-out latents' (below the floor row's: "
+            "copying). sq_norm: E||z||^2 per coordinate (1 for the prior's data).",
+            "",
+            format_table(res["metrics"]["rows"], TABLE_COLUMNS),
+            "",
+        ]
     cols = [
         "stage",
         "N_cont",
@@ -240,6 +349,8 @@ def run_pipeline(
     write_result(root / "eval" / "recon.json", {"metrics": rec, "device": device_record(device)})
     print("[pipeline] evaluation")
     results = evaluate_all(root, plan, device)
+    print("[pipeline] latent-prior diagnostics")
+    latent_all(root, plan, device)
     print("[pipeline] speed benchmark")
     bench = bench_all(root, plan, device)
     print("[pipeline] frontier")

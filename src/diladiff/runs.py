@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from diladiff import __version__
-from diladiff.config import Config, ConfigError, apply_overrides, build_config
+from diladiff.config import Config, ConfigError, apply_overrides, build_config, check_warmups
 from diladiff.data.packing import prepare_data
 from diladiff.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_identity
 from diladiff.errors import CheckpointError
@@ -63,6 +63,7 @@ def train_run(
         raise ConfigError(f"unknown stage {kind!r}; choose one of {sorted(STAGES)}")
     run_dir = Path(run_dir)
     cfg, resumed = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
+    warmup_warnings = check_warmups(cfg.train, STAGES[kind].warmups(cfg))
     env = setup(cfg.train.device)
     try:
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -80,8 +81,11 @@ def train_run(
         stage = STAGES[kind](cfg, tok_id)
         if not resumed:
             stage.init_from_parents({k: str(v) for k, v in (parents or {}).items()})
+            stage.prepare(data, env.device)
         if env.is_main:
             print(stage.summary())
+            for msg in warmup_warnings:  # next to the summary: stderr is kept for errors
+                print(f"warning: {msg}")
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.json")

@@ -9,7 +9,7 @@ import numpy as np
 
 from diladiff.errors import DataError
 from diladiff.eval.diversity import diversity_metrics
-from diladiff.eval.genppl import pooled_perplexity
+from diladiff.eval.genppl import per_sample_totals, pooled_perplexity
 from diladiff.eval.protocol import device_record, protocol_record
 from diladiff.eval.scorer import load_scorer
 
@@ -79,7 +79,8 @@ def evaluate_samples(
     batch_size: int = 16,
     generator_meta: dict | None = None,
 ) -> dict:
-    """A result record (protocol + metrics) for one sample set."""
+    """A result record (protocol + metrics) for one sample set; `per_sample` keeps each sample's
+    NLL sum and token count (the pooled GenPPL and its bootstrap interval derive from them)."""
     scorer = load_scorer(scorer_name, device)
     nlls, feats = scorer.score(texts, batch_size, features=bool(reference))
     metrics = pooled_perplexity(nlls)
@@ -102,4 +103,5 @@ def evaluate_samples(
         "metrics": metrics,
         "generator": meta,
         "device": device_record(device),
+        "per_sample": per_sample_totals(nlls),
     }

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from diladiff.eval.genppl import BOOTSTRAP_DESCRIPTION
+
 PROTOCOL_VERSION = "diladiff-eval-v1"
 
 
@@ -29,6 +31,7 @@ def protocol_record(
         "boundary_token": scorer.boundary if scorer else None,
         "first_token_scored": True,
         "pooling": "token-pooled exp(total NLL / total tokens); per-sample median beside it",
+        "interval": BOOTSTRAP_DESCRIPTION,
         "entropy": "unigram entropy (nats) of generator token ids per sample, averaged",
         "mauve": {
             "package": "mauve-text",

@@ -1,4 +1,7 @@
-"""Turn result files into one Markdown table (protocol and device beside every number)."""
+"""Turn result files into one Markdown table (protocol and device beside every number).
+
+gen_ppl_ci95 is the bootstrap interval of GenPPL (eval/genppl.py); token_recovery is set for the
+oracle and noise-latent rows only (eval/oracle.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +17,26 @@ COLUMNS = [
     "strategy",
     "T",
     "gen_ppl",
+    "gen_ppl_ci95",
     "gen_ppl_median",
     "entropy",
     "diversity",
     "mauve",
+    "token_recovery",
     "samples",
     "scorer",
     "protocol",
     "device",
 ]
+
+
+def _num(v: float) -> str:
+    return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def format_interval(ci) -> str:
+    """[lo, hi] as printed in tables ("" when the result has none, e.g. an older file)."""
+    return f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else ""
 
 
 def result_row(path: Path | str) -> dict:
@@ -35,10 +49,12 @@ def result_row(path: Path | str) -> dict:
         "strategy": g.get("strategy", ""),
         "T": g.get("temperature", ""),
         "gen_ppl": m.get("gen_ppl", ""),
+        "gen_ppl_ci95": format_interval(m.get("gen_ppl_ci95")),
         "gen_ppl_median": m.get("gen_ppl_median", ""),
         "entropy": m.get("entropy", ""),
         "diversity": m.get("diversity", ""),
         "mauve": m.get("mauve", ""),
+        "token_recovery": m.get("token_recovery", ""),
         "samples": p.get("num_samples", ""),
         "scorer": p.get("scorer", ""),
         "protocol": p.get("version", ""),

@@ -8,6 +8,12 @@ sigma_t = sin phi_t, so that t = 0 and t = 1 are exact and the derivatives stay 
 
     phi'_t = (pi / 2) d / (cos^2(pi t/2) + d^2 sin^2(pi t/2)),
     alpha'_t = -sigma_t phi'_t,   sigma'_t = alpha_t phi'_t.
+
+Noise-to-signal ratio nsr(t) = sigma_t / alpha_t = d tan(pi t / 2) = tan(phi_t). The forward
+transition from s to r > s is q(z_r | z_s) = N((alpha_r / alpha_s) z_s, sigma_r^2 -
+(alpha_r sigma_s / alpha_s)^2), i.e. a share 1 - nsr(s)^2 / nsr(r)^2 of the noise variance
+sigma_r^2 at r is fresh. gamma-sampling (CTM) picks s with nsr(s) = sqrt(1 - gamma^2) nsr(r),
+so that this share is gamma^2.
 """
 
 from __future__ import annotations
@@ -70,3 +76,28 @@ def x0_from_velocity(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, d: flo
     da, ds = alpha_sigma_derivatives(t, d)
     a, s, da, ds = (_bcast(x, z_t) for x in (alpha, sigma, da, ds))
     return (s * v - ds * z_t) / (da * s - ds * a)
+
+
+def gamma_jump_time(r: float, gamma: float) -> float:
+    """The time s <= r that gamma-sampling (CTM) jumps to before re-noising back to r:
+    nsr(s) = sqrt(1 - gamma^2) nsr(r), i.e. s = (2/pi) atan(sqrt(1 - gamma^2) tan(pi r / 2)).
+
+    d cancels (nsr = d tan(pi t / 2)). Written with atan2 so that r = 1 is exact (s = 1 for
+    gamma < 1, s = 0 for gamma = 1). gamma = 0 gives s = r; gamma = 1 gives s = 0."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if gamma == 0.0:  # exactly r, not r up to rounding: the deterministic jump draws no noise
+        return float(r)
+    x = 0.5 * math.pi * r
+    return 2.0 / math.pi * math.atan2(math.sqrt(1.0 - gamma**2) * math.sin(x), math.cos(x))
+
+
+def forward_transition(s: float, r: float, d: float) -> tuple[float, float]:
+    """(ratio, std) of the exact VP forward kernel q(z_r | z_s) = N(ratio z_s, std^2), s <= r:
+    ratio = alpha_r / alpha_s, std^2 = sigma_r^2 - ratio^2 sigma_s^2."""
+    if s > r:
+        raise ValueError(f"forward transition needs s <= r, got s={s}, r={r}")
+    a_s, sig_s = alpha_sigma(torch.tensor(s, dtype=torch.float64), d)
+    a_r, sig_r = alpha_sigma(torch.tensor(r, dtype=torch.float64), d)
+    ratio = a_r / a_s
+    return float(ratio), float((sig_r**2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt())

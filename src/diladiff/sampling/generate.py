@@ -25,6 +25,7 @@ def sampler_settings(sc: SampleConfig, seq_len: int) -> SamplerSettings:
         top_p=sc.top_p,
         float64_gumbel=sc.float64_gumbel,
         cache=sc.cache,
+        sampler=sc.sampler,
         cont_steps=sc.cont_steps,
         gamma=sc.gamma,
     )

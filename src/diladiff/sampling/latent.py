@@ -6,15 +6,16 @@ Euler on the PF-ODE, t_0 = 1 > t_1 > ... > t_N = 0 uniform:
     z_hat_i = z_psi(z_{t_i}, t_i, z_sc_i)     (z_sc_0 = 0, then z_sc_{i+1} = z_hat_i)
     z_{t_{i+1}} = z_{t_i} + (t_{i+1} - t_i) * v(z_{t_i}, z_hat_i, t_i)
 
-MeanFlow, with the average velocity u over [r, t] and gamma-sampling: jump to
-s = (1 - gamma) r with the average velocity, then re-noise from s to r with the VP forward
-transition q(z_r | z_s):
+MeanFlow, with the average velocity u over [r, t] and gamma-sampling (CTM): jump to the time s
+with nsr(s) = sqrt(1 - gamma^2) nsr(r) (nsr = sigma / alpha; processes.gaussian.gamma_jump_time),
+then re-noise from s to r with the exact VP forward transition q(z_r | z_s):
 
     z_s = z_t - (t - s) u(z_t, t, s)
     z_r = (alpha_r / alpha_s) z_s + sqrt(sigma_r^2 - (alpha_r sigma_s / alpha_s)^2) n,  n ~ N(0, I)
 
-gamma = 0 is the deterministic jump z_r = z_t - (t - r) u(z_t, t, r); gamma = 1 jumps to clean
-data (s = 0) and re-noises it to r.
+so that a share gamma^2 of the noise variance sigma_r^2 at r is fresh. gamma = 0 is the
+deterministic jump z_r = z_t - (t - r) u(z_t, t, r); gamma = 1 jumps to clean data (s = 0) and
+re-noises it to r.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from diladiff.processes.gaussian import alpha_sigma, velocity_from_x0
+from diladiff.processes.gaussian import forward_transition, gamma_jump_time, velocity_from_x0
 from diladiff.registry import registrar
 
 LATENT_SAMPLERS: dict[str, Callable] = {}
@@ -77,19 +78,30 @@ def meanflow_sample(
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    grid = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
-    b = shape[0]
-    for i in range(steps):
-        t, r = float(grid[i]), float(grid[i + 1])
-        s = (1.0 - gamma) * r
-        tt = torch.full((b,), t, device=device, dtype=dtype)
-        ss = torch.full((b,), s, device=device, dtype=dtype)
-        z = z - (t - s) * u_fn(z, tt, ss).to(dtype)
-        if s < r:  # re-noise from s to r
-            a_s, sig_s = alpha_sigma(torch.tensor(s, dtype=torch.float64), d)
-            a_r, sig_r = alpha_sigma(torch.tensor(r, dtype=torch.float64), d)
-            ratio = float(a_r / a_s)
-            std = float((sig_r**2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt())
-            noise = torch.randn(z.shape, generator=generator, device=device, dtype=dtype)
-            z = ratio * z + std * noise
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    for t, r in zip(grid[:-1], grid[1:], strict=True):
+        z = meanflow_step(u_fn, z, t, r, d, gamma, generator)
     return z, steps
+
+
+def meanflow_step(
+    u_fn: Callable,
+    z: torch.Tensor,
+    t: float,
+    r: float,
+    d: float,
+    gamma: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One gamma-sampling step from t to r < t: the jump to s = gamma_jump_time(r, gamma), then
+    the forward transition s -> r (skipped when s = r)."""
+    s = gamma_jump_time(r, gamma)
+    b = z.shape[0]
+    tt = torch.full((b,), t, device=z.device, dtype=z.dtype)
+    ss = torch.full((b,), s, device=z.device, dtype=z.dtype)
+    z = z - (t - s) * u_fn(z, tt, ss).to(z.dtype)
+    if s < r:
+        ratio, std = forward_transition(s, r, d)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = ratio * z + std * noise
+    return z

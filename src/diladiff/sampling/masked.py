@@ -1,19 +1,32 @@
 """Masked-diffusion decoding: N_disc reverse steps on the grid 1 = t_0 > ... > t_N = 0.
 
-At step t -> s every still-masked position draws its token from p_theta(. | x_t) (tempered,
-nucleus-filtered, Gumbel-max in float64) and is revealed according to a strategy:
+At step t -> s a strategy picks the still-masked positions to reveal and draws their tokens
+from p_theta(. | x_t) (tempered, nucleus-filtered, Gumbel-max in float64):
 
-- "ancestral": with probability (alpha_s - alpha_t) / (1 - alpha_t), independently; this is an
-  exact draw from the reverse posterior q(x_s | x_t, x_0 ~ p_theta). The last step reveals all.
-- "topk": the k most confident positions (confidence = probability of the drawn token), with k
-  chosen so that round(L * s) positions stay masked (k = L / N_disc when it divides).
+- "ancestral": each masked position with probability (alpha_s - alpha_t) / (1 - alpha_t),
+  independently; an exact draw from the reverse posterior q(x_s | x_t, x_0 ~ p_theta). The last
+  step reveals all. The coin flips do not depend on the logits, so tokens are drawn only at the
+  positions revealed: over a whole sample, once per position.
+- "topk": draw a token at every masked position and reveal the most confident ones
+  (confidence = probability of the drawn token), with k chosen so that round(L * s) positions
+  stay masked (k = L / N_disc when it divides).
 
-The denoiser has no time input, so when a step reveals nothing its output is reused (exact).
-New strategies register with `@register_strategy(name)`.
+Two samplers run the same strategies and consume the generator identically, so they return the
+same tokens for the same seed:
+
+- "fast" (default): the transformer trunk hidden(x_t) runs once per step in which x_t changed
+  and something is drawn; the vocabulary head, the softmax, top-p and the Gumbel draw run only
+  on the rows drawn (revealed rows for ancestral, masked rows for top-k), in chunks of rows.
+- "reference": the previous sampler, kept to measure against: full (B, L, V) SUBS log-probs
+  whenever x_t changed, tempered and nucleus-filtered over all B x L x V values every step.
+
+The denoiser has no time input, so when a step reveals nothing its trunk output (reference: its
+log-probs) is reused; that is exact. New strategies register with `@register_strategy(name)`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,9 +36,65 @@ from tqdm.auto import tqdm
 from diladiff.processes.masking import unmask_probability
 from diladiff.registry import registrar
 
-Denoiser = Callable[[torch.Tensor], torch.Tensor]  # x_t (B, L) -> log p(x_0 | x_t) (B, L, V)
 STRATEGIES: dict[str, Callable] = {}
 register_strategy = registrar(STRATEGIES)
+SAMPLERS: dict[str, type] = {}
+register_sampler = registrar(SAMPLERS)
+
+# A strategy's access to the model at the current x_t: draw(sel, confidence) returns the tokens
+# drawn at the positions of the (B, L) boolean `sel`, in row-major order, and with confidence
+# also the tempered probability of each drawn token (float64), else None.
+Draw = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+# The fast sampler's rows per chunk on CPU: about 2^20 values (8 MB of float64 noise) keeps the
+# chunk's buffers in memory that is already mapped; one (B * L, V) float64 tensor is 0.5 GB.
+CHUNK_VALUES = 1 << 20
+
+
+# --------------------------------------------------------------------------- the denoiser
+
+
+def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS on raw logits: float32, with the mask logit at -inf (the denoiser never predicts the
+    mask). Writes into `logits` when it is already float32 (the head's fresh output)."""
+    logits = logits.float()
+    logits[..., mask_id] = -math.inf
+    return logits
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: log p_theta(x_0 | x_t) = log_softmax(subs_logits) at masked positions; positions
+    that are not masked copy their token (log-prob 0 on x_t^l, -inf elsewhere)."""
+    logp = subs_logits(logits, mask_id).log_softmax(dim=-1)
+    keep = (x_t != mask_id).unsqueeze(-1)
+    copy = torch.full_like(logp, -math.inf).scatter_(-1, x_t.unsqueeze(-1), 0.0)
+    return torch.where(keep, copy, logp)
+
+
+@dataclass(frozen=True)
+class TokenDecoder:
+    """A token denoiser split where sampling needs it:
+
+        p_theta(x_0^l | x_t) = softmax(SUBS(head(hidden(x_t)[l])))
+
+    hidden: x_t (B, L) -> (B, L, W), the transformer trunk (any conditioning, e.g. on a latent z,
+    bound in). head: (N, W) -> (N, V) raw logits, the vocabulary projection of chosen rows.
+    """
+
+    hidden: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    mask_id: int
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 SUBS logits of hidden-state rows (..., W) -> (..., V)."""
+        return subs_logits(self.head(rows), self.mask_id)
+
+    def log_probs(self, x_t: torch.Tensor) -> torch.Tensor:
+        """log p_theta(x_0 | x_t), (B, L, V), SUBS applied (unmasked positions copy x_t)."""
+        return subs_log_probs(self.head(self.hidden(x_t)), x_t, self.mask_id)
+
+
+# --------------------------------------------------------------------------- settings
 
 
 @dataclass
@@ -36,6 +105,8 @@ class SamplerSettings:
     top_p: float = 1.0
     float64_gumbel: bool = True
     cache: bool = True
+    # "fast" (head on drawn rows only) or "reference" (the previous full-vocabulary sampler).
+    sampler: str = "fast"
     # Latent stages only: N_cont (0 = the run's default) and DiLaDiff's gamma-sampling.
     cont_steps: int = 0
     gamma: float = 0.0
@@ -47,6 +118,8 @@ class SamplerSettings:
             raise ValueError(
                 f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}"
             )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -55,8 +128,12 @@ class SamplerSettings:
 
 @dataclass
 class SamplerStats:
-    nfe: int = 0  # network calls
+    nfe: int = 0  # trunk calls (reference: full denoiser calls)
     steps: int = 0
+    head_rows: int = 0  # rows that went through the vocabulary head
+
+
+# --------------------------------------------------------------------------- drawing tokens
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -70,6 +147,12 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sampling_logits(logp: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """The logits tokens are drawn from: top_p(log p_theta / T). Row-wise, so the same values
+    whether computed over all (B, L) positions or over some rows."""
+    return top_p_filter(logp / settings.temperature, settings.top_p)
+
+
 def gumbel_argmax(
     logits: torch.Tensor, generator: torch.Generator | None, float64: bool = True
 ) -> torch.Tensor:
@@ -81,35 +164,164 @@ def gumbel_argmax(
     return (logits.to(dtype) + gumbel).argmax(dim=-1)
 
 
+def gumbel_argmax_(u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """gumbel_argmax with the uniforms u given, computed in place in u: the same operations in
+    the same order, so the same values bit for bit, without five temporaries of u's size."""
+    gumbel = u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()
+    return gumbel.add_(logits).argmax(dim=-1)  # g + l == l + g exactly
+
+
+def confidence(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """softmax(logits)[token] in float64: top-k's confidence in each drawn token."""
+    return logits.double().softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def draws_from_logits(logits: torch.Tensor, settings: SamplerSettings, generator) -> Draw:
+    """Draw (the reference sampler's) from sampling logits of every position, (B, L, V)."""
+
+    def draw(sel: torch.Tensor, with_confidence: bool = False):
+        rows = logits[sel]
+        tokens = gumbel_argmax(rows, generator, settings.float64_gumbel)
+        return tokens, confidence(rows, tokens) if with_confidence else None
+
+    return draw
+
+
+def draw_rows(
+    decoder: TokenDecoder,
+    hidden_rows: torch.Tensor,
+    settings: SamplerSettings,
+    generator: torch.Generator | None,
+    with_confidence: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens drawn from the head's distribution at hidden-state rows (N, W), chunk by chunk.
+
+    Consumes the generator as one torch.rand((N, V)) call would (CPU draws uniforms serially, so
+    consecutive chunks continue one stream), hence the same tokens as `draws_from_logits`. On
+    other devices the counter-based generator is only equivalent for one call: one chunk there.
+    """
+    n = hidden_rows.shape[0]
+    device = hidden_rows.device
+    tokens = torch.empty(n, dtype=torch.long, device=device)
+    conf = torch.empty(n, dtype=torch.float64, device=device) if with_confidence else None
+    dtype = torch.float64 if settings.float64_gumbel else torch.float32
+    auto = chunk_rows is None and device.type == "cpu"
+    # CPU: a first chunk of one row tells V, which sizes the rest; elsewhere: one chunk.
+    rows = chunk_rows or (1 if auto else n)
+    noise, start = None, 0
+    while start < n:
+        stop = min(n, start + rows)
+        logits = sampling_logits(decoder.logits(hidden_rows[start:stop]).log_softmax(-1), settings)
+        if conf is not None and dtype == torch.float64:
+            logits = logits.double()  # once, for the noise and the confidence (exact)
+        if noise is None or noise.shape[0] < stop - start:
+            noise = torch.empty((stop - start, logits.shape[-1]), dtype=dtype, device=device)
+        u = noise[: stop - start].uniform_(generator=generator)
+        tokens[start:stop] = gumbel_argmax_(u, logits)
+        if conf is not None:
+            conf[start:stop] = confidence(logits, tokens[start:stop])
+        if auto:
+            rows = max(1, CHUNK_VALUES // logits.shape[-1])
+        start = stop
+    return tokens, conf
+
+
+# --------------------------------------------------------------------------- strategies
+
+
 @register_strategy("ancestral")
-def reveal_ancestral(logits, masked, t, s, settings, generator):
-    """Reveal each masked position with probability (alpha_s - alpha_t) / (1 - alpha_t)."""
+def reveal_ancestral(draw: Draw, masked, t, s, settings, generator):
+    """Reveal each masked position with probability (alpha_s - alpha_t) / (1 - alpha_t); draw
+    tokens at the revealed positions only (none revealed: the model is not needed)."""
     p = 1.0 if s <= 0 else unmask_probability(t, s)
     u = torch.rand(masked.shape, generator=generator, device=masked.device)
     reveal = masked & (u < p)
     tokens = torch.zeros_like(masked, dtype=torch.long)
-    tokens[reveal] = gumbel_argmax(logits[reveal], generator, settings.float64_gumbel)
+    if reveal.any():
+        tokens[reveal] = draw(reveal)[0]
     return reveal, tokens
 
 
 @register_strategy("topk")
-def reveal_topk(logits, masked, t, s, settings, generator):
+def reveal_topk(draw: Draw, masked, t, s, settings, generator):
     """Draw a token everywhere masked; reveal the most confident until round(L * s) remain."""
     tokens = torch.zeros_like(masked, dtype=torch.long)
-    drawn = gumbel_argmax(logits[masked], generator, settings.float64_gumbel)
+    drawn, conf_drawn = draw(masked, True)
     tokens[masked] = drawn
     conf = torch.full(masked.shape, -1.0, device=masked.device, dtype=torch.float64)
-    probs = logits[masked].double().softmax(dim=-1)
-    conf[masked] = probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    conf[masked] = conf_drawn
     keep_masked = round(masked.shape[1] * s)
     k = (masked.sum(dim=1) - keep_masked).clamp(min=0)
     rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     return masked & (rank < k.unsqueeze(1)), tokens
 
 
+# --------------------------------------------------------------------------- samplers
+# A sampler gives each step a Draw at the current x_t and is told when x_t changed.
+
+
+@register_sampler("reference")
+class FullVocabularySampler:
+    """The previous sampler: log p_theta(x_0 | x_t) over all (B, L, V) whenever x_t changed (or
+    every step without the cache), tempered and nucleus-filtered in full every step."""
+
+    def __init__(self, decoder: TokenDecoder, settings: SamplerSettings, generator, stats):
+        self.decoder, self.settings, self.generator, self.stats = (
+            decoder,
+            settings,
+            generator,
+            stats,
+        )
+        self.logp = None
+
+    def draws(self, x: torch.Tensor) -> Draw:
+        if self.logp is None or not self.settings.cache:
+            self.logp = self.decoder.log_probs(x).float()
+            self.stats.nfe += 1
+            self.stats.head_rows += x.numel()
+        logits = sampling_logits(self.logp, self.settings)
+        return draws_from_logits(logits, self.settings, self.generator)
+
+    def changed(self) -> None:
+        self.logp = None
+
+
+@register_sampler("fast")
+class DrawnRowsSampler:
+    """The trunk hidden(x_t) once per state of x_t at which something is drawn (lazily: a step
+    that draws nothing runs no network); the head and the draw on the drawn rows only."""
+
+    def __init__(self, decoder: TokenDecoder, settings: SamplerSettings, generator, stats):
+        self.decoder, self.settings, self.generator, self.stats = (
+            decoder,
+            settings,
+            generator,
+            stats,
+        )
+        self.hidden = None
+
+    def draws(self, x: torch.Tensor) -> Draw:
+        if not self.settings.cache:
+            self.hidden = None
+
+        def draw(sel: torch.Tensor, with_confidence: bool = False):
+            if self.hidden is None:
+                self.hidden = self.decoder.hidden(x)
+                self.stats.nfe += 1
+            rows = self.hidden[sel]
+            self.stats.head_rows += rows.shape[0]
+            return draw_rows(self.decoder, rows, self.settings, self.generator, with_confidence)
+
+        return draw
+
+    def changed(self) -> None:
+        self.hidden = None
+
+
 @torch.no_grad()
 def sample_masked(
-    denoise: Denoiser,
+    decoder: TokenDecoder,
     batch: int,
     seq_len: int,
     mask_id: int,
@@ -118,24 +330,23 @@ def sample_masked(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ):
-    """Generate (batch, seq_len) token ids from all-masked input; returns (ids, SamplerStats)."""
+    """Generate (batch, seq_len) token ids from all-masked input; returns (ids, SamplerStats).
+    `mask_id` must be the decoder's (kept in the signature for the callers' sake)."""
+    if mask_id != decoder.mask_id:
+        raise ValueError(f"mask_id {mask_id} differs from the decoder's {decoder.mask_id}")
     x = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
     grid = [1.0 - i / settings.steps for i in range(settings.steps + 1)]
     reveal_fn = STRATEGIES[settings.strategy]
     stats = SamplerStats()
-    logp = None
+    sampler = SAMPLERS[settings.sampler](decoder, settings, generator, stats)
     for i in tqdm(range(settings.steps), desc="decoding", disable=not progress, leave=False):
         t, s = grid[i], grid[i + 1]
         masked = x == mask_id
         if not masked.any():
             break
-        if logp is None or not settings.cache:
-            logp = denoise(x).float()
-            stats.nfe += 1
-        logits = top_p_filter(logp / settings.temperature, settings.top_p)
-        reveal, tokens = reveal_fn(logits, masked, t, s, settings, generator)
+        reveal, tokens = reveal_fn(sampler.draws(x), masked, t, s, settings, generator)
         x = torch.where(reveal, tokens, x)
         stats.steps += 1
         if reveal.any():
-            logp = None
+            sampler.changed()
     return x, stats

@@ -98,7 +98,7 @@ class Autoencoder(MaskedDiffusionStage):
         self.h_mask = nn.Parameter(torch.zeros(d_bert))
         self.encoder = PerceiverCompressor(
             d_bert,
-            ac.perceiver_width,
+            ac.perceiver_width or ac.latent_dim,
             ac.num_latents,
             ac.latent_dim,
             ac.perceiver_depth,
@@ -106,6 +106,10 @@ class Autoencoder(MaskedDiffusionStage):
             mc.attention,
             max_len=table_len,
         )
+        # A square random projection is ill-conditioned (its smallest singular values are
+        # ~1/d of its largest): orthogonal, it gives every latent direction the variance of
+        # the Perceiver's output in that direction.
+        nn.init.orthogonal_(self.encoder.proj.weight)
         self.z_norm = RunningStandardizer((ac.num_latents, ac.latent_dim))
         self.z_mask = nn.Parameter(torch.zeros(ac.latent_dim))
         self.decoder = TokenDenoiser(mc, tokenizer_identity["vocab_size"], cfg.data.seq_len)
@@ -125,6 +129,15 @@ class Autoencoder(MaskedDiffusionStage):
             }
         )
 
+    @classmethod
+    def warmups(cls, cfg: Config) -> dict[str, int]:
+        # Both parameter groups carry their own warm-up (param_groups): train.warmup_steps unused.
+        ac = cfg.autoencoder
+        return {
+            "autoencoder.encoder_warmup_steps": ac.encoder_warmup_steps,
+            "autoencoder.decoder_warmup_steps": ac.decoder_warmup_steps,
+        }
+
     @property
     def compression(self) -> float:
         """(L x d_bert) / (N_z x d_z)."""
@@ -134,7 +147,8 @@ class Autoencoder(MaskedDiffusionStage):
     def summary(self) -> str:
         ac = self.cfg.autoencoder
         return (
-            f"{super().summary()}; features {ac.feature_model} (d={self.features.dim}), latent "
+            f"{super().summary()}; features {ac.feature_model} (d={self.features.dim}), Perceiver "
+            f"width {ac.perceiver_width or ac.latent_dim}, latent "
             f"N_z={ac.num_latents} x d_z={ac.latent_dim}, compression "
             f"(L x d_bert)/(N_z x d_z) = {self.compression:g}x, cross-attention after "
             f"blocks {sorted(int(k) for k in self.cross)}"

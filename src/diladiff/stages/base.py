@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from diladiff.config import Config
+from diladiff.data.packing import PackedData
 
 STAGES: dict[str, type[Stage]] = {}
 
@@ -47,6 +48,15 @@ class Stage(nn.Module):
 
     def init_from_parents(self, parents: dict) -> None:
         """Initialise a new run from its parent runs (called once, not on resume)."""
+
+    def prepare(self, data: PackedData, device) -> None:
+        """Anything a new run estimates from its training data before the first step (called
+        once, after init_from_parents, not on resume); e.g. the latent prior's standardisation."""
+
+    @classmethod
+    def warmups(cls, cfg: Config) -> dict[str, int]:
+        """Every warm-up this stage's training goes through, by config key (in steps)."""
+        return {"train.warmup_steps": cfg.train.warmup_steps}
 
     def on_step(self, step: int) -> None:
         """Called before every optimizer step (e.g. for warm-ups inside the loss)."""

@@ -13,8 +13,17 @@ initialisation u_eta(z_t, t, t) is exactly the teacher's velocity. The MeanFlow 
 with the bracket the Jacobian-vector product of u_eta along the tangent (v_psi, 1, 0) and w_k a
 linear warm-up from 0 to 1. Loss: ||u_eta - stopgrad(u_tgt)||^2 / stopgrad(||.||^2 + c)^p per
 example. t, r ~ LogitNormal(m, s) (t the larger), and r = t on a share of the examples.
-Self-conditioning: the teacher's first-pass estimate z_sc = z_psi(z_t, t, 0) feeds both teacher
-and student in training; at sampling the student's own r = t pass gives it (two calls a step).
+
+Self-conditioning. The teacher's velocity v_psi is self-conditioned on its own first pass,
+z_psi(z_t, t, z_psi(z_t, t, 0)). The student's self-conditioning input is, per example,
+
+    z_sc = X(u_eta(z_t, t, t; 0))  (stop-gradient)  with probability student_self_cond_prob,
+    z_sc = 0                                         otherwise,
+
+where X(u) = (sigma_t u - sigma'_t z_t) / (alpha'_t sigma_t - sigma'_t alpha_t) is the clean
+estimate implied by a velocity (processes.gaussian.x0_from_velocity). Sampling runs the same two
+passes per step: the r = t pass with z_sc = 0, then the jump self-conditioned on its X.
+The latents are the teacher's prior-space latents (its standardisation is copied with it).
 """
 
 from __future__ import annotations
@@ -82,9 +91,17 @@ class DiLaDiff(LatentStage):
         if teacher.kind != "ladiff":
             raise CheckpointError(f"--teacher {src} is a {teacher.kind} run, not a ladiff run")
         self.ae.load_state_dict(teacher.ae.state_dict())
+        self.prior_norm.load_state_dict(teacher.prior_norm.state_dict())
         self.teacher.load_state_dict(teacher.prior.state_dict())
         missing, unexpected = self.student.load_state_dict(teacher.prior.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("dt_embed.") for k in missing)
+
+    @classmethod
+    def warmups(cls, cfg: Config) -> dict[str, int]:
+        return {
+            **super().warmups(cfg),
+            "meanflow.tangent_warmup_steps": cfg.meanflow.tangent_warmup_steps,
+        }
 
     def summary(self) -> str:
         n = sum(p.numel() for p in self.student.parameters())
@@ -115,6 +132,19 @@ class DiLaDiff(LatentStage):
         """u_eta(z_t, t, r) = velocity implied by the student's clean estimate."""
         return velocity_from_x0(z_t, self.student(z_t, t, z_sc, r), t, self.cfg.diffusion.d)
 
+    @torch.no_grad()
+    def student_self_condition(self, z_t, t, keep: torch.Tensor | None = None):
+        """z_sc = X(u_eta(z_t, t, t; 0)) on the rows where `keep` is True (all if None), zeros
+        on the others: the first pass of a sampling step, without gradients."""
+        d = self.cfg.diffusion.d
+        if keep is None:
+            return x0_from_velocity(z_t, self.average_velocity(z_t, t, t), t, d)
+        z_sc = torch.zeros_like(z_t)
+        if keep.any():  # the pass runs on the kept rows only
+            zk, tk = z_t[keep], t[keep]
+            z_sc[keep] = x0_from_velocity(zk, self.average_velocity(zk, tk, tk), tk, d).to(z_sc)
+        return z_sc
+
     def meanflow_terms(self, z_t, t, r, v, z_sc):
         """(u, u_tgt): the student's average velocity and the stop-gradient MeanFlow target."""
         mf = self.cfg.meanflow
@@ -127,7 +157,7 @@ class DiLaDiff(LatentStage):
 
     def draw(self, x0, generator):
         mf, dc = self.cfg.meanflow, self.cfg.diffusion
-        z = self.latents(x0)
+        z = self.prior_latents(x0)
         t, r = sample_t_r(
             len(x0),
             mf.logit_normal_mean,
@@ -144,7 +174,9 @@ class DiLaDiff(LatentStage):
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
         mf = self.cfg.meanflow
         z_t, t, r = self.draw(batch, generator)
-        v, z_sc = self.teacher_velocity(z_t, t)
+        v, _ = self.teacher_velocity(z_t, t)
+        keep = torch.rand(len(t), generator=generator, device=t.device) < mf.student_self_cond_prob
+        z_sc = self.student_self_condition(z_t, t, keep)
         u, u_tgt = self.meanflow_terms(z_t, t, r, v, z_sc)
         err = ((u - u_tgt) ** 2).flatten(1).mean(1)
         loss = (err / (err.detach() + mf.adaptive_c) ** mf.adaptive_p).mean()
@@ -152,10 +184,12 @@ class DiLaDiff(LatentStage):
 
     @torch.no_grad()
     def evaluate(self, batches, generator):
+        """Errors with the student self-conditioned as at sampling (on its r = t pass)."""
         total, fm, n = 0.0, 0.0, 0
         for x0 in batches:
             z_t, t, r = self.draw(x0, generator)
-            v, z_sc = self.teacher_velocity(z_t, t)
+            v, _ = self.teacher_velocity(z_t, t)
+            z_sc = self.student_self_condition(z_t, t)
             u, u_tgt = self.meanflow_terms(z_t, t, r, v, z_sc)
             total += float(((u - u_tgt) ** 2).mean()) * len(x0)
             fm += float(((self.average_velocity(z_t, t, t, z_sc) - v) ** 2).mean()) * len(x0)
@@ -165,9 +199,7 @@ class DiLaDiff(LatentStage):
     # ------------------------------------------------------------------ sampling
     def self_conditioned_u(self, z_t, t, r):
         """Two calls: the r = t pass gives the clean estimate used as self-conditioning."""
-        d = self.cfg.diffusion.d
-        z_sc = x0_from_velocity(z_t, self.average_velocity(z_t, t, t), t, d)
-        return self.average_velocity(z_t, t, r, z_sc)
+        return self.average_velocity(z_t, t, r, self.student_self_condition(z_t, t))
 
     def sample_latent(self, batch, settings, generator, device):
         steps = settings.cont_steps or self.cfg.sample.cont_steps or 5

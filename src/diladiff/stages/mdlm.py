@@ -15,26 +15,17 @@ import torch.nn.functional as F
 from diladiff.config import Config
 from diladiff.nets.token_denoiser import TokenDenoiser
 from diladiff.processes.masking import elbo_weight, loss_weight, mask_tokens, sample_times
+from diladiff.sampling.masked import TokenDecoder, sample_masked, subs_log_probs, subs_logits
 from diladiff.stages.base import Stage, register_stage
 
-
-def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS: log p_theta(x_0 | x_t) with the mask logit at -inf and unmasked positions copying
-    their token (log-prob 0 on x_t^l, -inf elsewhere)."""
-    logits = logits.float()
-    logits[..., mask_id] = -math.inf
-    logp = logits.log_softmax(dim=-1)
-    keep = (x_t != mask_id).unsqueeze(-1)
-    copy = torch.full_like(logp, -math.inf).scatter_(-1, x_t.unsqueeze(-1), 0.0)
-    return torch.where(keep, copy, logp)
+__all__ = ["MDLM", "MaskedDiffusionStage", "masked_diffusion_loss", "subs_log_probs"]
 
 
 def masked_nll(head, hidden: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, mask_id: int):
     """-log p_theta(x_0^l | x_t) at the masked positions only (the vocabulary head runs on those
     rows alone), with the batch row of each."""
     sel = x_t == mask_id
-    logits = head(hidden[sel]).float()
-    logits[:, mask_id] = -math.inf
+    logits = subs_logits(head(hidden[sel]), mask_id)
     return F.cross_entropy(logits, x0[sel], reduction="none"), sel.nonzero()[:, 0]
 
 
@@ -71,9 +62,14 @@ class MaskedDiffusionStage(Stage):
         """What the denoiser is conditioned on for clean rows x0 (None for the plain MDLM)."""
         return None
 
+    def token_decoder(self, cond=None) -> TokenDecoder:
+        """The denoiser given `cond` (a latent z, or None), split into trunk and head for the
+        sampler: p_theta(x_0^l | x_t, cond) = softmax(SUBS(head(hidden(x_t, cond)[l])))."""
+        return TokenDecoder(lambda x_t: self.hidden(x_t, cond), self.head, self.mask_id)
+
     def log_probs(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
         """log p_theta(x_0 | x_t[, cond]), shape (B, L, V), SUBS applied."""
-        return subs_log_probs(self.head(self.hidden(x_t, cond)), x_t, self.mask_id)
+        return self.token_decoder(cond).log_probs(x_t)
 
     def loss(self, x0, t, weight, generator, cond=None):
         return masked_diffusion_loss(
@@ -137,9 +133,14 @@ class MDLM(MaskedDiffusionStage):
     @torch.no_grad()
     def sample(self, batch: int, settings, generator: torch.Generator, device, progress=False):
         """Token ids (batch, L) by masked-diffusion decoding; returns (ids, stats dict)."""
-        from diladiff.sampling.masked import sample_masked
-
         ids, stats = sample_masked(
-            self.log_probs, batch, self.seq_len, self.mask_id, settings, generator, device, progress
+            self.token_decoder(),
+            batch,
+            self.seq_len,
+            self.mask_id,
+            settings,
+            generator,
+            device,
+            progress,
         )
         return ids, {"disc_nfe": stats.nfe, "disc_steps_taken": stats.steps}

@@ -1,0 +1,510 @@
+"""`diladiff check parallel-decoding`: a known-answer test of the paper's central mechanism.
+
+The data are K distinct real sequences of exactly L tokens, each with probability 1/K. A
+perfect generator emits only those rows, all of them, equally often. Revealing many tokens per
+step from a factorised posterior mixes tokens of different rows (word salad that is no row), so
+an MDLM's validity must drop as N_disc shrinks; conditioned on a latent that identifies the row,
+the tokens are (nearly) independent and validity should survive N_disc = 1 or 2.
+
+    DIR/corpus.jsonl, DIR/corpus_rows.npy     the K rows (text that re-tokenises to them exactly)
+    DIR/mdlm  DIR/autoencoder  DIR/ladiff  DIR/diladiff      the normal stage runs (resumable)
+    DIR/check.json  DIR/check.md  DIR/check.png              metrics per generator and N_disc
+
+Generators: the MDLM; LaDiff (latent ODE, N_cont 200 and 5); DiLaDiff (N_cont 5, gamma 0 and
+gamma-sampling); and two controls that isolate the links of the chain: `oracle` (the decoder
+given the encoder latent of a random training row: does the auto-encoder work?) and
+`noise_latent` (z ~ N(0, I): the decoder as a plain MDLM). A simulated reference,
+`exact_factorised`, runs the MDLM sampler with the exact conditionals of the K rows: the best
+any MDLM can do at each N_disc (ancestral steps reveal several tokens at once even at
+N_disc = L, and those are drawn independently). Every latent generator draws its
+latents once and decodes them at every N_disc, so the N_disc axis is paired.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diladiff.check import metrics as M
+from diladiff.errors import DataError
+
+CHECK_VERSION = 1
+
+# Training steps of the check's stages (its own choice: the MDLM, the auto-encoder's decoder
+# and the prior must memorise K rows, which takes longer than a real-text demo schedule).
+CHECK_STEPS = {"mdlm": 1500, "autoencoder": 800, "ladiff": 800, "diladiff": 300}
+# Per-stage settings of the check: the auto-encoder at the paper's single learning rate for
+# encoder and decoder (the tiny preset slows the pretrained decoder by 10x).
+CHECK_STAGE_OVERRIDES = {"autoencoder": ["autoencoder.decoder_lr_scale=1.0"]}
+# Settings every stage of the check shares: no mid-run evaluation or checkpoints beyond the end.
+CHECK_COMMON = ["train.eval_every=100000", "train.ckpt_every=200", "train.eval_batches=1"]
+
+
+@dataclass
+class CheckPlan:
+    """What the check samples: N rows per generator at each N_disc."""
+
+    num_samples: int = 512
+    batch_size: int = 256
+    seed: int = 0
+    gamma: float = 0.2  # DiLaDiff's gamma-sampling (the paper's best is about 0.1-0.3)
+    ladiff_cont_steps: tuple[int, ...] = (200, 5)
+    diladiff_cont_steps: int = 5
+    steps: dict[str, int] = field(default_factory=lambda: dict(CHECK_STEPS))
+
+    def stage_overrides(self) -> dict[str, list[str]]:
+        """Each stage's step count (its whole schedule) and the check's per-stage settings."""
+        return {
+            stage: [f"train.max_steps={n}", f"train.total_steps={n}"]
+            + CHECK_STAGE_OVERRIDES.get(stage, [])
+            for stage, n in self.steps.items()
+        }
+
+
+def disc_grid(seq_len: int) -> list[int]:
+    """N_disc in {1, 2, 4, L/8, L/4, L/2, L} (sorted, unique, >= 1)."""
+    return sorted({n for n in (1, 2, 4, seq_len // 8, seq_len // 4, seq_len // 2, seq_len) if n})
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def build_corpus(
+    source_spec: str, tok, k: int, seq_len: int, text_field: str = "text", txt_split: str = ""
+) -> tuple[list[str], np.ndarray]:
+    """K texts whose token rows are exactly L long and distinct: the first L - 1 tokens of K
+    documents of the source plus the separator the packer appends. A document is kept only if
+    its truncated text re-tokenises to the same ids (WordPiece can split a cut word
+    differently), so packing the texts reproduces the rows exactly."""
+    from diladiff.data.packing import _encode_batch
+    from diladiff.data.sources import open_source
+    from diladiff.data.tokenizer import separator_id
+
+    sep = separator_id(tok)
+    texts: list[str] = []
+    rows: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    source = open_source(source_spec, text_field, txt_split or "blank_line")
+    batch: list[str] = []
+
+    def consume() -> None:
+        for ids in _encode_batch(tok, batch):
+            if len(texts) == k or len(ids) < seq_len - 1:
+                continue
+            ids = ids[: seq_len - 1]
+            text = tok.decode(ids)
+            if _encode_batch(tok, [text])[0] != ids or tuple(ids) in seen:
+                continue
+            seen.add(tuple(ids))
+            texts.append(text)
+            rows.append(ids + [sep])
+        batch.clear()
+
+    for doc in source.documents():
+        batch.append(doc)
+        if len(batch) == 256:
+            consume()
+            if len(texts) == k:
+                break
+    consume()
+    if len(texts) < k:
+        raise DataError(
+            f"{source_spec!r} has only {len(texts)} documents of at least {seq_len - 1} tokens "
+            f"that re-tokenise exactly; lower --num-sequences or data.seq_len"
+        )
+    return texts, np.asarray(rows, dtype=np.int64)
+
+
+def write_corpus(root: Path, texts: list[str], rows: np.ndarray, heldout: int) -> Path:
+    """DIR/corpus.jsonl: the K texts, then the first `heldout` of them again as the validation
+    split (the check measures memorisation; the training split is exactly the K rows)."""
+    path = root / "corpus.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for text in texts + texts[:heldout]:
+            fh.write(json.dumps({"text": text}) + "\n")
+    np.save(root / "corpus_rows.npy", rows)
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _settings(stage, n_disc: int, cont_steps: int = 0, gamma: float = 0.0):
+    from diladiff.sampling.generate import sampler_settings
+
+    sc = replace(stage.cfg.sample, disc_steps=n_disc, cont_steps=cont_steps, gamma=gamma)
+    sc.strategy, sc.temperature, sc.top_p = "ancestral", 1.0, 1.0
+    return sampler_settings(sc, stage.seq_len)
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(size, n - start)
+
+
+@torch.no_grad()
+def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
+    gen = torch.Generator(device).manual_seed(plan.seed)
+    settings = _settings(stage, n_disc)
+    out = [
+        stage.sample(b, settings, gen, device)[0].cpu()
+        for _, b in _batches(plan.num_samples, plan.batch_size)
+    ]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def prior_latents(stage, plan: CheckPlan, device, cont_steps: int, gamma: float) -> torch.Tensor:
+    """N prior samples in the prior's space (drawn once, decoded at every N_disc)."""
+    gen = torch.Generator(device).manual_seed(plan.seed)
+    settings = _settings(stage, 1, cont_steps, gamma)
+    zs = [
+        stage.sample_latent(b, settings, gen, device)[0]
+        for _, b in _batches(plan.num_samples, plan.batch_size)
+    ]
+    return torch.cat(zs)
+
+
+@torch.no_grad()
+def decode_latents(stage, z_ae: torch.Tensor, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
+    gen = torch.Generator(device).manual_seed(plan.seed + 1)
+    settings = _settings(stage, n_disc)
+    out = [
+        stage.decode(z_ae[s : s + b], settings, gen, device)[0].cpu()
+        for s, b in _batches(len(z_ae), plan.batch_size)
+    ]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def encode_rows(stage, rows: np.ndarray, device, batch: int = 256) -> torch.Tensor:
+    """The auto-encoder's latent (its own standardised space) of clean rows."""
+    x = torch.from_numpy(rows).to(device)
+    return torch.cat([stage.ae.encode(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def latent_landing(z_p: torch.Tensor, targets_p: torch.Tensor) -> dict:
+    """Where prior samples land relative to the K encoder latents (prior space): the median
+    distance to the nearest target over the median nearest-neighbour distance among targets
+    (<< 1: on a training latent; ~1 or more: between them), and how many targets are hit."""
+    a, b = z_p.flatten(1).double(), targets_p.flatten(1).double()
+    d = torch.cdist(a, b)
+    nearest, which = d.min(1)
+    tt = torch.cdist(b, b)
+    tt.fill_diagonal_(float("inf"))
+    spacing = tt.min(1).values.median()
+    return {
+        "nn_ratio_median": float(nearest.median() / spacing),
+        "targets_nearest": len(set(which.tolist())),
+        "sq_norm_mean": float((a**2).sum(1).mean() / a.shape[1]),
+        "target_sq_norm_mean": float((b**2).sum(1).mean() / b.shape[1]),
+    }
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def training_config(preset: str, overrides: list[str], corpus: Path, heldout: int) -> list[str]:
+    """Overrides for every stage: the user's, then the corpus (the check's own data)."""
+    keep = [o for o in overrides if not o.startswith("data.source=")]
+    return [
+        *CHECK_COMMON,
+        *keep,
+        f"data.source={corpus}",
+        f"data.heldout_docs={heldout}",
+        "data.max_docs=0",
+    ]
+
+
+def run_check(
+    root: Path,
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    num_sequences: int = 256,
+    data: str | None = None,
+    plan: CheckPlan | None = None,
+    device_spec: str = "auto",
+) -> dict:
+    """Build the corpus, train the four stages on it, sample every generator, write results."""
+    from diladiff.config import build_config
+    from diladiff.data.packing import prepare_data
+    from diladiff.data.tokenizer import load_tokenizer
+    from diladiff.eval.protocol import device_record
+    from diladiff.pipeline import train_stages
+    from diladiff.runs import load_run
+    from diladiff.train.distributed import pick_device
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = plan or CheckPlan()
+    overrides = list(overrides or [])
+    if data:
+        overrides.append(f"data.source={data}")
+    cfg = build_config(preset, overrides)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    k, L = num_sequences, cfg.data.seq_len
+    heldout = max(1, min(32, k // 4))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    corpus = root / "corpus.jsonl"
+    if corpus.is_file() and (root / "corpus_rows.npy").is_file():
+        rows = np.load(root / "corpus_rows.npy")
+        if rows.shape != (k, L):
+            raise DataError(
+                f"{root} holds a check corpus of {rows.shape[0]} rows x {rows.shape[1]} tokens, "
+                f"not {k} x {L}; use a new --run-dir"
+            )
+    else:
+        print(f"[check] building {k} rows of {L} tokens from {cfg.data.source}")
+        texts, rows = build_corpus(
+            cfg.data.source, tok, k, L, cfg.data.text_field, cfg.data.txt_split
+        )
+        write_corpus(root, texts, rows, heldout)
+    train_overrides = training_config(preset, overrides, corpus, heldout)
+    packed = prepare_data(build_config(preset, train_overrides).data, tok, progress=False)
+    train = np.asarray(packed.train, dtype=np.int64)
+    if train.shape != rows.shape or not (train == rows).all():
+        raise DataError("packing the check corpus did not reproduce its K rows exactly")
+    timings["corpus_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    stage_results = train_stages(
+        root, preset, train_overrides, stage_overrides=plan.stage_overrides()
+    )
+    timings["train_s"] = time.perf_counter() - t1
+
+    device = pick_device(device_spec)
+    grid = disc_grid(L)
+    generators: dict[str, dict] = {}
+    t2 = time.perf_counter()
+
+    def record(name: str, info: dict, outputs: dict[int, np.ndarray], extra=None) -> None:
+        rows_out = []
+        for n_disc in grid:
+            row = {"disc_steps": n_disc, **M.summarise(outputs[n_disc], rows)}
+            if extra:
+                row.update(extra(n_disc, outputs[n_disc]))
+            rows_out.append(row)
+        generators[name] = {**info, "rows": rows_out}
+        best = max(r["validity"] for r in rows_out)
+        print(
+            f"[check] {name}: validity {rows_out[0]['validity']:.3f} at N_disc=1, best {best:.3f}"
+        )
+
+    record(
+        "exact_factorised",
+        {"stage": None, "what": "the MDLM sampler with an exact denoiser (simulated)"},
+        {n: M.exact_factorised_sample(rows, plan.num_samples, n, plan.seed) for n in grid},
+    )
+    mdlm, _ = load_run(root / "mdlm", device=device)
+    record("mdlm", {"stage": "mdlm"}, {n: sample_mdlm(mdlm, n, plan, device) for n in grid})
+    del mdlm
+
+    ladiff, _ = load_run(root / "ladiff", device=device)
+    targets_ae = encode_rows(ladiff, rows, device)
+    targets_p = ladiff.to_prior_space(targets_ae)
+    pick = np.random.default_rng(plan.seed).integers(0, k, size=plan.num_samples)
+    z_oracle = targets_ae[torch.from_numpy(pick).to(device)]
+    oracle = {n: decode_latents(ladiff, z_oracle, n, plan, device) for n in grid}
+
+    def oracle_match(n_disc, out):
+        return {"oracle_match": float((out == rows[pick]).all(1).mean())}
+
+    record(
+        "oracle",
+        {"stage": "ladiff", "latent": "encoder latent of a random training row"},
+        oracle,
+        oracle_match,
+    )
+    gen = torch.Generator(device).manual_seed(plan.seed)
+    z_noise = torch.randn(z_oracle.shape, generator=gen, device=device)
+    record(
+        "noise_latent",
+        {"stage": "ladiff", "latent": "z ~ N(0, I)"},
+        {n: decode_latents(ladiff, z_noise, n, plan, device) for n in grid},
+    )
+    for cont in plan.ladiff_cont_steps:
+        z_p = prior_latents(ladiff, plan, device, cont, 0.0)
+        z = ladiff.to_decoder_space(z_p)
+        record(
+            f"ladiff_cont{cont}",
+            {"stage": "ladiff", "cont_steps": cont, "latent": latent_landing(z_p, targets_p)},
+            {n: decode_latents(ladiff, z, n, plan, device) for n in grid},
+        )
+    del ladiff
+
+    diladiff, _ = load_run(root / "diladiff", device=device)
+    for gamma in (0.0, plan.gamma):
+        cont = plan.diladiff_cont_steps
+        z_p = prior_latents(diladiff, plan, device, cont, gamma)
+        z = diladiff.to_decoder_space(z_p)
+        record(
+            f"diladiff_cont{cont}_gamma{gamma:g}",
+            {
+                "stage": "diladiff",
+                "cont_steps": cont,
+                "gamma": gamma,
+                "latent": latent_landing(z_p, targets_p),
+            },
+            {n: decode_latents(diladiff, z, n, plan, device) for n in grid},
+        )
+    timings["sample_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+
+    perfect_mean, perfect_std = M.perfect_sampler_tv(plan.num_samples, k, seed=plan.seed)
+    result = {
+        "check": "parallel-decoding",
+        "version": CHECK_VERSION,
+        "corpus": {
+            "origin": cfg.data.source,
+            "num_sequences": k,
+            "seq_len": L,
+            "path": str(corpus),
+        },
+        "preset": preset,
+        "overrides": overrides,
+        "steps": plan.steps,
+        "num_samples": plan.num_samples,
+        "seed": plan.seed,
+        "sampler": "ancestral, temperature 1, top-p 1",
+        "device": device_record(device),
+        "disc_steps": grid,
+        "perfect_sampler_tv": {"mean": perfect_mean, "std": perfect_std},
+        "generators": generators,
+        "verdict": verdict(generators, L),
+        "training": {
+            s: {k2: v for k2, v in r.items() if isinstance(v, (int, float, str))}
+            for s, r in stage_results.items()
+        },
+        "seconds": timings,
+    }
+    (root / "check.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / "check.md").write_text(markdown(result))
+    plot(result, root / "check.png")
+    print(f"[check] wrote {root / 'check.json'}, check.md, check.png ({timings['total_s']:.0f} s)")
+    return result
+
+
+def _at(gen: dict, n_disc: int, key: str = "validity") -> float:
+    return next(r[key] for r in gen["rows"] if r["disc_steps"] == n_disc)
+
+
+def verdict(generators: dict, seq_len: int) -> dict:
+    """The issue's pass criteria and, where one fails, which link the controls point to."""
+    g = generators
+    latent = [n for n in g if n.startswith(("ladiff", "diladiff"))]
+    out = {
+        "mdlm_valid_at_L": _at(g["mdlm"], seq_len) >= 0.9,
+        "mdlm_drops_by_L8": max(_at(g["mdlm"], n) for n in disc_grid(seq_len) if n <= seq_len // 8)
+        < _at(g["mdlm"], seq_len),
+        "oracle_reproduces_row": min(_at(g["oracle"], n, "oracle_match") for n in (1, 2)) >= 0.9,
+    }
+    for name in latent:
+        out[f"{name}_valid_at_1_2"] = min(_at(g[name], n) for n in (1, 2)) >= 0.9
+        out[f"{name}_coverage_at_1_2"] = min(_at(g[name], n, "coverage") for n in (1, 2)) >= 0.8
+    if not out["oracle_reproduces_row"]:
+        out["diagnosis"] = "the oracle fails: the auto-encoder does not carry the row"
+    elif any(not out[f"{n}_valid_at_1_2"] for n in latent if n.startswith("ladiff")):
+        out["diagnosis"] = "the oracle works but LaDiff does not: the prior's samples"
+    elif any(not out[f"{n}_valid_at_1_2"] for n in latent):
+        out["diagnosis"] = "LaDiff works but DiLaDiff does not: the distillation"
+    else:
+        out["diagnosis"] = "every link passes"
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def markdown(result: dict) -> str:
+    grid = result["disc_steps"]
+    c = result["corpus"]
+    pt = result["perfect_sampler_tv"]
+    lines = [
+        "# Parallel-decoding check",
+        "",
+        f"K = {c['num_sequences']} rows of L = {c['seq_len']} tokens from `{c['origin']}`; "
+        f"{result['num_samples']} samples per cell, seed {result['seed']}, "
+        f"{result['sampler']}; device {result['device']}; preset `{result['preset']}`. "
+        f"A perfect sampler's TV at this sample count: {pt['mean']:.3f} +- {pt['std']:.3f}.",
+        "",
+    ]
+    header = "| generator | " + " | ".join(f"N_disc={n}" for n in grid) + " |"
+    rule = "|---|" + "---|" * len(grid)
+    for key, title in (
+        ("validity", "Validity (share of rows equal to one of the K)"),
+        ("coverage", "Coverage (distinct valid rows / K)"),
+        ("tv", "Total variation to uniform over the K"),
+        ("token_error", "Token error (Hamming distance to the nearest row / L)"),
+    ):
+        lines += [f"## {title}", "", header, rule]
+        for name, gen in result["generators"].items():
+            vals = " | ".join(f"{_at(gen, n, key):.3f}" for n in grid)
+            lines.append(f"| {name} | {vals} |")
+        lines.append("")
+    if "oracle" in result["generators"]:
+        vals = " | ".join(
+            f"{_at(result['generators']['oracle'], n, 'oracle_match'):.3f}" for n in grid
+        )
+        lines += [
+            "## Oracle: share of outputs equal to the row whose latent was given",
+            "",
+            header,
+            rule,
+            f"| oracle | {vals} |",
+            "",
+        ]
+    landing = [
+        (n, g["latent"])
+        for n, g in result["generators"].items()
+        if isinstance(g.get("latent"), dict)
+    ]
+    if landing:
+        lines += [
+            "## Where prior samples land (prior space)",
+            "",
+            "| generator | nearest-target distance / target spacing (median) | targets nearest | "
+            "E||z||^2 / dim (samples) | E||z||^2 / dim (targets) |",
+            "|---|---|---|---|---|",
+        ]
+        for n, l in landing:
+            lines.append(
+                f"| {n} | {l['nn_ratio_median']:.3f} | {l['targets_nearest']} | "
+                f"{l['sq_norm_mean']:.3f} | {l['target_sq_norm_mean']:.3f} |"
+            )
+        lines.append("")
+    lines += ["## Verdict", ""]
+    lines += [f"- {k}: {v}" for k, v in result["verdict"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    from diladiff.eval.plots import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grid = result["disc_steps"]
+    for name, gen in result["generators"].items():
+        style = {"oracle": "--", "noise_latent": "--", "exact_factorised": ":"}.get(name, "-")
+        ax.plot(grid, [_at(gen, n) for n in grid], style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(grid, [str(n) for n in grid])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("N_disc (decoding steps)")
+    ax.set_ylabel("validity")
+    c = result["corpus"]
+    ax.set_title(
+        f"Parallel decoding: K={c['num_sequences']}, L={c['seq_len']}, "
+        f"{result['num_samples']} samples per point"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, path)

@@ -1,0 +1,106 @@
+"""The parallel-decoding check: its metrics on hand-made cases, and its corpus."""
+
+import numpy as np
+import pytest
+
+from diladiff.check import metrics as M
+from diladiff.check.parallel_decoding import disc_grid
+
+TARGETS = np.array([[1, 2, 3, 4], [1, 2, 3, 5], [7, 7, 7, 7]])
+
+
+def test_validity_coverage_and_tv_of_a_hand_made_sample():
+    samples = np.array(
+        [
+            [1, 2, 3, 4],  # row 0
+            [1, 2, 3, 4],  # row 0 again
+            [7, 7, 7, 7],  # row 2
+            [1, 2, 3, 6],  # invalid: one token off rows 0 and 1
+        ]
+    )
+    m = M.match_targets(samples, TARGETS)
+    assert m.tolist() == [0, 0, 2, -1]
+    assert M.validity(m) == 0.75
+    assert M.coverage(m, 3) == pytest.approx(2 / 3)
+    # empirical: row0 1/2, row1 0, row2 1/4, invalid 1/4; uniform 1/3 each
+    expected = 0.5 * (abs(0.5 - 1 / 3) + abs(0 - 1 / 3) + abs(0.25 - 1 / 3) + 0.25)
+    assert M.tv_to_uniform(m, 3) == pytest.approx(expected)
+    assert M.token_error(samples, TARGETS) == pytest.approx((0 + 0 + 0 + 1) / 4 / 4)
+
+
+def test_tv_is_zero_for_exactly_uniform_and_one_for_all_invalid():
+    exact = np.repeat(TARGETS, 5, axis=0)
+    assert M.tv_to_uniform(M.match_targets(exact, TARGETS), 3) == pytest.approx(0.0)
+    junk = np.full((6, 4), 9)
+    m = M.match_targets(junk, TARGETS)
+    assert M.validity(m) == 0 and M.coverage(m, 3) == 0
+    assert M.tv_to_uniform(m, 3) == pytest.approx(1.0)
+    assert M.token_error(junk, TARGETS) == 1.0
+
+
+def test_perfect_sampler_tv_shrinks_with_the_sample_count():
+    small, _ = M.perfect_sampler_tv(64, 256, trials=100)
+    large, _ = M.perfect_sampler_tv(16384, 256, trials=20)
+    # with N << K most rows are never drawn: TV ~ 1 - N/K-ish; with N >> K it goes to 0
+    assert small > 0.7 and large < 0.1
+    # the expected TV of a multinomial sample, checked against the exact value for K = 2
+    # (N = 2: TV = 1/2 with probability 1/2, else 0)
+    mean, _ = M.perfect_sampler_tv(2, 2, trials=4000)
+    assert mean == pytest.approx(0.25, abs=0.03)
+
+
+def test_targets_must_be_distinct():
+    with pytest.raises(ValueError):
+        M.match_targets(TARGETS, np.vstack([TARGETS, TARGETS[:1]]))
+
+
+def test_disc_grid_is_the_issue_grid():
+    assert disc_grid(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert disc_grid(16) == [1, 2, 4, 8, 16]
+
+
+def test_corpus_packs_back_into_exactly_its_rows(tmp_path):
+    from diladiff.check.parallel_decoding import build_corpus, training_config, write_corpus
+    from diladiff.config import build_config
+    from diladiff.data.packing import prepare_data
+    from diladiff.data.tokenizer import load_tokenizer, separator_id
+
+    tok = load_tokenizer("minilm-l6")
+    texts, rows = build_corpus("wiki-vital", tok, 12, 16)
+    assert rows.shape == (12, 16) and len({r.tobytes() for r in rows}) == 12
+    assert (rows[:, -1] == separator_id(tok)).all()
+    corpus = write_corpus(tmp_path, texts, rows, heldout=3)
+    overrides = training_config("tiny", ["data.seq_len=16", "data.source=austen"], corpus, 3)
+    cfg = build_config("tiny", overrides)
+    assert cfg.data.source == str(corpus)  # the user's source is the origin, not the training data
+    data = prepare_data(cfg.data, tok, progress=False)
+    assert np.array_equal(np.asarray(data.train), rows)
+    assert np.array_equal(np.asarray(data.val), rows[:3])
+
+
+def test_corpus_too_small_is_a_clear_error(tmp_path):
+    from conftest import write_jsonl
+
+    from diladiff.check.parallel_decoding import build_corpus
+    from diladiff.data.tokenizer import load_tokenizer
+    from diladiff.errors import DataError
+
+    src = write_jsonl(tmp_path / "few.jsonl", ["a short text", "another one that is short"])
+    with pytest.raises(DataError, match="only 0 documents"):
+        build_corpus(str(src), load_tokenizer("minilm-l6"), 4, 32)
+
+
+def test_exact_factorised_sampler_is_valid_one_token_at_a_time_and_mixes_rows_in_one_step():
+    rng = np.random.default_rng(0)
+    targets = np.unique(rng.integers(0, 5, size=(40, 6)), axis=0)
+    k = len(targets)
+    # N_disc = 1 reveals every position at once from the marginals: mostly invalid
+    one = M.summarise(M.exact_factorised_sample(targets, 400, 1, seed=1), targets)
+    # very many steps reveal one token at a time: an exact sampler, always valid
+    many = M.exact_factorised_sample(targets, 400, 2000, seed=1)
+    assert one["validity"] < 0.3
+    assert M.validity(M.match_targets(many, targets)) == 1.0
+    # ... and uniform over the rows: its TV is that of a perfect sampler
+    tv = M.tv_to_uniform(M.match_targets(many, targets), k)
+    mean, std = M.perfect_sampler_tv(400, k, trials=200, seed=2)
+    assert abs(tv - mean) < 4 * std
