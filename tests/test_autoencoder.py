@@ -202,3 +202,20 @@ def test_autoencoder_needs_an_mdlm_parent_with_the_same_tokenizer(mdlm_run, tmp_
     assert train_ae(tmp_path / "z", mdlm_run, f"data.tokenizer={other}") == 2
     err = capsys.readouterr().err
     assert "tokenizer vocabulary mismatch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_feature_precision_bf16_is_close_to_fp32_and_bad_values_are_errors():
+    import torch
+
+    from diladiff.errors import DataError
+    from diladiff.features import FeatureModel, feature_dtype
+
+    ids = torch.randint(1000, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
+    h32 = FeatureModel("minilm-l6", precision="fp32")(ids)
+    h16 = FeatureModel("minilm-l6", precision="bf16")(ids)
+    assert h16.dtype == torch.float32 and not torch.equal(h16, h32)  # bf16 really ran
+    assert (h16 - h32).norm() / h32.norm() < 0.03
+    assert feature_dtype("fp32", torch.device("cuda")) == torch.float32
+    assert feature_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(DataError, match="feature_precision"):
+        FeatureModel("minilm-l6", precision="fp16")

@@ -141,6 +141,9 @@ class AutoencoderConfig:
 
     feature_model: str = "bert-base-uncased"  # hub name, path, or "minilm-l6"
     feature_layer: int = -1  # hidden-state index (-1 = last layer)
+    # The frozen encoder's compute precision: "auto" = bf16 on CUDA and on CPUs with native bf16
+    # (AVX512-BF16 / AMX), fp32 elsewhere; or "fp32" / "bf16".
+    feature_precision: str = "auto"
     num_latents: int = 64  # N_z
     latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
     # Perceiver width; 0 = latent_dim (the paper's choice). A width below d_z leaves

@@ -20,10 +20,30 @@ from diladiff.errors import DataError
 _ENCODERS: dict[str, nn.Module] = {}
 
 
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def feature_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen encoder's compute dtype. "auto": bf16 on CUDA and on CPUs with native bf16
+    matrix units (oneDNN: AVX512-BF16 / AMX), where it runs the encoder ~3x faster than fp32
+    (features differ by ~1% relative norm); fp32 elsewhere. The features are returned in fp32."""
+    if precision not in FEATURE_PRECISIONS:
+        raise DataError(
+            f"autoencoder.feature_precision must be one of {FEATURE_PRECISIONS}, not {precision!r}"
+        )
+    if precision == "auto":
+        fast_bf16 = device.type == "cuda" or (
+            device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+        precision = "bf16" if fast_bf16 else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 class FeatureModel(nn.Module):
-    def __init__(self, name: str, layer: int = -1):
+    def __init__(self, name: str, layer: int = -1, precision: str = "auto"):
         super().__init__()
-        self.name, self.layer = name, layer
+        self.name, self.layer, self.precision = name, layer, precision
+        feature_dtype(precision, torch.device("cpu"))  # a bad value fails at construction
         if name not in _ENCODERS:
             from transformers import AutoModel
 
@@ -46,12 +66,8 @@ class FeatureModel(nn.Module):
         enc = self.encoder
         if next(enc.parameters()).device != ids.device:
             enc.to(ids.device)
-        ctx = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if ids.device.type == "cuda"
-            else torch.autocast("cpu", enabled=False)
-        )
-        with ctx:
+        dtype = feature_dtype(self.precision, ids.device)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = enc(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
         return out.hidden_states[self.layer].float()
 

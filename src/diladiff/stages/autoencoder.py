@@ -86,7 +86,7 @@ class Autoencoder(MaskedDiffusionStage):
         ac, mc = cfg.autoencoder, cfg.model
         self.mask_id = int(tokenizer_identity["mask_id"])
         self.seq_len = cfg.data.seq_len
-        self.features = FeatureModel(ac.feature_model, ac.feature_layer)
+        self.features = FeatureModel(ac.feature_model, ac.feature_layer, ac.feature_precision)
         check_same_tokenizer(
             tokenizer_identity,
             self.features.tokenizer_identity(),
