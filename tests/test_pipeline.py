@@ -1,10 +1,14 @@
 import json
+from collections import Counter
 
 import pytest
+import torch
 from conftest import TINY
 from latent_fixtures import AE_SMALL, PRIOR_SMALL
 
 from diladiff.pipeline import EvalPlan, run_pipeline
+from diladiff.stages.diladiff import DiLaDiff
+from diladiff.stages.ladiff import LaDiff, LatentStage
 from diladiff.train import trainer as trainer_mod
 from diladiff.train.checkpoint import latest_checkpoint
 
@@ -17,12 +21,12 @@ STEPS = {
 PLAN = EvalPlan(
     scorer="smollm2-135m",
     num_samples=8,
-    batch_size=8,
+    batch_size=4,
     ladiff_cont_steps=10,
     frontier_disc=(4, 8),
     bench_batches=(1, 2),
     bench_repeats=1,
-    latent_samples=6,
+    latent_samples=8,
     latent_train_rows=12,
 )
 
@@ -55,6 +59,7 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
     mdlm_ckpt = latest_checkpoint(root / "mdlm")
 
     monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
+    draws, decoded = watch_latents(monkeypatch)
     report = run()
     # finished stages were not redone; the interrupted one resumed from its checkpoint
     assert {s: (root / s / "COMPLETE").stat().st_mtime for s in done} == done
@@ -94,4 +99,65 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
     assert names[4].startswith("diladiff N_cont=5 gamma=0") and len(names) == 6
     assert f"| {names[5]} |" in text
     assert (root / "frontier" / "frontier.png").is_file()
+
+    # Prior samples: drawn once per (run, N_cont, gamma) by evaluation, diagnostics and
+    # frontier together (2 batches of 4 = the 8 samples; the frontier's 4 are the first batch)
+    assert Counter((k, c, g) for k, c, g, _ in draws) == {
+        ("ladiff", 10, 0.0): 2,  # evaluation at N_disc 4 and 32, diagnostics
+        ("ladiff", 5, 0.0): 2,
+        ("ladiff", 200, 0.0): 1,  # the frontier (the run's N_cont), 3 points
+        ("diladiff", 5, 0.0): 2,  # evaluation, diagnostics (gamma 0), frontier
+        ("diladiff", 5, 0.2): 2,  # diagnostics (gamma > 0)
+    }
+    # ... and decoded at both N_disc: (ladiff, N_cont 10) at 4 then 32, then N_cont 5
+    z = [zz for kind, _, zz in decoded if kind == "ladiff"][:8]
+    assert all(torch.equal(z[i], z[i + 2]) for i in (0, 1, 4, 5))
+    assert not torch.equal(z[0], z[4])
+    gens = {
+        n: json.loads((root / "eval" / f"ladiff_cont10_disc{n}.json").read_text())["generator"]
+        for n in (4, 32)
+    }
+    assert not gens[4]["latent_reused"] and gens[32]["latent_reused"]
+    assert gens[4]["latent_s"] == gens[32]["latent_s"] > 0  # measured once, attributed
+    assert gens[4]["latent_seed"] == 0 and gens[4]["decode_seed"] == 1
+    reused = {r["sampler"]: r.get("latent_reused") for r in latent["metrics"]["rows"][2:]}
+    assert list(reused.values()) == [True, True, True, False]
+    front = json.loads((root / "frontier" / "frontier.json").read_text())
+    assert [p["latent_reused"] for p in front["points"] if p["run"].startswith("ladiff")] == [
+        False,
+        True,
+    ]
+    assert all(p["latent_reused"] for p in front["points"] if p["run"].startswith("diladiff"))
     assert (root / "autoencoder" / "recon.png").is_file()
+
+
+def watch_latents(monkeypatch):
+    """Record every latent draw outside `stage.sample` (the speed benchmark samples for real
+    through it) as (kind, cont_steps, gamma, batch), and every such decoding as
+    (kind, N_disc, z_ae)."""
+    draws, decoded, inside = [], [], []
+    real_sample, real_decode = LatentStage.sample, LatentStage.decode
+
+    def sample(self, *args, **kwargs):
+        inside.append(1)
+        try:
+            return real_sample(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def decode(self, z_ae, settings, generator, device, progress=False):
+        if not inside:
+            decoded.append((self.kind, settings.steps, z_ae.clone()))
+        return real_decode(self, z_ae, settings, generator, device, progress)
+
+    for cls in (LaDiff, DiLaDiff):
+
+        def counted(self, batch, settings, generator, device, _real=cls.sample_latent):
+            if not inside:
+                draws.append((self.kind, settings.cont_steps, settings.gamma, batch))
+            return _real(self, batch, settings, generator, device)
+
+        monkeypatch.setattr(cls, "sample_latent", counted)
+    monkeypatch.setattr(LatentStage, "sample", sample)
+    monkeypatch.setattr(LatentStage, "decode", decode)
+    return draws, decoded

@@ -9,6 +9,9 @@ The evaluation rows: MDLM, LaDiff (N_cont 200 and 5), DiLaDiff, and two controls
 auto-encoder (eval/oracle.py): the oracle (decoder given the encoder latent of a held-out row)
 and the noise latent (z ~ N(0, I)), each at N_disc = L/8 and L; GenPPL with its bootstrap
 interval. DIR/eval/latent.json holds the latent-prior diagnostics (eval/latent_diag.py).
+The evaluation rows, the diagnostics and the frontier share one LatentCache
+(eval/latent_cache.py): each (run, N_cont, gamma) draws its prior samples once (seed 0) and
+decodes them at every N_disc and temperature (seed 1); the speed benchmark samples for real.
 
 A stage whose folder holds a COMPLETE marker is skipped; an interrupted stage resumes from its
 last checkpoint. With --budget-minutes, each stage gets its preset share of the budget as a
@@ -134,9 +137,12 @@ def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: in
     return out / f"{name}.json"
 
 
-def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
+def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
     """Samples and protocol evaluation of MDLM, LaDiff and DiLaDiff, then the oracle and
-    noise-latent controls, at N_disc = L/8 and L."""
+    noise-latent controls, at N_disc = L/8 and L. The latent stages draw their prior samples
+    once per (run, N_cont) through `cache` (a LatentCache, eval/latent_cache.py: latents from
+    seed 0, decoding from seed 1) and decode them at both N_disc."""
+    from diladiff.eval.latent_cache import LatentCache, generate_from_cache, rng_meta
     from diladiff.eval.oracle import (
         CONTROLS,
         control_latents,
@@ -147,6 +153,7 @@ def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
     from diladiff.runs import load_run
     from diladiff.sampling.generate import generate, sampler_settings
 
+    cache = LatentCache() if cache is None else cache
     L = load_run(root / "mdlm")[0].seq_len
     paths = []
     points = [("mdlm", 0), ("ladiff", plan.ladiff_cont_steps), ("ladiff", 5), ("diladiff", 5)]
@@ -157,8 +164,12 @@ def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
             sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
             sc.disc_steps, sc.cont_steps = n_disc, cont
             name = f"{stage_name}_cont{cont}_disc{n_disc}" if cont else f"{stage_name}_disc{n_disc}"
-            gen = generate(stage, tok, sc, device, progress=False)
             meta = {"run": str(root / stage_name), "stage": stage_name, **vars(sc)}
+            if cont:
+                gen = generate_from_cache(stage, tok, sc, cache, str(root / stage_name), device)
+                meta |= rng_meta(sc.seed)
+            else:
+                gen = generate(stage, tok, sc, device, progress=False)
             paths.append(_score(root, plan, device, name, gen, meta, L))
 
     # Controls on the auto-encoder (through the LaDiff run's frozen copy of it).
@@ -189,9 +200,11 @@ def evaluate_all(root: Path, plan: EvalPlan, device) -> list[Path]:
     return paths
 
 
-def latent_all(root: Path, plan: EvalPlan, device) -> Path:
+def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path:
     """Latent-prior diagnostics of the LaDiff and DiLaDiff runs (DIR/eval/latent.json); the
-    encoder reference latents are reused for DiLaDiff when it maps rows to the same latents."""
+    encoder reference latents are reused for DiLaDiff when it maps rows to the same latents,
+    the prior samples (seed 0) taken from `cache` when evaluate_all drew them already."""
+    from diladiff.eval.latent_cache import LatentCache
     from diladiff.eval.latent_diag import (
         latent_diagnostics,
         latent_result,
@@ -201,6 +214,7 @@ def latent_all(root: Path, plan: EvalPlan, device) -> Path:
     from diladiff.eval.protocol import write_result
     from diladiff.runs import load_run
 
+    cache = LatentCache() if cache is None else cache
     refs, rows = None, []
     for stage_name in ("ladiff", "diladiff"):
         stage, tok = load_run(root / stage_name, device=device)
@@ -211,7 +225,9 @@ def latent_all(root: Path, plan: EvalPlan, device) -> Path:
         samplers = None  # DiLaDiff: its defaults (N_cont 5, gamma 0 and > 0)
         if stage_name == "ladiff":
             samplers = [{"cont_steps": c} for c in (plan.ladiff_cont_steps, 5)]
-        for row in latent_diagnostics(stage, refs, samplers, 0, plan.batch_size, device):
+        for row in latent_diagnostics(
+            stage, refs, samplers, 0, plan.batch_size, device, cache, str(root / stage_name)
+        ):
             if not any(r["sampler"] == row["sampler"] for r in rows):  # shared reference rows
                 rows.append(row)
     result = latent_result(stage, root, refs, rows, 0, device)
@@ -261,7 +277,9 @@ def write_report(
         "",
         f"Device: {device_record(device)}. Scorer: {plan.scorer}. Samples per row: "
         f"{plan.num_samples} (seed 0). MAUVE reference: held-out split of the MDLM run's "
-        f"data. Regenerate: `diladiff pipeline --preset {preset} --run-dir {root}`.",
+        f"data. Latent stages: prior samples drawn once per (run, N_cont, gamma) from seed 0 "
+        "and decoded at every N_disc and temperature from seed 1 (latent_s: the time of that "
+        f"draw). Regenerate: `diladiff pipeline --preset {preset} --run-dir {root}`.",
         "",
     ]
     lines.append(markdown_report(results, "Generation quality").split("\n", 2)[2])
@@ -334,6 +352,7 @@ def run_pipeline(
     plan: EvalPlan | None = None,
 ) -> Path:
     from diladiff.eval.frontier import frontier
+    from diladiff.eval.latent_cache import LatentCache
     from diladiff.eval.protocol import device_record, write_result
     from diladiff.eval.recon_report import plot_recon, recon_report
     from diladiff.train.distributed import pick_device
@@ -347,10 +366,13 @@ def run_pipeline(
     rec = recon_report(root / "autoencoder", sequences=16, mc_samples=32, device=device)
     plot_recon(rec, root / "autoencoder" / "recon.png", "Auto-encoder vs MDLM (held-out)")
     write_result(root / "eval" / "recon.json", {"metrics": rec, "device": device_record(device)})
+    # Prior samples drawn once and decoded at every N_disc / temperature by the evaluation,
+    # the latent diagnostics and the frontier (not by the speed benchmark, which times them).
+    cache = LatentCache()
     print("[pipeline] evaluation")
-    results = evaluate_all(root, plan, device)
+    results = evaluate_all(root, plan, device, cache)
     print("[pipeline] latent-prior diagnostics")
-    latent_all(root, plan, device)
+    latent_all(root, plan, device, cache)
     print("[pipeline] speed benchmark")
     bench = bench_all(root, plan, device)
     print("[pipeline] frontier")
@@ -364,7 +386,9 @@ def run_pipeline(
         temperatures=list(plan.temperatures),
         device=device,
         batch_size=plan.batch_size,
+        latent_cache=cache,
     )
+    print(f"[pipeline] latent draws (sample_latent calls, benchmark excluded): {cache.draws}")
     report = write_report(root, preset, plan, results, bench, device)
     print(f"[pipeline] report: {report}")
     return report

@@ -3,6 +3,11 @@ under the fixed protocol, and plot MAUVE and GenPPL against tokens/s (plus a tem
 sweep: GenPPL against entropy). Everything lands in one output folder:
 
     OUT/frontier.json   OUT/frontier.png   OUT/temperature.png   OUT/samples/*.jsonl
+
+A latent run's prior samples are drawn once per (N_cont, gamma) and decoded at every N_disc and
+temperature (eval/latent_cache.py: latents from `seed`, decoding from `seed + 1`); its rows'
+seconds and tokens/s include the time of that draw (latent_s; latent_reused marks the rows that
+did not spend it again).
 """
 
 from __future__ import annotations
@@ -14,6 +19,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from diladiff.eval.evaluate import evaluate_samples
+from diladiff.eval.latent_cache import (
+    RNG_RULE,
+    LatentCache,
+    generate_from_cache,
+    is_latent_stage,
+    rng_meta,
+)
 from diladiff.eval.plots import pyplot, save
 from diladiff.eval.protocol import device_record
 from diladiff.runs import load_run
@@ -34,16 +46,25 @@ def sweep_run(
     device,
     seed: int,
     batch_size: int,
+    latent_cache: LatentCache | None = None,
 ) -> list[dict]:
-    """Generate and evaluate at each point (a dict of sample-config overrides)."""
+    """Generate and evaluate at each point (a dict of sample-config overrides). A latent run
+    draws its prior samples through `latent_cache` (one per call when None): once per
+    (N_cont, gamma), decoded at every point (eval/latent_cache.py: latents from `seed`,
+    decoding from `seed + 1`)."""
     stage, tok = load_run(run_dir, device=device)
+    latent = is_latent_stage(stage)
+    cache = LatentCache() if latent_cache is None else latent_cache
     rows = []
     for point in tqdm(points, desc=f"frontier {run_dir.name}", leave=False):
         sc = copy.deepcopy(stage.cfg.sample)
         sc.num_samples, sc.batch_size, sc.seed = num_samples, batch_size, seed
         for k, v in point.items():
             setattr(sc, k, v)
-        out = generate(stage, tok, sc, device, progress=False)
+        if latent:
+            out = generate_from_cache(stage, tok, sc, cache, str(run_dir), device)
+        else:
+            out = generate(stage, tok, sc, device, progress=False)
         name = f"{run_dir.name}_" + "_".join(f"{k}{v}" for k, v in point.items())
         sample_path = out_dir / "samples" / f"{name}.jsonl"
         sample_path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +75,8 @@ def sweep_run(
             )
         )
         meta = {"run": str(run_dir), "stage": stage.kind, **vars(sc)}
+        if latent:
+            meta |= rng_meta(sc.seed)
         result = evaluate_samples(
             out.ids,
             out.texts,
@@ -68,6 +91,7 @@ def sweep_run(
                 "run": _label(run_dir, stage),
                 "temperature": sc.temperature,
                 **point,
+                **({"decode_seed": meta["decode_seed"]} if latent else {}),
                 "tokens_per_s": num_samples * stage.seq_len / out.seconds,
                 "seconds": out.seconds,
                 **out.stats,
@@ -91,13 +115,18 @@ def frontier(
     seed: int = 0,
     batch_size: int = 16,
     cont_steps: list[int] = (),
+    latent_cache: LatentCache | None = None,
 ) -> dict:
-    """Sweep N_disc (x N_cont for latent runs when `cont_steps` is given) per run."""
+    """Sweep N_disc (x N_cont for latent runs when `cont_steps` is given) per run. Latent runs
+    draw their prior samples once per (run, N_cont, gamma) through `latent_cache` (a new one
+    when None) and decode them at every N_disc and temperature."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache = LatentCache() if latent_cache is None else latent_cache
     result = {
         "device": device_record(device),
         "num_samples": num_samples,
         "seed": seed,
+        "latent_rng": RNG_RULE,
         "points": [],
         "temperature": [],
     }
@@ -109,7 +138,16 @@ def frontier(
         if latent and cont_steps:
             points = [{"cont_steps": c, "disc_steps": n} for c in cont_steps for n in disc_steps]
         frontier_rows = sweep_run(
-            Path(run), points, num_samples, scorer, reference, out_dir, device, seed, batch_size
+            Path(run),
+            points,
+            num_samples,
+            scorer,
+            reference,
+            out_dir,
+            device,
+            seed,
+            batch_size,
+            cache,
         )
         result["points"] += frontier_rows
         if temperatures:
@@ -122,7 +160,16 @@ def frontier(
             }
             tpoints = [{"disc_steps": n, "temperature": t} for t in temperatures if t not in done]
             swept = sweep_run(
-                Path(run), tpoints, num_samples, scorer, None, out_dir, device, seed, batch_size
+                Path(run),
+                tpoints,
+                num_samples,
+                scorer,
+                None,
+                out_dir,
+                device,
+                seed,
+                batch_size,
+                cache,
             )
             by_t = done | {r["temperature"]: r for r in swept}
             result["temperature"] += [by_t[t] for t in temperatures]

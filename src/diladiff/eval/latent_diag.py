@@ -32,8 +32,6 @@ gamma > 0), plus "encoder train (floor)" (T_n as if it were a sampler) and "enco
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -205,28 +203,17 @@ def sampler_grid(stage, cont_steps=None, gammas=None) -> list[dict]:
 def sample_prior(
     stage, num: int, cont_steps: int, gamma: float, seed: int, batch_size: int, device
 ) -> tuple[torch.Tensor, dict]:
-    """`num` prior samples in prior space (fixed seed), with the network calls and seconds."""
-    from diladiff.sampling.generate import inference_autocast, synchronize
-    from diladiff.sampling.masked import SamplerSettings
+    """`num` prior samples in prior space (one generator seeded `seed`, batch after batch), with
+    the network calls per sample and the seconds."""
+    from diladiff.eval.latent_cache import draw_batch
 
-    device = torch.device(device)
-    settings = SamplerSettings(steps=stage.seq_len, cont_steps=cont_steps, gamma=gamma)
-    gen = torch.Generator(device).manual_seed(seed)
-    out, nfe = [], 0
-    # DiLaDiff reads `settings.gamma or cfg.sample.gamma`: an explicit gamma = 0 would fall back
-    # to a run's nonzero default, so the run's default is set to the requested gamma meanwhile.
-    run_gamma, stage.cfg.sample.gamma = stage.cfg.sample.gamma, gamma
-    start = time.perf_counter()
-    try:
-        while sum(len(z) for z in out) < num:
-            n = min(batch_size, num - sum(len(z) for z in out))
-            with inference_autocast(device):
-                z, nfe = stage.sample_latent(n, settings, gen, device)
-            out.append(z.float().cpu())
-        synchronize(device)
-    finally:
-        stage.cfg.sample.gamma = run_gamma
-    return torch.cat(out), {"cont_nfe": nfe, "seconds": time.perf_counter() - start}
+    gen = torch.Generator(torch.device(device)).manual_seed(seed)
+    batches = [
+        draw_batch(stage, min(batch_size, num - i), cont_steps, gamma, gen, device)
+        for i in range(0, num, batch_size)
+    ]
+    z = torch.cat([b.z for b in batches])
+    return z, {"cont_nfe": batches[-1].nfe, "seconds": sum(b.seconds for b in batches)}
 
 
 def latent_diagnostics(
@@ -236,8 +223,19 @@ def latent_diagnostics(
     seed: int = 0,
     batch_size: int = 64,
     device="cpu",
+    cache=None,
+    run: str | None = None,
 ) -> list[dict]:
-    """One row per sampler, plus the floor and held-out reference rows."""
+    """One row per sampler, plus the floor and held-out reference rows. With a `LatentCache`
+    (eval/latent_cache.py) and the run's name, the prior samples come from (and stay in) the
+    cache: the same tensors as `sample_prior` draws; `seconds` is then the time they took when
+    drawn, and `latent_reused` says whether an earlier caller drew them."""
+    from diladiff.eval.latent_cache import LatentCache
+
+    if cache is None:
+        cache, run = LatentCache(), "this run"
+    elif run is None:
+        raise ValueError("a shared latent cache needs the run's name")
     num = len(refs["heldout"])
     rows = [
         {"sampler": "encoder train (floor)", **compare(refs["train_floor"], refs)},
@@ -249,11 +247,21 @@ def latent_diagnostics(
     ]
     for spec in samplers or default_samplers(stage):
         cont, gamma = int(spec["cont_steps"]), float(spec.get("gamma", 0.0))
-        z, info = sample_prior(stage, num, cont, gamma, seed, batch_size, device)
+        z, info = cache.prior(stage, run, num, cont, gamma, seed, batch_size, device)
         name = f"{stage.kind} N_cont={cont}" + (
             f" gamma={gamma:g}" if stage.kind == "diladiff" else ""
         )
-        rows.append({"sampler": name, "N_cont": cont, "gamma": gamma, **info, **compare(z, refs)})
+        rows.append(
+            {
+                "sampler": name,
+                "N_cont": cont,
+                "gamma": gamma,
+                "cont_nfe": info["cont_nfe"],
+                "seconds": info["latent_s"],
+                "latent_reused": info["latent_reused"],
+                **compare(z, refs),
+            }
+        )
     return rows
 
 

@@ -50,10 +50,19 @@ def oracle_rows(stage, tok, num: int) -> tuple[np.ndarray, dict]:
 
 @torch.no_grad()
 def decode_latents(
-    stage, tok, latents: torch.Tensor, settings, seed: int, batch_size: int, device
+    stage,
+    tok,
+    latents: torch.Tensor,
+    settings,
+    seed: int,
+    batch_size: int,
+    device,
+    prior_space: bool = False,
 ) -> Generation:
     """Masked decoding conditioned on auto-encoder-space latents (n, N_z, d_z), in batches, from
-    one generator seeded with `seed`."""
+    one generator seeded with `seed`. prior_space: the latents are a latent stage's prior
+    samples, mapped to the decoder's space (`stage.to_decoder_space`) on the device first.
+    seconds: the decoding's wall time (the mapping included)."""
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed)
     ids: list[list[int]] = []
@@ -61,6 +70,8 @@ def decode_latents(
     start = time.perf_counter()
     for i in range(0, len(latents), batch_size):
         z = latents[i : i + batch_size].to(device)
+        if prior_space:
+            z = stage.to_decoder_space(z)
         with inference_autocast(device):
             out, st = stage.decode(z, settings, gen, device)
         ids += out.cpu().tolist()
