@@ -185,7 +185,7 @@ class _StubFeatures(nn.Module):
 
     dim = 16
 
-    def __init__(self, name, layer=-1):
+    def __init__(self, name, layer=-1, precision="auto"):
         super().__init__()
         self.name = name
 

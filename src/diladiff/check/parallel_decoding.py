@@ -365,44 +365,31 @@ def run_check(
         {"stage": "ladiff", "latent": "z ~ N(0, I)"},
         {n: decode_latents(ladiff, z_noise, n, plan, device) for n in grid},
     )
+
+    def record_prior(name: str, stage, z_p: torch.Tensor, info: dict) -> None:
+        """A generator that samples prior-space latents z_p, decoded at every N_disc."""
+        z = stage.to_decoder_space(z_p)
+        info = {"stage": stage.kind, **info, "latent": latent_landing(z_p, targets_p)}
+        record(name, info, {n: decode_latents(stage, z, n, plan, device) for n in grid})
+
     cont = plan.ladiff_cont_steps[0]
-    z_p = exact_prior_latents(ladiff, targets_p, plan, device, cont)
-    z = ladiff.to_decoder_space(z_p)
-    record(
+    record_prior(
         f"exact_prior_cont{cont}",
-        {
-            "stage": "ladiff",
-            "cont_steps": cont,
-            "latent": latent_landing(z_p, targets_p),
-            "what": "the LaDiff sampler with the exact denoiser of the K latents",
-        },
-        {n: decode_latents(ladiff, z, n, plan, device) for n in grid},
+        ladiff,
+        exact_prior_latents(ladiff, targets_p, plan, device, cont),
+        {"cont_steps": cont, "what": "the LaDiff sampler with the exact denoiser of the K latents"},
     )
     for cont in plan.ladiff_cont_steps:
         z_p = prior_latents(ladiff, plan, device, cont, 0.0)
-        z = ladiff.to_decoder_space(z_p)
-        record(
-            f"ladiff_cont{cont}",
-            {"stage": "ladiff", "cont_steps": cont, "latent": latent_landing(z_p, targets_p)},
-            {n: decode_latents(ladiff, z, n, plan, device) for n in grid},
-        )
+        record_prior(f"ladiff_cont{cont}", ladiff, z_p, {"cont_steps": cont})
     del ladiff
 
     diladiff, _ = load_run(root / "diladiff", device=device)
+    cont = plan.diladiff_cont_steps
     for gamma in (0.0, plan.gamma):
-        cont = plan.diladiff_cont_steps
         z_p = prior_latents(diladiff, plan, device, cont, gamma)
-        z = diladiff.to_decoder_space(z_p)
-        record(
-            f"diladiff_cont{cont}_gamma{gamma:g}",
-            {
-                "stage": "diladiff",
-                "cont_steps": cont,
-                "gamma": gamma,
-                "latent": latent_landing(z_p, targets_p),
-            },
-            {n: decode_latents(diladiff, z, n, plan, device) for n in grid},
-        )
+        info = {"cont_steps": cont, "gamma": gamma}
+        record_prior(f"diladiff_cont{cont}_gamma{gamma:g}", diladiff, z_p, info)
     timings["sample_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
 

@@ -261,10 +261,8 @@ def reveal_topk(draw: Draw, masked, t, s, settings, generator):
 # A sampler gives each step a Draw at the current x_t and is told when x_t changed.
 
 
-@register_sampler("reference")
-class FullVocabularySampler:
-    """The previous sampler: log p_theta(x_0 | x_t) over all (B, L, V) whenever x_t changed (or
-    every step without the cache), tempered and nucleus-filtered in full every step."""
+class TokenSampler:
+    """What every sampler holds: the decoder, the settings, the generator and the stats."""
 
     def __init__(self, decoder: TokenDecoder, settings: SamplerSettings, generator, stats):
         self.decoder, self.settings, self.generator, self.stats = (
@@ -273,6 +271,15 @@ class FullVocabularySampler:
             generator,
             stats,
         )
+
+
+@register_sampler("reference")
+class FullVocabularySampler(TokenSampler):
+    """The previous sampler: log p_theta(x_0 | x_t) over all (B, L, V) whenever x_t changed (or
+    every step without the cache), tempered and nucleus-filtered in full every step."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
         self.logp = None
 
     def draws(self, x: torch.Tensor) -> Draw:
@@ -288,17 +295,12 @@ class FullVocabularySampler:
 
 
 @register_sampler("fast")
-class DrawnRowsSampler:
+class DrawnRowsSampler(TokenSampler):
     """The trunk hidden(x_t) once per state of x_t at which something is drawn (lazily: a step
     that draws nothing runs no network); the head and the draw on the drawn rows only."""
 
-    def __init__(self, decoder: TokenDecoder, settings: SamplerSettings, generator, stats):
-        self.decoder, self.settings, self.generator, self.stats = (
-            decoder,
-            settings,
-            generator,
-            stats,
-        )
+    def __init__(self, *args):
+        super().__init__(*args)
         self.hidden = None
 
     def draws(self, x: torch.Tensor) -> Draw:

@@ -33,7 +33,6 @@ from diladiff.features import Standardizer
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.processes.gaussian import diffuse
 from diladiff.sampling.latent import euler_ode_sample
-from diladiff.sampling.masked import sample_masked
 from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import Stage, register_stage
 
@@ -113,19 +112,9 @@ class LatentStage(Stage):
         batch = z.shape[0]
         _sync(device)
         t1 = time.perf_counter()
-        ids, st = sample_masked(
-            self.ae.token_decoder(z),
-            batch,
-            self.seq_len,
-            self.mask_id,
-            settings,
-            generator,
-            device,
-            progress,
-        )
+        ids, stats = self.ae.decode_tokens(batch, settings, generator, device, progress, cond=z)
         _sync(device)
-        t2 = time.perf_counter()
-        return ids, {"disc_nfe": st.nfe, "disc_steps_taken": st.steps, "decode_s": t2 - t1}
+        return ids, {**stats, "decode_s": time.perf_counter() - t1}
 
     @torch.no_grad()
     def sample(self, batch: int, settings, generator: torch.Generator, device, progress=False):

@@ -67,6 +67,22 @@ class MaskedDiffusionStage(Stage):
         sampler: p_theta(x_0^l | x_t, cond) = softmax(SUBS(head(hidden(x_t, cond)[l])))."""
         return TokenDecoder(lambda x_t: self.hidden(x_t, cond), self.head, self.mask_id)
 
+    @torch.no_grad()
+    def decode_tokens(self, batch: int, settings, generator, device, progress=False, cond=None):
+        """`batch` rows decoded from all-masked input in N_disc = settings.steps steps,
+        conditioned on `cond` (None for the plain MDLM); returns (ids, stats dict)."""
+        ids, stats = sample_masked(
+            self.token_decoder(cond),
+            batch,
+            self.seq_len,
+            self.mask_id,
+            settings,
+            generator,
+            device,
+            progress,
+        )
+        return ids, {"disc_nfe": stats.nfe, "disc_steps_taken": stats.steps}
+
     def log_probs(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
         """log p_theta(x_0 | x_t[, cond]), shape (B, L, V), SUBS applied."""
         return self.token_decoder(cond).log_probs(x_t)
@@ -133,14 +149,4 @@ class MDLM(MaskedDiffusionStage):
     @torch.no_grad()
     def sample(self, batch: int, settings, generator: torch.Generator, device, progress=False):
         """Token ids (batch, L) by masked-diffusion decoding; returns (ids, stats dict)."""
-        ids, stats = sample_masked(
-            self.token_decoder(),
-            batch,
-            self.seq_len,
-            self.mask_id,
-            settings,
-            generator,
-            device,
-            progress,
-        )
-        return ids, {"disc_nfe": stats.nfe, "disc_steps_taken": stats.steps}
+        return self.decode_tokens(batch, settings, generator, device, progress)
