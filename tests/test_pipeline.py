@@ -74,6 +74,7 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
         "ladiff_cont10_disc32",
         "ladiff_cont5_disc4",
         "diladiff_cont5_disc32",
+        "diladiff_cont5_gamma0.2_disc4",
         "oracle_disc4",
         "oracle_disc32",
         "noise_latent_disc4",
@@ -107,7 +108,7 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
         ("ladiff", 5, 0.0): 2,
         ("ladiff", 200, 0.0): 1,  # the frontier (the run's N_cont), 3 points
         ("diladiff", 5, 0.0): 2,  # evaluation, diagnostics (gamma 0), frontier
-        ("diladiff", 5, 0.2): 2,  # diagnostics (gamma > 0)
+        ("diladiff", 5, 0.2): 2,  # evaluation with gamma-sampling, diagnostics (gamma > 0)
     }
     # ... and decoded at both N_disc: (ladiff, N_cont 10) at 4 then 32, then N_cont 5
     z = [zz for kind, _, zz in decoded if kind == "ladiff"][:8]
@@ -121,7 +122,7 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
     assert gens[4]["latent_s"] == gens[32]["latent_s"] > 0  # measured once, attributed
     assert gens[4]["latent_seed"] == 0 and gens[4]["decode_seed"] == 1
     reused = {r["sampler"]: r.get("latent_reused") for r in latent["metrics"]["rows"][2:]}
-    assert list(reused.values()) == [True, True, True, False]
+    assert list(reused.values()) == [True, True, True, True]
     front = json.loads((root / "frontier" / "frontier.json").read_text())
     assert [p["latent_reused"] for p in front["points"] if p["run"].startswith("ladiff")] == [
         False,

@@ -55,6 +55,8 @@ class EvalPlan:
     # the nearest-neighbour reference set.
     latent_samples: int = 256
     latent_train_rows: int = 1024
+    # DiLaDiff is also evaluated with gamma-sampling (CTM; the paper's best is about 0.1-0.3).
+    diladiff_gamma: float = 0.2
 
 
 EVAL_PLANS = {
@@ -156,14 +158,22 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
     cache = LatentCache() if cache is None else cache
     L = load_run(root / "mdlm")[0].seq_len
     paths = []
-    points = [("mdlm", 0), ("ladiff", plan.ladiff_cont_steps), ("ladiff", 5), ("diladiff", 5)]
-    for stage_name, cont in points:
+    points = [
+        ("mdlm", 0, 0.0),
+        ("ladiff", plan.ladiff_cont_steps, 0.0),
+        ("ladiff", 5, 0.0),
+        ("diladiff", 5, 0.0),
+        ("diladiff", 5, plan.diladiff_gamma),
+    ]
+    for stage_name, cont, gamma in points:
         stage, tok = load_run(root / stage_name, device=device)
         for n_disc in (L // 8, L):
             sc = stage.cfg.sample
             sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
-            sc.disc_steps, sc.cont_steps = n_disc, cont
-            name = f"{stage_name}_cont{cont}_disc{n_disc}" if cont else f"{stage_name}_disc{n_disc}"
+            sc.disc_steps, sc.cont_steps, sc.gamma = n_disc, cont, gamma
+            tag = f"_cont{cont}" if cont else ""
+            tag += f"_gamma{gamma:g}" if gamma else ""
+            name = f"{stage_name}{tag}_disc{n_disc}"
             meta = {"run": str(root / stage_name), "stage": stage_name, **vars(sc)}
             if cont:
                 gen = generate_from_cache(stage, tok, sc, cache, str(root / stage_name), device)
