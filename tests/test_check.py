@@ -72,7 +72,7 @@ def test_corpus_packs_back_into_exactly_its_rows(tmp_path):
     assert rows.shape == (12, 16) and len({r.tobytes() for r in rows}) == 12
     assert (rows[:, -1] == separator_id(tok)).all()
     corpus = write_corpus(tmp_path, texts, rows, heldout=3)
-    overrides = training_config("tiny", ["data.seq_len=16", "data.source=austen"], corpus, 3)
+    overrides = training_config(["data.seq_len=16", "data.source=austen"], corpus, 3)
     cfg = build_config("tiny", overrides)
     assert cfg.data.source == str(corpus)  # the user's source is the origin, not the training data
     data = prepare_data(cfg.data, tok, progress=False)

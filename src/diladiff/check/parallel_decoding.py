@@ -160,34 +160,15 @@ def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
-def prior_latents(stage, plan: CheckPlan, device, cont_steps: int, gamma: float) -> torch.Tensor:
-    """N prior samples in the prior's space (drawn once, decoded at every N_disc)."""
-    gen = torch.Generator(device).manual_seed(plan.seed)
-    settings = _settings(stage, 1, cont_steps, gamma)
-    zs = [
-        stage.sample_latent(b, settings, gen, device)[0]
-        for _, b in _batches(plan.num_samples, plan.batch_size)
-    ]
-    return torch.cat(zs)
+def decode_latents(stage, tok, z: torch.Tensor, n_disc: int, plan: CheckPlan, device, **kw):
+    """Token rows (numpy) decoded from latents z at N_disc, from one generator seeded
+    `plan.seed + 1` (the same decoding randomness for every generator and N_disc)."""
+    from diladiff.eval.oracle import decode_latents as decode
 
-
-@torch.no_grad()
-def decode_latents(stage, z_ae: torch.Tensor, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
-    gen = torch.Generator(device).manual_seed(plan.seed + 1)
-    settings = _settings(stage, n_disc)
-    out = [
-        stage.decode(z_ae[s : s + b], settings, gen, device)[0].cpu()
-        for s, b in _batches(len(z_ae), plan.batch_size)
-    ]
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
-def encode_rows(stage, rows: np.ndarray, device, batch: int = 256) -> torch.Tensor:
-    """The auto-encoder's latent (its own standardised space) of clean rows."""
-    x = torch.from_numpy(rows).to(device)
-    return torch.cat([stage.ae.encode(x[i : i + batch]) for i in range(0, len(x), batch)])
+    out = decode(
+        stage, tok, z, _settings(stage, n_disc), plan.seed + 1, plan.batch_size, device, **kw
+    )
+    return np.asarray(out.ids, dtype=np.int64)
 
 
 def exact_prior_x0(targets_p: torch.Tensor, d: float):
@@ -214,11 +195,11 @@ def exact_prior_latents(stage, targets_p, plan: CheckPlan, device, cont_steps: i
     from diladiff.sampling.latent import euler_ode_sample
 
     gen = torch.Generator(device).manual_seed(plan.seed)
-    x0_fn = exact_prior_x0(targets_p, stage.cfg.diffusion.d)
+    x0_fn = exact_prior_x0(targets_p.to(device), stage.cfg.diffusion.d)
     zs = [
         euler_ode_sample(
             x0_fn, (b, *stage.latent_shape), cont_steps, stage.cfg.diffusion.d, gen, device
-        )[0]
+        )[0].cpu()
         for _, b in _batches(plan.num_samples, plan.batch_size)
     ]
     return torch.cat(zs)
@@ -245,7 +226,7 @@ def latent_landing(z_p: torch.Tensor, targets_p: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- the check
 
 
-def training_config(preset: str, overrides: list[str], corpus: Path, heldout: int) -> list[str]:
+def training_config(overrides: list[str], corpus: Path, heldout: int) -> list[str]:
     """Overrides for every stage: the user's, then the corpus (the check's own data)."""
     keep = [o for o in overrides if not o.startswith("data.source=")]
     return [
@@ -270,6 +251,8 @@ def run_check(
     from diladiff.config import build_config
     from diladiff.data.packing import prepare_data
     from diladiff.data.tokenizer import load_tokenizer
+    from diladiff.eval.latent_diag import sample_prior
+    from diladiff.eval.oracle import encoder_latents
     from diladiff.eval.protocol import device_record
     from diladiff.pipeline import train_stages
     from diladiff.runs import load_run
@@ -302,7 +285,7 @@ def run_check(
             cfg.data.source, tok, k, L, cfg.data.text_field, cfg.data.txt_split
         )
         write_corpus(root, texts, rows, heldout)
-    train_overrides = training_config(preset, overrides, corpus, heldout)
+    train_overrides = training_config(overrides, corpus, heldout)
     packed = prepare_data(build_config(preset, train_overrides).data, tok, progress=False)
     train = np.asarray(packed.train, dtype=np.int64)
     if train.shape != rows.shape or not (train == rows).all():
@@ -343,11 +326,11 @@ def run_check(
     del mdlm
 
     ladiff, _ = load_run(root / "ladiff", device=device)
-    targets_ae = encode_rows(ladiff, rows, device)
-    targets_p = ladiff.to_prior_space(targets_ae)
+    targets_ae = encoder_latents(ladiff, rows, plan.batch_size, device)  # CPU
+    targets_p = ladiff.to_prior_space(targets_ae.to(device)).cpu()
     pick = np.random.default_rng(plan.seed).integers(0, k, size=plan.num_samples)
-    z_oracle = targets_ae[torch.from_numpy(pick).to(device)]
-    oracle = {n: decode_latents(ladiff, z_oracle, n, plan, device) for n in grid}
+    z_oracle = targets_ae[torch.from_numpy(pick)]
+    oracle = {n: decode_latents(ladiff, tok, z_oracle, n, plan, device) for n in grid}
 
     def oracle_match(n_disc, out):
         return {"oracle_match": float((out == rows[pick]).all(1).mean())}
@@ -358,19 +341,20 @@ def run_check(
         oracle,
         oracle_match,
     )
-    gen = torch.Generator(device).manual_seed(plan.seed)
-    z_noise = torch.randn(z_oracle.shape, generator=gen, device=device)
+    z_noise = torch.randn(z_oracle.shape, generator=torch.Generator().manual_seed(plan.seed))
     record(
         "noise_latent",
         {"stage": "ladiff", "latent": "z ~ N(0, I)"},
-        {n: decode_latents(ladiff, z_noise, n, plan, device) for n in grid},
+        {n: decode_latents(ladiff, tok, z_noise, n, plan, device) for n in grid},
     )
 
     def record_prior(name: str, stage, z_p: torch.Tensor, info: dict) -> None:
         """A generator that samples prior-space latents z_p, decoded at every N_disc."""
-        z = stage.to_decoder_space(z_p)
         info = {"stage": stage.kind, **info, "latent": latent_landing(z_p, targets_p)}
-        record(name, info, {n: decode_latents(stage, z, n, plan, device) for n in grid})
+        outputs = {
+            n: decode_latents(stage, tok, z_p, n, plan, device, prior_space=True) for n in grid
+        }
+        record(name, info, outputs)
 
     cont = plan.ladiff_cont_steps[0]
     record_prior(
@@ -380,14 +364,18 @@ def run_check(
         {"cont_steps": cont, "what": "the LaDiff sampler with the exact denoiser of the K latents"},
     )
     for cont in plan.ladiff_cont_steps:
-        z_p = prior_latents(ladiff, plan, device, cont, 0.0)
+        z_p = sample_prior(ladiff, plan.num_samples, cont, 0.0, plan.seed, plan.batch_size, device)[
+            0
+        ]
         record_prior(f"ladiff_cont{cont}", ladiff, z_p, {"cont_steps": cont})
     del ladiff
 
     diladiff, _ = load_run(root / "diladiff", device=device)
     cont = plan.diladiff_cont_steps
     for gamma in (0.0, plan.gamma):
-        z_p = prior_latents(diladiff, plan, device, cont, gamma)
+        z_p = sample_prior(
+            diladiff, plan.num_samples, cont, gamma, plan.seed, plan.batch_size, device
+        )[0]
         info = {"cont_steps": cont, "gamma": gamma}
         record_prior(f"diladiff_cont{cont}_gamma{gamma:g}", diladiff, z_p, info)
     timings["sample_s"] = time.perf_counter() - t2

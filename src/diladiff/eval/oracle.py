@@ -83,14 +83,21 @@ def decode_latents(
 
 
 @torch.no_grad()
+def encoder_latents(stage, rows: np.ndarray, batch_size: int, device) -> torch.Tensor:
+    """The auto-encoder's latents (its own standardised space) of clean rows, in batches, as a
+    float32 CPU tensor (n, N_z, d_z)."""
+    enc = []
+    for i in range(0, len(rows), batch_size):
+        x0 = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64)).to(device)
+        with inference_autocast(torch.device(device)):
+            enc.append(stage.ae.encode(x0).float().cpu())
+    return torch.cat(enc)
+
+
+@torch.no_grad()
 def control_latents(stage, rows: np.ndarray, seed: int, batch_size: int, device) -> dict:
     """{"oracle": encoder latents of `rows`, "noise_latent": N(0, I) of the same shape (CPU
     generator seeded with `seed`)}, both in the auto-encoder's space, on the CPU."""
-    enc = []
-    for i in range(0, len(rows), batch_size):
-        x0 = torch.from_numpy(rows[i : i + batch_size]).to(device)
-        with inference_autocast(torch.device(device)):
-            enc.append(stage.ae.encode(x0).float().cpu())
-    enc = torch.cat(enc)
+    enc = encoder_latents(stage, rows, batch_size, device)
     noise = torch.randn(enc.shape, generator=torch.Generator().manual_seed(seed))
     return {"oracle": enc, "noise_latent": noise}
