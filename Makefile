@@ -27,7 +27,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/diladiff demo --run-dir $(DEMO_DIR)
 
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then the tests.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --config pyproject.toml --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -10,11 +10,13 @@ from latent_fixtures import AE_SMALL, PRIOR_SMALL, build_chain, train
 from diladiff.cli import main
 from diladiff.config import PRESETS, ConfigError, build_config, check_warmups
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
-from diladiff.demo import DEMO_STEPS
+from diladiff.demo import demo_steps
+from diladiff.processes import meanflow
 from diladiff.processes.gaussian import velocity_from_x0, x0_from_velocity
+from diladiff.processes.meanflow import directional_derivative, sample_t_r
 from diladiff.runs import load_run
 from diladiff.stages import STAGES
-from diladiff.stages.diladiff import DiLaDiff, directional_derivative, sample_t_r
+from diladiff.stages.diladiff import DiLaDiff
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,28 @@ def stage():
     s.ae.eval()
     s.prior_norm.fit([s.ae.encode(torch.randint(1000, 3000, (16, 32)))])
     return s.eval()
+
+
+def meanflow_terms(stage, z_t, t, r, v, z_sc):
+    """(u, u_tgt) of the stage's MeanFlow loss (loss_terms): the student's average velocity and
+    its derivative along (v, 1, 0), taken from the directional derivative the loss computes."""
+    seen = {}
+    real = meanflow.directional_derivative
+
+    def spy(*args, **kwargs):
+        seen["out"] = real(*args, **kwargs)
+        return seen["out"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(meanflow, "directional_derivative", spy)
+        _, metrics = stage.loss_terms(z_t, t, r, v, z_sc)
+    u, dudt = seen["out"]
+    interval = (t - r).view(-1, *([1] * (z_t.dim() - 1)))
+    u_tgt = (v - stage.tangent_weight * interval * dudt).detach()
+    # the loss is the error of u against this target
+    mse = ((u - u_tgt) ** 2).flatten(1).mean(1).mean()
+    assert torch.allclose(metrics["mse"], mse, rtol=1e-5, atol=1e-12)
+    return u, u_tgt
 
 
 def inputs(seed=0, batch=4):
@@ -62,9 +86,9 @@ def test_jvp_target_equals_finite_differences(stage, dtype, eps, rtol):
     z_t, t, r = (x.to(dtype) for x in inputs())
     v, z_sc = s.teacher_velocity(z_t, t)
     s.cfg.meanflow.derivative = "jvp"
-    u1, tgt_jvp = s.meanflow_terms(z_t, t, r, v, z_sc)
+    u1, tgt_jvp = meanflow_terms(s, z_t, t, r, v, z_sc)
     s.cfg.meanflow.derivative = "finite_difference"
-    u2, tgt_fd = s.meanflow_terms(z_t, t, r, v, z_sc)
+    u2, tgt_fd = meanflow_terms(s, z_t, t, r, v, z_sc)
     assert torch.allclose(u1, u2)
     tangent_jvp, tangent_fd = tgt_jvp - v, tgt_fd - v
     scale = tangent_jvp.abs().max()
@@ -85,7 +109,7 @@ def test_directional_derivative_of_a_known_function():
 def test_with_r_equal_t_the_loss_is_flow_matching_against_the_teacher(stage):
     z_t, t, _ = inputs()
     v, z_sc = stage.teacher_velocity(z_t, t)
-    u, tgt = stage.meanflow_terms(z_t, t, t, v, z_sc)
+    u, tgt = meanflow_terms(stage, z_t, t, t, v, z_sc)
     assert torch.equal(tgt, v)
     assert torch.allclose(u, stage.average_velocity(z_t, t, t, z_sc))
 
@@ -108,7 +132,7 @@ def test_student_is_self_conditioned_on_its_own_estimate_on_half_the_examples(st
     X(u_eta(z_t, t, t; 0)), the clean estimate of the student's own r = t velocity. The
     teacher's target stays the self-conditioned teacher's velocity."""
     seen = {}
-    terms = stage.meanflow_terms
+    terms = stage.loss_terms
 
     def spy(z_t, t, r, v, z_sc):
         seen.update(z_t=z_t, t=t, v=v, z_sc=z_sc)
@@ -116,11 +140,11 @@ def test_student_is_self_conditioned_on_its_own_estimate_on_half_the_examples(st
 
     stage.train()
     stage.on_step(10_000)
-    stage.meanflow_terms = spy
+    stage.loss_terms = spy
     try:
         loss, _ = stage(torch.randint(1000, 3000, (256, 32)), torch.Generator().manual_seed(0))
     finally:
-        del stage.meanflow_terms
+        del stage.loss_terms
     z_t, t, z_sc = seen["z_t"], seen["t"], seen["z_sc"]
     zero = (z_sc == 0).flatten(1).all(1)
     assert abs(zero.float().mean().item() - 0.5) < 0.1
@@ -237,9 +261,9 @@ def test_every_preset_runs_past_its_warmups(preset, kind):
     assert check_warmups(cfg.train, STAGES[kind].warmups(cfg)) == []
 
 
-@pytest.mark.parametrize("kind", sorted(DEMO_STEPS))
+@pytest.mark.parametrize("kind", sorted(demo_steps()))
 def test_the_demo_runs_every_stage_past_its_warmups(kind):
-    cfg = build_config("tiny", DEMO_STEPS[kind], stage=kind)
+    cfg = build_config("tiny", demo_steps()[kind], stage=kind)
     warmups = STAGES[kind].warmups(cfg)
     assert check_warmups(cfg.train, warmups) == []
     if kind == "diladiff":

@@ -111,15 +111,18 @@ def test_oracle_and_noise_latent_controls_decode_and_score_recovery(chain):
 
 
 def count_latent_draws(monkeypatch, *classes) -> list[tuple]:
-    """Record (kind, cont_steps, gamma, batch) of every sample_latent call of `classes`."""
+    """Record (kind, cont_steps, gamma, batch) of every latent draw of `classes` (at their
+    latent samplers, sampling.latent.LATENT_SAMPLERS)."""
+    from diladiff.sampling.latent import LATENT_SAMPLERS
+
     calls = []
-    for cls in classes:
+    for name in dict.fromkeys(cls.latent_sampler for cls in classes):
 
-        def counted(self, batch, settings, generator, device, _real=cls.sample_latent):
-            calls.append((self.kind, settings.cont_steps, settings.gamma, batch))
-            return _real(self, batch, settings, generator, device)
+        def counted(model, shape, settings, generator, device, _real=LATENT_SAMPLERS[name]):
+            calls.append((model.kind, settings.steps, settings.gamma, shape[0]))
+            return _real(model, shape, settings, generator, device)
 
-        monkeypatch.setattr(cls, "sample_latent", counted)
+        monkeypatch.setitem(LATENT_SAMPLERS, name, counted)
     return calls
 
 
@@ -157,22 +160,23 @@ def test_latent_cache_draws_each_batch_once_and_serves_fresh_draws_exactly(chain
 def test_generated_rows_decode_the_same_latents_at_every_n_disc(chain, monkeypatch):
     import copy
 
+    from diladiff.eval import oracle
     from diladiff.eval.latent_cache import LatentCache, generate_from_cache
     from diladiff.eval.latent_diag import sample_prior
     from diladiff.sampling.generate import sampler_settings
     from diladiff.stages.diladiff import DiLaDiff
-    from diladiff.stages.ladiff import LaDiff, LatentStage
+    from diladiff.stages.ladiff import LaDiff
 
     stage, tok = load_run(chain["ladiff"])
     calls = count_latent_draws(monkeypatch, LaDiff, DiLaDiff)
     decoded = []
-    real_decode = LatentStage.decode
+    real_decode = oracle.decode_latent
 
-    def decode(self, z_ae, settings, generator, device, progress=False):
+    def decode(stage, z_ae, settings, generator, device, progress=False):
         decoded.append((settings.steps, z_ae.clone()))
-        return real_decode(self, z_ae, settings, generator, device, progress)
+        return real_decode(stage, z_ae, settings, generator, device, progress)
 
-    monkeypatch.setattr(LatentStage, "decode", decode)
+    monkeypatch.setattr(oracle, "decode_latent", decode)
     cache = LatentCache()
     sc = copy.deepcopy(stage.cfg.sample)
     sc.num_samples, sc.batch_size, sc.seed, sc.cont_steps = 6, 4, 0, 3
@@ -197,7 +201,7 @@ def test_generated_rows_decode_the_same_latents_at_every_n_disc(chain, monkeypat
     )
     assert again.ids == gens[8].ids and len(gens[2].ids) == 6
 
-    # DiLaDiff: gamma 0 and gamma > 0 are separate draws; the run's own gamma is restored
+    # DiLaDiff: gamma 0 and gamma > 0 are separate draws; the run's config is left as it was
     student, stok = load_run(chain["diladiff"])
     del calls[:]
     run_gamma = student.cfg.sample.gamma

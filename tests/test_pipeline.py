@@ -6,9 +6,10 @@ import torch
 from conftest import TINY
 from latent_fixtures import AE_SMALL, PRIOR_SMALL
 
+from diladiff.eval import bench, oracle
 from diladiff.pipeline import EvalPlan, run_pipeline
-from diladiff.stages.diladiff import DiLaDiff
-from diladiff.stages.ladiff import LaDiff, LatentStage
+from diladiff.sampling.latent import LATENT_SAMPLERS
+from diladiff.stages import DiLaDiff, LaDiff
 from diladiff.train import trainer as trainer_mod
 from diladiff.train.checkpoint import latest_checkpoint
 
@@ -22,7 +23,7 @@ PLAN = EvalPlan(
     scorer="smollm2-135m",
     num_samples=8,
     batch_size=4,
-    ladiff_cont_steps=10,
+    eval_samplers={"ladiff": ({"cont_steps": 10}, {"cont_steps": 5})},
     frontier_disc=(4, 8),
     bench_batches=(1, 2),
     bench_repeats=1,
@@ -133,32 +134,33 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
 
 
 def watch_latents(monkeypatch):
-    """Record every latent draw outside `stage.sample` (the speed benchmark samples for real
-    through it) as (kind, cont_steps, gamma, batch), and every such decoding as
-    (kind, N_disc, z_ae)."""
+    """Record every latent draw outside the speed benchmark (`bench_sampling` samples for real)
+    at the latent samplers (sampling.latent.LATENT_SAMPLERS) as (kind, cont_steps, gamma,
+    batch), and every decoding of latents (eval/oracle.py's decode_latent: evaluation rows,
+    controls, frontier) as (kind, N_disc, z_ae)."""
     draws, decoded, inside = [], [], []
-    real_sample, real_decode = LatentStage.sample, LatentStage.decode
+    real_bench, real_decode = bench.bench_sampling, oracle.decode_latent
 
-    def sample(self, *args, **kwargs):
+    def bench_sampling(*args, **kwargs):
         inside.append(1)
         try:
-            return real_sample(self, *args, **kwargs)
+            return real_bench(*args, **kwargs)
         finally:
             inside.pop()
 
-    def decode(self, z_ae, settings, generator, device, progress=False):
+    def decode(stage, z_ae, settings, generator, device, progress=False):
         if not inside:
-            decoded.append((self.kind, settings.steps, z_ae.clone()))
-        return real_decode(self, z_ae, settings, generator, device, progress)
+            decoded.append((stage.kind, settings.steps, z_ae.clone()))
+        return real_decode(stage, z_ae, settings, generator, device, progress)
 
-    for cls in (LaDiff, DiLaDiff):
+    for name in (LaDiff.latent_sampler, DiLaDiff.latent_sampler):
 
-        def counted(self, batch, settings, generator, device, _real=cls.sample_latent):
+        def counted(model, shape, settings, generator, device, _real=LATENT_SAMPLERS[name]):
             if not inside:
-                draws.append((self.kind, settings.cont_steps, settings.gamma, batch))
-            return _real(self, batch, settings, generator, device)
+                draws.append((model.kind, settings.steps, settings.gamma, shape[0]))
+            return _real(model, shape, settings, generator, device)
 
-        monkeypatch.setattr(cls, "sample_latent", counted)
-    monkeypatch.setattr(LatentStage, "sample", sample)
-    monkeypatch.setattr(LatentStage, "decode", decode)
+        monkeypatch.setitem(LATENT_SAMPLERS, name, counted)
+    monkeypatch.setattr(bench, "bench_sampling", bench_sampling)
+    monkeypatch.setattr(oracle, "decode_latent", decode)
     return draws, decoded

@@ -227,9 +227,11 @@ def test_real_stages_give_identical_samples_in_float64(kind, strategy, monkeypat
         )
     assert (out["fast"] != stage.mask_id).all()
     assert torch.equal(out["fast"], out["reference"])
-    if kind == "mdlm":  # MDLM.sample is the fast sampler
-        settings = SamplerSettings(steps=4, strategy=strategy, temperature=0.9)
-        ids, stats = stage.sample(3, settings, torch.Generator().manual_seed(4), "cpu")
+    if kind == "mdlm":  # generating from an MDLM is the fast sampler
+        from diladiff.sampling.generate import GenerationSettings, sample_batch
+
+        settings = GenerationSettings(SamplerSettings(steps=4, strategy=strategy, temperature=0.9))
+        ids, stats = sample_batch(stage, 3, settings, torch.Generator().manual_seed(4), "cpu")
         assert torch.equal(ids, out["fast"]) and stats["disc_nfe"] <= 4
 
 

@@ -15,23 +15,52 @@ import json
 import sys
 from pathlib import Path
 
-from diladiff.config import ConfigError
+from diladiff.config import PRESETS, ConfigError
+from diladiff.stages import STAGES, stage_order
+
+
+def _choices() -> dict[str, list[str]]:
+    """Choices derived from the registries (stages, strategies, samplers)."""
+    from diladiff.sampling.latent import LATENT_SAMPLERS
+    from diladiff.sampling.masked import SAMPLERS, STRATEGIES
+
+    return {
+        "stage": stage_order(),
+        "strategy": sorted(STRATEGIES),
+        "sampler": sorted(SAMPLERS),
+        "latent_sampler": sorted(LATENT_SAMPLERS),
+    }
+
+
+def _parent_flags() -> dict[str, list[str]]:
+    """Every parent role of a registered stage (the --ROLE flag) -> the stages that take it."""
+    flags: dict[str, list[str]] = {}
+    for kind in stage_order():
+        for role, parent in STAGES[kind].parents.items():
+            flags.setdefault(role, []).append(f"{kind} ({parent} run)")
+    return flags
 
 
 def _common_sampling_args(p: argparse.ArgumentParser) -> None:
+    choices = _choices()
     p.add_argument("run_dir", type=Path)
     p.add_argument(
         "--disc-steps", type=int, help="N_disc (default: the run's sample.disc_steps or L)"
     )
     p.add_argument("--cont-steps", type=int, help="N_cont of the latent sampler (latent stages)")
-    p.add_argument("--gamma", type=float, help="DiLaDiff gamma-sampling (0 = deterministic)")
-    p.add_argument("--strategy", choices=["ancestral", "topk"])
+    p.add_argument(
+        "--latent-sampler",
+        choices=choices["latent_sampler"],
+        help="latent stages (default: the run's sample.latent_sampler)",
+    )
+    p.add_argument("--gamma", type=float, help="MeanFlow gamma-sampling (0 = deterministic)")
+    p.add_argument("--strategy", choices=choices["strategy"])
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--no-cache", action="store_true", help="recompute logits every step")
     p.add_argument(
         "--sampler",
-        choices=["fast", "reference"],
+        choices=choices["sampler"],
         help="fast (default): vocabulary head only where tokens are drawn; reference: the "
         "previous full-vocabulary sampler (same samples, slower)",
     )
@@ -47,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a stage in a run folder")
-    p.add_argument("stage", help="mdlm, autoencoder, ladiff or diladiff")
-    p.add_argument("--init-from", type=Path, help="autoencoder: the MDLM run to start from")
-    p.add_argument("--autoencoder", type=Path, help="ladiff: the trained auto-encoder run")
-    p.add_argument("--teacher", type=Path, help="diladiff: the trained LaDiff run")
-    p.add_argument("--preset", help="tiny, small or paper (default: paper; resume: the run's)")
+    p.add_argument("stage", choices=stage_order(), help="the stage to train")
+    for role, takers in _parent_flags().items():
+        flag = "--" + role.replace("_", "-")
+        p.add_argument(flag, dest=role, type=Path, help="the parent run of " + ", ".join(takers))
+    p.add_argument("--preset", help=f"{', '.join(PRESETS)} (default: paper; resume: the run's)")
     p.add_argument("--run-dir", type=Path, required=True)
     p.epilog = "Any further key=value arguments are dotted config overrides, e.g. train.lr=2e-4."
 
@@ -126,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("pipeline", help="train all stages, evaluate, report")
+    p.add_argument(
+        "--stages",
+        default="",
+        help=f"comma-separated subset of {','.join(stage_order())} (their parents are added; "
+        "default: all)",
+    )
     p.add_argument("--preset", default="tiny")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--data", help="data.source for every stage (default: the preset's)")
@@ -155,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="training steps per stage, e.g. mdlm=1500,autoencoder=800 (default: the check's)",
     )
+    c.add_argument(
+        "--strategy",
+        choices=["ancestral", "topk"],
+        default="ancestral",
+        help="how every generator reveals tokens; not ancestral/1: results go to "
+        "check_STRATEGY_tT.* beside check.* (the trained stages are reused)",
+    )
+    c.add_argument("--temperature", type=float, default=1.0, help="of every token draw")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.epilog = "Further key=value arguments are config overrides applied to every stage."
@@ -172,6 +215,7 @@ def _sample_config(args, cfg):
     keys = (
         "disc_steps",
         "cont_steps",
+        "latent_sampler",
         "gamma",
         "strategy",
         "temperature",
@@ -202,9 +246,7 @@ def _load(args):
 def cmd_train(args) -> int:
     from diladiff.runs import train_run
 
-    parents = {
-        k: getattr(args, k) for k in ("init_from", "autoencoder", "teacher") if getattr(args, k)
-    }
+    parents = {role: getattr(args, role) for role in _parent_flags() if getattr(args, role)}
     metrics = train_run(args.stage, args.run_dir, args.preset, args.overrides, parents)
     print(json.dumps(metrics))
     return 0
@@ -231,19 +273,20 @@ def cmd_sample(args) -> int:
 
 def cmd_bench(args) -> int:
     from diladiff.eval.bench import bench_sampling, compare_samplers, format_table
-    from diladiff.sampling.generate import sampler_settings
+    from diladiff.sampling.generate import generation_settings
 
     stage, _, device = _load(args)
-    settings = sampler_settings(_sample_config(args, stage.cfg), stage.seq_len)
+    settings = generation_settings(_sample_config(args, stage.cfg), stage)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     if args.compare_reference:
         rows = compare_samplers(stage, settings, sizes, args.repeats, device)
     else:
         rows = bench_sampling(stage, settings, sizes, args.repeats, device)
     print(
-        f"device: {device}, L={stage.seq_len}, N_disc={settings.steps}, "
-        f"strategy={settings.strategy}, sampler="
-        f"{'reference vs fast' if args.compare_reference else settings.sampler}"
+        f"device: {device}, L={stage.seq_len}, N_disc={settings.tokens.steps}, "
+        f"strategy={settings.tokens.strategy}, sampler="
+        f"{'reference vs fast' if args.compare_reference else settings.tokens.sampler}"
+        + (f", latent: {settings.latent}" if settings.latent else "")
     )
     print(format_table(rows))
     if args.json:
@@ -355,9 +398,10 @@ def cmd_eval_latent(args) -> int:
         sampler_grid,
     )
     from diladiff.eval.protocol import write_result
+    from diladiff.stages import LatentStage
 
     stage, tok, device = _load(args)
-    if not hasattr(stage, "sample_latent"):
+    if not isinstance(stage, LatentStage):
         raise ConfigError(f"{args.run_dir} is a {stage.kind} run; eval-latent needs a latent prior")
     conts = [int(c) for c in args.cont_steps.split(",") if c] or None
     gammas = [float(g) for g in args.gamma.split(",") if g] or None
@@ -425,14 +469,28 @@ def cmd_pipeline(args) -> int:
     from diladiff.pipeline import run_pipeline
 
     overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
-    run_pipeline(args.run_dir, args.preset, overrides, args.budget_minutes, args.device)
+    kinds = [k.strip() for k in args.stages.split(",") if k.strip()] or None
+    unknown = [k for k in kinds or [] if k not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {stage_order()}")
+    run_pipeline(
+        args.run_dir, args.preset, overrides, args.budget_minutes, args.device, kinds=kinds
+    )
     return 0
 
 
 def cmd_check(args) -> int:
     from diladiff.check.parallel_decoding import CHECK_STEPS, CheckPlan, run_check
 
-    plan = CheckPlan(num_samples=args.num_samples, seed=args.seed, gamma=args.gamma)
+    if args.temperature <= 0:
+        raise ConfigError("--temperature must be > 0")
+    plan = CheckPlan(
+        num_samples=args.num_samples,
+        seed=args.seed,
+        gamma=args.gamma,
+        strategy=args.strategy,
+        temperature=args.temperature,
+    )
     for item in filter(None, args.steps.split(",")):
         stage, _, n = item.partition("=")
         if stage not in CHECK_STEPS or not n.isdigit():
@@ -447,7 +505,7 @@ def cmd_check(args) -> int:
         plan,
         args.device,
     )
-    print((args.run_dir / "check.md").read_text())
+    print((args.run_dir / f"{plan.results_name}.md").read_text())
     return 0 if result["verdict"]["diagnosis"] == "every link passes" else 1
 
 

@@ -4,6 +4,12 @@
 
 Every field has a type; an override is parsed to that type and an unknown key is an error
 that names the closest valid keys. A resolved config is saved as JSON in every run folder.
+
+The core sections (model, data, train, sample, prior) live here. A method owns its own
+sections: it declares them with `register_section(name, cls, presets)` next to its stage (e.g.
+`autoencoder` in stages/autoencoder.py), and every Config built afterwards has them. A stage's
+per-preset training changes (learning rate, steps, warm-ups) are typed code registered with the
+stage (`Stage.preset_changes`, applied by `build_config(..., stage=KIND)`).
 """
 
 from __future__ import annotations
@@ -95,21 +101,9 @@ class TrainConfig:
 
 
 @dataclass
-class MDLMConfig:
-    """Stage 0: masked diffusion (linear schedule alpha_t = 1 - t)."""
-
-    # Loss weight w(t): "elbo" (1/t) or "constant" (1; the paper's lower-variance choice).
-    loss_weight: str = "constant"
-    antithetic: bool = True
-    # t is drawn in [t_eps, 1] to keep 1/t finite.
-    t_eps: float = 1e-3
-    # Monte Carlo draws of t per validation sequence for the perplexity bound.
-    eval_time_samples: int = 4
-
-
-@dataclass
 class SampleConfig:
-    """Masked-diffusion decoding (all knobs of the ancestral sampler)."""
+    """Sampling: masked-diffusion decoding (sampling.masked.SamplerSettings) and, for latent
+    stages, the latent sampler (sampling.latent.LatentSettings)."""
 
     num_samples: int = 16
     batch_size: int = 16
@@ -128,49 +122,13 @@ class SampleConfig:
     # (B, L, V) logits every step. Same tokens for the same seed.
     sampler: str = "fast"
     seed: int = 0
-    use_ema: bool = True
-    # Latent stages: N_cont steps of the latent sampler (LaDiff ODE: 200; DiLaDiff: 5) and
-    # DiLaDiff's gamma-sampling (0 = deterministic ODE jumps, 1 = jump to data and re-noise).
+    # Latent stages (sampling.latent.LatentSettings): the latent sampler (a name in
+    # sampling.latent.LATENT_SAMPLERS; each latent stage's presets set its own), its N_cont
+    # steps, and gamma-sampling for MeanFlow jumps (0 = deterministic, 1 = jump to data and
+    # re-noise).
+    latent_sampler: str = ""
     cont_steps: int = 0
     gamma: float = 0.0
-
-
-@dataclass
-class AutoencoderConfig:
-    """Stage 1: frozen BERT features -> Perceiver -> latent z (N_z x d_z) -> MDLM decoder."""
-
-    feature_model: str = "bert-base-uncased"  # hub name, path, or "minilm-l6"
-    feature_layer: int = -1  # hidden-state index (-1 = last layer)
-    # The frozen encoder's compute precision: "auto" = bf16 on CUDA and on CPUs with native bf16
-    # (AVX512-BF16 / AMX), fp32 elsewhere; or "fp32" / "bf16".
-    feature_precision: str = "auto"
-    num_latents: int = 64  # N_z
-    latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
-    # Perceiver width; 0 = latent_dim (the paper's choice). A width below d_z leaves
-    # d_z - width directions of every latent vector without variance.
-    perceiver_width: int = 0
-    perceiver_depth: int = 2
-    perceiver_heads: int = 12
-    # Feature augmentation (training only): half the batch has positions of h masked with
-    # p_mask_h, the other half Gaussian noise of std sigma_h. (Values not given in DESIGN.md.)
-    p_mask_h: float = 0.15
-    sigma_h: float = 0.1
-    # Latent augmentation: each latent vector masked with p_mask_z; with p_drop the whole latent
-    # is replaced by N(0, I) (the paper's value was lost; it is above 0.5).
-    p_mask_z: float = 0.1
-    p_drop: float = 0.6
-    # Decoder blocks followed by a cross-attention layer ("first,last" or indices "0,5").
-    cross_attn_after: str = "first,last"
-    # Position tables on the queries/keys between sequence and latent (nets/positions.py;
-    # sinusoidal at init, learned). Not in DESIGN.md: without them a small, briefly trained
-    # MDLM decoder's masked positions all ask the latent the same question and the latent goes
-    # unused (nets/cross_attention.py). False = the paper's architecture as described.
-    position_embeddings: bool = True
-    # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
-    # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).
-    encoder_warmup_steps: int = 1000
-    decoder_warmup_steps: int = 10000
-    decoder_lr_scale: float = 1.0
 
 
 @dataclass
@@ -188,61 +146,95 @@ class PriorConfig:
     mlp_ratio: float = 4.0
 
 
-@dataclass
-class DiffusionConfig:
-    """Stage 2 process: VP, warped tangent schedule alpha_t^2 = 1/(1 + d^2 tan^2(pi t/2))."""
-
-    d: float = 10.0
-    self_cond_prob: float = 0.5
-    t_eps: float = 1e-4
-    # Clean training rows (drawn at random) whose frozen-encoder latents give the prior-space
-    # standardisation, estimated once when a LaDiff run starts; 0 or more than there are = all.
-    latent_stats_rows: int = 4096
+# --------------------------------------------------------------------------- method sections
 
 
-@dataclass
-class MeanFlowConfig:
-    """Stage 3: MeanFlow self-distillation of the prior (teacher frozen)."""
+@dataclass(frozen=True)
+class Section:
+    """A config section owned by a method: its dataclass and its value at each preset
+    (`presets(name)` gets the full preset name, e.g. "tiny-4x"; None = the class defaults)."""
 
-    r_equals_t_prob: float = 0.25
-    logit_normal_mean: float = -1.0
-    logit_normal_std: float = 1.0
-    adaptive_p: float = 1.0  # loss / (||delta||^2 + c)^p, detached
-    adaptive_c: float = 1e-3
-    tangent_warmup_steps: int = 10000
-    # Share of training examples on which the student is self-conditioned on its own r = t
-    # clean estimate (stop-gradient); the others get zeros, as the first pass of a sampling step.
-    student_self_cond_prob: float = 0.5
-    # "jvp" (exact forward-mode AD) or "finite_difference" (central difference of step fd_eps;
-    # the time embedding's 1000 t scale makes t-derivatives steep: keep fd_eps small).
-    derivative: str = "jvp"
-    fd_eps: float = 1e-4
+    cls: type
+    presets: typing.Callable[[str], Any] | None = None
+
+    def default(self, preset: str) -> Any:
+        return self.presets(preset) if self.presets else self.cls()
+
+
+SECTIONS: dict[str, Section] = {}
+# A stage's changes to a preset when that stage is trained (stage kind -> fn(cfg, preset)).
+STAGE_PRESET_CHANGES: dict[str, typing.Callable[[Config, str], None]] = {}
+# Keys that older versions wrote into config.json and that no longer exist: ignored on load.
+REMOVED_KEYS = frozenset({"sample.use_ema"})
+CORE_SECTIONS = ("model", "data", "train", "sample", "prior")
+
+
+def register_section(name: str, presets: typing.Callable[[str], Any] | None = None):
+    """Class decorator: the dataclass becomes config section `name` of every Config built
+    afterwards (`cfg.NAME`, keys `NAME.field`), with `presets(preset)` giving its value at a
+    preset."""
+
+    def wrap(cls):
+        if name in CORE_SECTIONS or name == "preset":
+            raise ValueError(f"config section {name!r} is a core section")
+        SECTIONS[name] = Section(cls, presets)
+        return cls
+
+    return wrap
 
 
 @dataclass
 class Config:
+    """The core sections as fields; the registered method sections in `sections`, read and
+    written as attributes (cfg.autoencoder) and saved at the top level of config.json."""
+
     preset: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    mdlm: MDLMConfig = field(default_factory=MDLMConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    sections: dict[str, Any] = field(
+        default_factory=lambda: {n: s.cls() for n, s in SECTIONS.items()}, repr=False
+    )
+
+    def __getattr__(self, name: str) -> Any:  # only reached when normal lookup fails
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SECTIONS and "sections" in self.__dict__:
+            self.sections[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def section_names(self) -> list[str]:
+        return [*CORE_SECTIONS, *self.sections]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {"preset": self.preset}
+        for name in self.section_names():
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        unknown = [k for k, v in d.items() if isinstance(v, dict) and k not in SECTIONS]
+        unknown = [k for k in unknown if k not in CORE_SECTIONS]
+        if unknown:
+            raise ConfigError(
+                f"config section(s) {unknown} belong to no registered method (is the plugin "
+                "that defines it imported? see DILADIFF_PLUGINS in the README)"
+            )
         cfg = cls()
         for key, value in _flatten(d):
-            set_value(cfg, key, value)
+            if key not in REMOVED_KEYS:
+                set_value(cfg, key, value)
         return cfg
 
     @classmethod
@@ -275,10 +267,6 @@ def _small() -> Config:
         ckpt_every=1000,
         eval_batches=16,
     )
-    # d_bert = 384; compression (L d_bert) / (N_z d_z) = 128 * 384 / (32 * 768) = 2.
-    cfg.autoencoder = AutoencoderConfig(
-        feature_model="minilm-l6", num_latents=32, latent_dim=768, perceiver_heads=12
-    )
     return cfg
 
 
@@ -299,10 +287,6 @@ def _tiny() -> Config:
         eval_batches=4,
     )
     cfg.sample = SampleConfig(num_samples=8, batch_size=8)
-    # d_bert = 384; compression (L d_bert) / (N_z d_z) = 64 * 384 / (32 * 384) = 2.
-    cfg.autoencoder = AutoencoderConfig(
-        feature_model="minilm-l6", num_latents=32, latent_dim=384, perceiver_heads=6
-    )
     return cfg
 
 
@@ -311,88 +295,33 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "small": _small,
     "paper": _paper,
 }
+# Preset name suffixes (e.g. "tiny-4x"): handled by the sections' own preset functions.
+PRESET_SUFFIXES = ("-4x",)
 
-# What each stage changes in a preset (the paper's learning rates and warm-ups; the step
-# counts of the latent stages are not given by DESIGN.md and are this project's choices).
-STAGE_DEFAULTS: dict[tuple[str, str], list[str]] = {
-    ("autoencoder", "paper"): [
-        "train.lr=5e-5",
-        "train.total_steps=100000",
-        "train.warmup_steps=1000",
-    ],
-    ("autoencoder", "small"): [
-        "train.lr=2e-4",
-        "train.total_steps=3000",
-        "autoencoder.encoder_warmup_steps=100",
-        "autoencoder.decoder_warmup_steps=500",
-    ],
-    ("autoencoder", "tiny"): [
-        "train.lr=2e-3",
-        "train.total_steps=600",  # the latent starts to pay off between 250 and 500 steps
-        "autoencoder.decoder_lr_scale=0.1",
-        "autoencoder.encoder_warmup_steps=20",
-        "autoencoder.decoder_warmup_steps=100",
-    ],
-    ("ladiff", "paper"): [
-        "train.lr=2e-4",
-        "train.total_steps=500000",
-        "train.warmup_steps=1000",
-        "sample.cont_steps=200",
-    ],
-    ("ladiff", "small"): [
-        "train.lr=3e-4",
-        "train.total_steps=4000",
-        "prior.depth=8",
-        "prior.width=768",  # = d_z: see PriorConfig
-        "prior.heads=12",
-        "sample.cont_steps=200",
-    ],
-    ("ladiff", "tiny"): [
-        "train.lr=1e-3",
-        "train.total_steps=600",
-        "prior.depth=3",
-        "prior.width=384",  # = d_z: see PriorConfig
-        "prior.heads=6",
-        "diffusion.latent_stats_rows=2048",
-        "sample.cont_steps=200",
-    ],
-    ("diladiff", "paper"): [
-        "train.lr=5e-5",
-        "train.total_steps=100000",
-        "train.warmup_steps=1000",
-        "sample.cont_steps=5",
-    ],
-    ("diladiff", "small"): [
-        "train.lr=1e-4",
-        "train.total_steps=2000",
-        "meanflow.tangent_warmup_steps=500",
-        "sample.cont_steps=5",
-    ],
-    ("diladiff", "tiny"): [
-        "train.lr=5e-4",
-        "train.total_steps=300",
-        "train.warmup_steps=20",
-        "meanflow.tangent_warmup_steps=100",
-        "sample.cont_steps=5",
-    ],
-}
+
+def preset_base(preset: str) -> str:
+    for suffix in PRESET_SUFFIXES:
+        preset = preset.removesuffix(suffix)
+    return preset
 
 
 def build_config(
     preset: str = "paper", overrides: typing.Sequence[str] = (), stage: str = "mdlm"
 ) -> Config:
-    """The named preset, adjusted for `stage`, with `key=value` overrides applied in order.
+    """The named preset with every method section at that preset, adjusted for training
+    `stage` (its registered preset changes), then `key=value` overrides applied in order.
 
     A "-4x" suffix (e.g. "tiny-4x") halves d_z: 4x compression instead of 2x."""
-    base = preset.removesuffix("-4x")
+    base = preset_base(preset)
     if base not in PRESETS:
         raise ConfigError(
             f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} (optionally with -4x)"
         )
     cfg = PRESETS[base]()
-    apply_overrides(cfg, STAGE_DEFAULTS.get((stage, base), []))
-    if preset.endswith("-4x"):
-        cfg.autoencoder.latent_dim //= 2
+    for name, section in SECTIONS.items():
+        setattr(cfg, name, section.default(preset))
+    if stage in STAGE_PRESET_CHANGES:
+        STAGE_PRESET_CHANGES[stage](cfg, base)
     cfg.preset = preset
     apply_overrides(cfg, overrides)
     return cfg
@@ -422,16 +351,23 @@ def check_warmups(train: TrainConfig, warmups: dict[str, int]) -> list[str]:
 # --------------------------------------------------------------------------- overrides
 
 
+def _fields(obj: Any) -> list[str]:
+    """The keys one level down: a Config's sections, a section's fields."""
+    if isinstance(obj, Config):
+        return ["preset", *obj.section_names()]
+    return [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+
+
 def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
     """Every dotted key of a config (leaf fields only)."""
     obj = Config() if obj is None else obj
     keys = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+    for name in _fields(obj):
+        value = getattr(obj, name)
         if dataclasses.is_dataclass(value):
-            keys += all_keys(value, f"{prefix}{f.name}.")
+            keys += all_keys(value, f"{prefix}{name}.")
         else:
-            keys.append(prefix + f.name)
+            keys.append(prefix + name)
     return keys
 
 
@@ -448,17 +384,14 @@ def set_value(cfg: Any, key: str, value: Any, from_string: bool = False) -> None
     parts = key.split(".")
     obj = cfg
     for i, part in enumerate(parts):
-        names = (
-            {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
-        )
-        if part not in names:
+        if part not in _fields(obj):
             close = difflib.get_close_matches(key, all_keys(cfg), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, part)):
                 raise ConfigError(f"config key {key!r} is a section, not a value")
-            hint = typing.get_type_hints(type(obj))[part]
+            hint = str if part == "preset" else typing.get_type_hints(type(obj))[part]
             setattr(obj, part, _coerce(key, value, hint, from_string))
         else:
             obj = getattr(obj, part)

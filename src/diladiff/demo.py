@@ -5,35 +5,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diladiff.pipeline import run_pipeline
+from diladiff.pipeline import generators, row_name, run_pipeline
+from diladiff.runs import load_run
+from diladiff.stages import STAGES, stage_order
 
-# Step counts for 2 CPU cores. Each stage runs past every warm-up of its tiny preset
-# (config.check_warmups): DiLaDiff's 100-step tangent warm-up, then 50 steps at full weight.
-DEMO_STEPS = {
-    "mdlm": ["train.max_steps=250"],
-    "autoencoder": ["train.max_steps=600"],
-    "ladiff": ["train.max_steps=150"],
-    "diladiff": ["train.max_steps=150"],
-}
+
+def demo_steps() -> dict[str, list[str]]:
+    """Each stage's `demo_steps` (sized for 2 CPU cores; each runs past every warm-up of its
+    tiny preset, config.check_warmups) as a train.max_steps override."""
+    return {kind: [f"train.max_steps={STAGES[kind].demo_steps}"] for kind in stage_order()}
 
 
 def run_demo(run_dir: Path, overrides: list[str] | None = None) -> Path:
-    report = run_pipeline(
-        Path(run_dir), "tiny", list(overrides or []), device_spec="cpu", stage_overrides=DEMO_STEPS
-    )
     root = Path(run_dir)
-    mdlm_eval = [
+    report = run_pipeline(
+        root, "tiny", list(overrides or []), device_spec="cpu", stage_overrides=demo_steps()
+    )
+    first = stage_order()[0]
+    evals = [
         json.loads(x)
-        for x in (root / "mdlm" / "log.jsonl").read_text().splitlines()
-        if '"eval"' in x
+        for x in (root / first / "log.jsonl").read_text().splitlines()
+        if '"eval"' in x and "val_ppl_bound" in x
     ]
     print("\n=== demo result ===")
-    if mdlm_eval:
+    if evals:
         print(
-            f"MDLM validation perplexity bound (ELBO, held-out wiki-vital): "
-            f"{mdlm_eval[-1]['val_ppl_bound']:.1f}"
+            f"{first} validation perplexity bound (ELBO, held-out wiki-vital): "
+            f"{evals[-1]['val_ppl_bound']:.1f}"
         )
-    for name in ("mdlm_disc64", "ladiff_cont200_disc64", "diladiff_cont5_disc64"):
+    for kind in generators(root):
+        seq_len = load_run(root / kind)[0].seq_len
+        name = row_name(kind, STAGES[kind].eval_samplers[0], seq_len)
         path = root / "eval" / "samples" / f"{name}.jsonl"
         if path.is_file():
             text = json.loads(path.read_text().splitlines()[0])["text"]

@@ -1,20 +1,23 @@
-"""`diladiff pipeline`: raw text -> MDLM -> auto-encoder -> LaDiff -> DiLaDiff, then one
-evaluation of all three generators under the fixed protocol, the speed benchmark, the frontier
-sweep and DIR/report.md.
+"""`diladiff pipeline`: raw text -> every registered stage in parent order (MDLM ->
+auto-encoder -> LaDiff -> DiLaDiff, and any plugin), then one evaluation of every generator
+under the fixed protocol, the speed benchmark, the frontier sweep and DIR/report.md.
 
-    DIR/mdlm  DIR/autoencoder  DIR/ladiff  DIR/diladiff      run folders (each resumable)
+    DIR/<stage>  one run folder per stage (each resumable; parents from the stage's `parents`)
     DIR/eval/*.json  DIR/eval/samples/  DIR/frontier/  DIR/report.md
 
-The evaluation rows: MDLM, LaDiff (N_cont 200 and 5), DiLaDiff, and two controls on the
-auto-encoder (eval/oracle.py): the oracle (decoder given the encoder latent of a held-out row)
-and the noise latent (z ~ N(0, I)), each at N_disc = L/8 and L; GenPPL with its bootstrap
-interval. DIR/eval/latent.json holds the latent-prior diagnostics (eval/latent_diag.py).
+What runs is derived from the stage registry (stages/base.py): the order from the parents, the
+evaluation rows from each stage's `eval_samplers` (MDLM; LaDiff N_cont 200 and 5; DiLaDiff
+N_cont 5 at gamma 0 and 0.2), each at N_disc = L/8 and L, GenPPL with its bootstrap interval.
+When a latent stage with a frozen auto-encoder is present: two controls on the auto-encoder
+(eval/oracle.py), the oracle (decoder given the encoder latent of a held-out row) and the noise
+latent (z ~ N(0, I)), and DIR/eval/latent.json, the latent-prior diagnostics
+(eval/latent_diag.py). A stage with "recon" in its `reports` gets the reconstruction report.
 The evaluation rows, the diagnostics and the frontier share one LatentCache
 (eval/latent_cache.py): each (run, N_cont, gamma) draws its prior samples once (seed 0) and
 decodes them at every N_disc and temperature (seed 1); the speed benchmark samples for real.
 
 A stage whose folder holds a COMPLETE marker is skipped; an interrupted stage resumes from its
-last checkpoint. With --budget-minutes, each stage gets its preset share of the budget as a
+last checkpoint. With --budget-minutes, each stage gets its `budget_share` of the budget as a
 time limit (it stops, checkpoints and counts as complete when its share is spent).
 """
 
@@ -22,18 +25,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGE_ORDER = [
-    ("mdlm", None),
-    ("autoencoder", "init_from"),
-    ("ladiff", "autoencoder"),
-    ("diladiff", "teacher"),
-]
-PARENT_RUN = {"autoencoder": "mdlm", "ladiff": "autoencoder", "diladiff": "ladiff"}
-# Share of a time budget per stage (evaluation gets the rest).
-BUDGET_SHARES = {"mdlm": 0.25, "autoencoder": 0.25, "ladiff": 0.15, "diladiff": 0.1}
+from diladiff.stages import STAGES, LatentStage, stage_order
 
 
 @dataclass
@@ -43,7 +38,6 @@ class EvalPlan:
     scorer: str
     num_samples: int
     batch_size: int
-    ladiff_cont_steps: int
     frontier_disc: tuple[int, ...]
     bench_batches: tuple[int, ...]
     bench_repeats: int
@@ -55,8 +49,11 @@ class EvalPlan:
     # the nearest-neighbour reference set.
     latent_samples: int = 256
     latent_train_rows: int = 1024
-    # DiLaDiff is also evaluated with gamma-sampling (CTM; the paper's best is about 0.1-0.3).
-    diladiff_gamma: float = 0.2
+    # Per stage kind, evaluation samplers replacing the stage's own `eval_samplers`.
+    eval_samplers: dict[str, tuple[dict, ...]] = field(default_factory=dict)
+
+    def samplers(self, kind: str) -> tuple[dict, ...]:
+        return self.eval_samplers.get(kind, STAGES[kind].eval_samplers)
 
 
 EVAL_PLANS = {
@@ -65,10 +62,10 @@ EVAL_PLANS = {
     # about 20 s on one CPU core); at that n a Fréchet distance is mostly estimator bias: read
     # it against its floor row.
     "tiny": EvalPlan(
-        "smollm2-135m", 32, 16, 200, (4, 16, 64), (1, 8, 32), 1, (0.7, 1.0), False, (8,), 32, 256
+        "smollm2-135m", 32, 16, (4, 16, 64), (1, 8, 32), 1, (0.7, 1.0), False, (8,), 32, 256
     ),
-    "small": EvalPlan("smollm2-135m", 256, 64, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
-    "paper": EvalPlan("gpt2-large", 5000, 128, 200, (8, 16, 32, 64, 128), (1, 8, 32), 3),
+    "small": EvalPlan("smollm2-135m", 256, 64, (8, 16, 32, 64, 128), (1, 8, 32), 3),
+    "paper": EvalPlan("gpt2-large", 5000, 128, (8, 16, 32, 64, 128), (1, 8, 32), 3),
 }
 
 
@@ -82,26 +79,57 @@ def train_stages(
     overrides: list[str],
     budget_minutes: float = 0.0,
     stage_overrides: dict[str, list[str]] | None = None,
+    kinds: list[str] | None = None,
 ) -> dict:
+    """Train every registered stage (or `kinds` and their ancestors) in DIR/<kind>, parents
+    first, each run's parents being the sibling folders of its parent kinds."""
     from diladiff.runs import train_run
 
     results = {}
-    for stage, parent_flag in STAGE_ORDER:
-        run = root / stage
+    for kind in stage_order(kinds):
+        run = root / kind
         if _complete(run):
-            print(f"[pipeline] {stage}: complete, skipped ({run})")
+            print(f"[pipeline] {kind}: complete, skipped ({run})")
             continue
-        extra = list(overrides) + list((stage_overrides or {}).get(stage, []))
+        cls = STAGES[kind]
+        extra = list(overrides) + list((stage_overrides or {}).get(kind, []))
         if budget_minutes > 0:
-            extra.append(f"train.time_limit_minutes={budget_minutes * BUDGET_SHARES[stage]:.3f}")
-        parents = {parent_flag: root / PARENT_RUN[stage]} if parent_flag else None
-        print(f"[pipeline] {stage}: training in {run}")
+            extra.append(f"train.time_limit_minutes={budget_minutes * cls.budget_share:.3f}")
+        parents = {role: root / parent for role, parent in cls.parents.items()}
+        print(f"[pipeline] {kind}: training in {run}")
         start = time.perf_counter()
-        results[stage] = train_run(stage, run, preset, extra, parents)
+        results[kind] = train_run(kind, run, preset, extra, parents)
         (run / "COMPLETE").write_text(
-            json.dumps({**results[stage], "seconds": time.perf_counter() - start}) + "\n"
+            json.dumps({**results[kind], "seconds": time.perf_counter() - start}) + "\n"
         )
     return results
+
+
+def trained_kinds(root: Path) -> list[str]:
+    """The registered stages with a run folder under `root`, in parent order."""
+    return [k for k in stage_order() if (Path(root) / k / "run.json").is_file()]
+
+
+def generators(root: Path) -> list[str]:
+    """Trained stages that generate text (a non-empty `eval_samplers`)."""
+    return [k for k in trained_kinds(root) if STAGES[k].eval_samplers]
+
+
+def control_stage(root: Path) -> str | None:
+    """The first trained latent stage with a frozen auto-encoder (the controls run on it)."""
+    for kind in trained_kinds(root):
+        cls = STAGES[kind]
+        if issubclass(cls, LatentStage) and cls.frozen_autoencoder:
+            return kind
+    return None
+
+
+def row_name(kind: str, sampler: dict, n_disc: int) -> str:
+    """An evaluation row's name, e.g. ladiff_cont200_disc64, diladiff_cont5_gamma0.2_disc8."""
+    cont, gamma = sampler.get("cont_steps", 0), sampler.get("gamma", 0.0)
+    tag = f"_cont{cont}" if cont else ""
+    tag += f"_gamma{gamma:g}" if gamma else ""
+    return f"{kind}{tag}_disc{n_disc}"
 
 
 def plan_for(preset: str) -> EvalPlan:
@@ -121,7 +149,7 @@ def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: in
         gen.ids,
         gen.texts,
         plan.scorer,
-        str(root / "mdlm"),
+        str(root / trained_kinds(root)[0]),  # MAUVE: the held-out split every stage shares
         device,
         generator_meta=meta,
         batch_size=plan.batch_size,
@@ -140,10 +168,11 @@ def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: in
 
 
 def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
-    """Samples and protocol evaluation of MDLM, LaDiff and DiLaDiff, then the oracle and
-    noise-latent controls, at N_disc = L/8 and L. The latent stages draw their prior samples
-    once per (run, N_cont) through `cache` (a LatentCache, eval/latent_cache.py: latents from
-    seed 0, decoding from seed 1) and decode them at both N_disc."""
+    """Samples and protocol evaluation of every generator's evaluation samplers, then the
+    oracle and noise-latent controls, at N_disc = L/8 and L. The latent stages draw their prior
+    samples once per (run, N_cont, gamma) through `cache` (a LatentCache,
+    eval/latent_cache.py: latents from seed 0, decoding from seed 1) and decode them at both
+    N_disc."""
     from diladiff.eval.latent_cache import LatentCache, generate_from_cache, rng_meta
     from diladiff.eval.oracle import (
         CONTROLS,
@@ -156,34 +185,33 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
     from diladiff.sampling.generate import generate, sampler_settings
 
     cache = LatentCache() if cache is None else cache
-    L = load_run(root / "mdlm")[0].seq_len
     paths = []
-    points = [
-        ("mdlm", 0, 0.0),
-        ("ladiff", plan.ladiff_cont_steps, 0.0),
-        ("ladiff", 5, 0.0),
-        ("diladiff", 5, 0.0),
-        ("diladiff", 5, plan.diladiff_gamma),
-    ]
-    for stage_name, cont, gamma in points:
-        stage, tok = load_run(root / stage_name, device=device)
-        for n_disc in (L // 8, L):
-            sc = stage.cfg.sample
-            sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
-            sc.disc_steps, sc.cont_steps, sc.gamma = n_disc, cont, gamma
-            tag = f"_cont{cont}" if cont else ""
-            tag += f"_gamma{gamma:g}" if gamma else ""
-            name = f"{stage_name}{tag}_disc{n_disc}"
-            meta = {"run": str(root / stage_name), "stage": stage_name, **vars(sc)}
-            if cont:
-                gen = generate_from_cache(stage, tok, sc, cache, str(root / stage_name), device)
-                meta |= rng_meta(sc.seed)
-            else:
-                gen = generate(stage, tok, sc, device, progress=False)
-            paths.append(_score(root, plan, device, name, gen, meta, L))
+    L = None
+    for kind in generators(root):
+        stage, tok = load_run(root / kind, device=device)
+        L = stage.seq_len
+        for sampler in plan.samplers(kind):
+            for n_disc in (L // 8, L):
+                sc = stage.cfg.sample
+                sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
+                sc.disc_steps = n_disc
+                for key, value in sampler.items():
+                    setattr(sc, key, value)
+                name = row_name(kind, sampler, n_disc)
+                meta = {"run": str(root / kind), "stage": kind, **vars(sc)}
+                if isinstance(stage, LatentStage):
+                    gen = generate_from_cache(stage, tok, sc, cache, str(root / kind), device)
+                    meta |= rng_meta(sc.seed)
+                else:
+                    gen = generate(stage, tok, sc, device, progress=False)
+                paths.append(_score(root, plan, device, name, gen, meta, L))
 
-    # Controls on the auto-encoder (through the LaDiff run's frozen copy of it).
-    stage, tok = load_run(root / "ladiff", device=device)
+    control = control_stage(root)
+    if control is None:
+        return paths
+    # Controls on the auto-encoder (through the latent stage's frozen copy of it).
+    stage, tok = load_run(root / control, device=device)
+    ae_run = next(iter(STAGES[control].parents.values()), control)  # its auto-encoder's run
     rows, rows_meta = oracle_rows(stage, tok, plan.num_samples)
     latents = control_latents(stage, rows, 0, plan.batch_size, device)
     for n_disc in (L // 8, L):
@@ -195,7 +223,7 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
                 stage, tok, latents[control], sampler_settings(sc, L), 0, plan.batch_size, device
             )
             meta = {
-                "run": str(root / "autoencoder"),
+                "run": str(root / ae_run),
                 "stage": control,
                 "latent": "encoder latent of the held-out row"
                 if control == "oracle"
@@ -210,8 +238,8 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
     return paths
 
 
-def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path:
-    """Latent-prior diagnostics of the LaDiff and DiLaDiff runs (DIR/eval/latent.json); the
+def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path | None:
+    """Latent-prior diagnostics of the latent generators (DIR/eval/latent.json); the
     encoder reference latents are reused for DiLaDiff when it maps rows to the same latents,
     the prior samples (seed 0) taken from `cache` when evaluate_all drew them already."""
     from diladiff.eval.latent_cache import LatentCache
@@ -225,23 +253,27 @@ def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path:
     from diladiff.runs import load_run
 
     cache = LatentCache() if cache is None else cache
+    kinds = [k for k in generators(root) if issubclass(STAGES[k], LatentStage)]
+    if not kinds:
+        return None
     refs, rows = None, []
-    for stage_name in ("ladiff", "diladiff"):
-        stage, tok = load_run(root / stage_name, device=device)
+    for kind in kinds:
+        stage, tok = load_run(root / kind, device=device)
         if refs is None or not same_latent_space(stage, refs, device):
             refs = reference_latents(
                 stage, tok, plan.latent_samples, plan.latent_train_rows, 0, device, plan.batch_size
             )
-        samplers = None  # DiLaDiff: its defaults (N_cont 5, gamma 0 and > 0)
-        if stage_name == "ladiff":
-            samplers = [{"cont_steps": c} for c in (plan.ladiff_cont_steps, 5)]
+        samplers = [
+            {"cont_steps": s["cont_steps"], "gamma": float(s.get("gamma", 0.0))}
+            for s in plan.samplers(kind)
+        ]
         for row in latent_diagnostics(
-            stage, refs, samplers, 0, plan.batch_size, device, cache, str(root / stage_name)
+            stage, refs, samplers, 0, plan.batch_size, device, cache, str(root / kind)
         ):
             if not any(r["sampler"] == row["sampler"] for r in rows):  # shared reference rows
                 rows.append(row)
     result = latent_result(stage, root, refs, rows, 0, device)
-    result["generator"] = {"runs": [str(root / "ladiff"), str(root / "diladiff")]}
+    result["generator"] = {"runs": [str(root / k) for k in kinds]}
     write_result(root / "eval" / "latent.json", result)
     for row in rows:
         print(
@@ -252,24 +284,29 @@ def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path:
 
 
 def bench_all(root: Path, plan: EvalPlan, device) -> list[dict]:
+    """Sampling speed of every generator at its first evaluation sampler."""
     from diladiff.eval.bench import bench_sampling
     from diladiff.runs import load_run
-    from diladiff.sampling.generate import sampler_settings
+    from diladiff.sampling.generate import generation_settings
 
     rows = []
-    for stage_name, cont in (("mdlm", 0), ("ladiff", plan.ladiff_cont_steps), ("diladiff", 5)):
-        stage, _ = load_run(root / stage_name, device=device)
+    for kind in generators(root):
+        stage, _ = load_run(root / kind, device=device)
+        sampler = plan.samplers(kind)[0]
         for n_disc in (stage.seq_len // k for k in plan.bench_disc_divisors):
             sc = stage.cfg.sample
-            sc.disc_steps, sc.cont_steps = n_disc, cont
+            sc.disc_steps = n_disc
+            for key, value in sampler.items():
+                setattr(sc, key, value)
             for row in bench_sampling(
                 stage,
-                sampler_settings(sc, stage.seq_len),
+                generation_settings(sc, stage),
                 plan.bench_batches,
                 plan.bench_repeats,
                 device,
             ):
-                rows.append({"stage": stage_name, "N_cont": cont or "", "N_disc": n_disc, **row})
+                cont = sampler.get("cont_steps", "")
+                rows.append({"stage": kind, "N_cont": cont, "N_disc": n_disc, **row})
     (root / "eval").mkdir(exist_ok=True)
     (root / "eval" / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
@@ -286,7 +323,7 @@ def write_report(
         f"# diladiff pipeline report ({preset})",
         "",
         f"Device: {device_record(device)}. Scorer: {plan.scorer}. Samples per row: "
-        f"{plan.num_samples} (seed 0). MAUVE reference: held-out split of the MDLM run's "
+        f"{plan.num_samples} (seed 0). MAUVE reference: held-out split of the first run's "
         f"data. Latent stages: prior samples drawn once per (run, N_cont, gamma) from seed 0 "
         "and decoded at every N_disc and temperature from seed 1 (latent_s: the time of that "
         f"draw). Regenerate: `diladiff pipeline --preset {preset} --run-dir {root}`.",
@@ -344,7 +381,9 @@ def write_report(
         format_table(bench, cols),
         "",
     ]
-    for png in ("frontier/frontier.png", "frontier/temperature.png", "autoencoder/recon.png"):
+    pngs = ["frontier/frontier.png", "frontier/temperature.png"]
+    pngs += [f"{kind}/recon.png" for kind in trained_kinds(root)]
+    for png in pngs:
         if (root / png).is_file():
             lines += [f"![{png}]({png})", ""]
     report = root / "report.md"
@@ -360,7 +399,10 @@ def run_pipeline(
     device_spec: str = "auto",
     stage_overrides: dict[str, list[str]] | None = None,
     plan: EvalPlan | None = None,
+    kinds: list[str] | None = None,
 ) -> Path:
+    """Train `kinds` (default: every registered stage) and their ancestors under `root`,
+    then evaluate, benchmark, sweep the frontier and write root/report.md."""
     from diladiff.eval.frontier import frontier
     from diladiff.eval.latent_cache import LatentCache
     from diladiff.eval.protocol import device_record, write_result
@@ -369,13 +411,16 @@ def run_pipeline(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    train_stages(root, preset, list(overrides or []), budget_minutes, stage_overrides)
+    train_stages(root, preset, list(overrides or []), budget_minutes, stage_overrides, kinds)
     device = pick_device(device_spec)
     plan = plan or plan_for(preset)
-    print("[pipeline] reconstruction: auto-encoder vs MDLM")
-    rec = recon_report(root / "autoencoder", sequences=16, mc_samples=32, device=device)
-    plot_recon(rec, root / "autoencoder" / "recon.png", "Auto-encoder vs MDLM (held-out)")
-    write_result(root / "eval" / "recon.json", {"metrics": rec, "device": device_record(device)})
+    for kind in trained_kinds(root):
+        if "recon" in STAGES[kind].reports:
+            print(f"[pipeline] reconstruction: {kind} vs its parent")
+            rec = recon_report(root / kind, sequences=16, mc_samples=32, device=device)
+            plot_recon(rec, root / kind / "recon.png", f"{kind} vs its parent (held-out)")
+            result = {"metrics": rec, "device": device_record(device)}
+            write_result(root / "eval" / "recon.json", result)
     # Prior samples drawn once and decoded at every N_disc / temperature by the evaluation,
     # the latent diagnostics and the frontier (not by the speed benchmark, which times them).
     cache = LatentCache()
@@ -387,18 +432,18 @@ def run_pipeline(
     bench = bench_all(root, plan, device)
     print("[pipeline] frontier")
     frontier(
-        [root / "mdlm", root / "ladiff", root / "diladiff"],
+        [root / kind for kind in generators(root)],
         list(plan.frontier_disc),
         plan.num_samples // 2,
         plan.scorer,
         root / "frontier",
-        str(root / "mdlm") if plan.frontier_mauve else None,
+        str(root / trained_kinds(root)[0]) if plan.frontier_mauve else None,
         temperatures=list(plan.temperatures),
         device=device,
         batch_size=plan.batch_size,
         latent_cache=cache,
     )
-    print(f"[pipeline] latent draws (sample_latent calls, benchmark excluded): {cache.draws}")
+    print(f"[pipeline] latent draws (batches drawn, benchmark excluded): {cache.draws}")
     report = write_report(root, preset, plan, results, bench, device)
     print(f"[pipeline] report: {report}")
     return report

@@ -22,6 +22,32 @@ from diladiff.train.distributed import barrier, setup, teardown
 from diladiff.train.trainer import Trainer
 
 
+def parent_roles(kind: str) -> dict[str, str]:
+    """The parent runs stage `kind` needs: role (= CLI flag without "--") -> stage kind."""
+    return dict(STAGES[kind].parents)
+
+
+def check_parents(kind: str, parents: dict | None) -> dict[str, Path]:
+    """The parent run folders of a new `kind` run, one per declared role, each a run of the
+    declared stage kind."""
+    parents = {k: Path(v) for k, v in (parents or {}).items() if v}
+    roles = parent_roles(kind)
+    extra = sorted(set(parents) - set(roles))
+    if extra:
+        raise ConfigError(f"{kind} takes no parent {extra}; its parents: {roles or 'none'}")
+    for role, parent_kind in roles.items():
+        flag = "--" + role.replace("_", "-")
+        if role not in parents:
+            raise CheckpointError(f"training {kind} needs {flag} RUN_DIR (a run of {parent_kind})")
+        run = parents[role]
+        if not (run / "config.json").is_file() or not (run / "run.json").is_file():
+            raise CheckpointError(f"{flag} {run} is not a diladiff run folder (no config.json)")
+        found = ckpt.read_run_info(run)["stage"]
+        if found != parent_kind:
+            raise CheckpointError(f"{flag} {run} is a run of {found}, not of {parent_kind}")
+    return parents
+
+
 def resolve_config(
     kind: str, run_dir: Path, preset: str | None, overrides: list[str], parents: dict | None = None
 ) -> tuple[Config, bool]:
@@ -37,15 +63,12 @@ def resolve_config(
             raise ConfigError(f"{run_dir} was created with preset {cfg.preset!r}, not {preset!r}")
         return apply_overrides(cfg, overrides), True
     cls = STAGES[kind]
-    parent = (parents or {}).get(cls.parent_key) if cls.parent_key else None
-    if cls.parent_key and not parent:
-        flag = "--" + cls.parent_key.replace("_", "-")
-        raise CheckpointError(f"training {kind} needs {flag} RUN_DIR (the run it builds on)")
+    parents = check_parents(kind, parents)
     cfg = build_config(preset or "paper", [], stage=kind)
-    if parent:
-        if not (Path(parent) / "config.json").is_file():
-            raise CheckpointError(f"{parent} is not a diladiff run folder (no config.json)")
-        parent_cfg = Config.load(Path(parent) / "config.json")
+    if parents and cls.inherits:
+        if len(parents) != 1:
+            raise ConfigError(f"{kind}: `inherits` needs a single parent, it has {list(parents)}")
+        parent_cfg = Config.load(next(iter(parents.values())) / "config.json")
         for section in cls.inherits:
             setattr(cfg, section, getattr(parent_cfg, section))
     return apply_overrides(cfg, overrides), False
@@ -63,6 +86,7 @@ def train_run(
         raise ConfigError(f"unknown stage {kind!r}; choose one of {sorted(STAGES)}")
     run_dir = Path(run_dir)
     cfg, resumed = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
+    parents = {} if resumed else check_parents(kind, parents)
     warmup_warnings = check_warmups(cfg.train, STAGES[kind].warmups(cfg))
     env = setup(cfg.train.device)
     try:
@@ -80,7 +104,7 @@ def train_run(
         torch.manual_seed(cfg.train.seed)
         stage = STAGES[kind](cfg, tok_id)
         if not resumed:
-            stage.init_from_parents({k: str(v) for k, v in (parents or {}).items()})
+            stage.init_from_parents({role: load_run(run)[0] for role, run in parents.items()})
             stage.prepare(data, env.device)
         if env.is_main:
             print(stage.summary())
@@ -95,7 +119,7 @@ def train_run(
                     {
                         "stage": kind,
                         "tokenizer_identity": tok_id,
-                        "parents": {k: str(Path(v).resolve()) for k, v in (parents or {}).items()},
+                        "parents": {k: str(v.resolve()) for k, v in parents.items()},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "diladiff": __version__,
                         "data": {k: data.manifest[k] for k in ("train_rows", "val_rows", "source")},
@@ -105,9 +129,21 @@ def train_run(
         trainer = Trainer(cfg, stage, data, run_dir, env)
         if trainer.resume() and env.is_main:
             print(f"resumed {run_dir} from step {trainer.step}")
-        return trainer.fit()
+        metrics = trainer.fit()
+        barrier(env)  # no rank leaves the process group while another still uses it
+        return metrics
     finally:
         teardown()
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """The stage kind of a run folder (from its run.json)."""
+    return ckpt.read_run_info(Path(run_dir))["stage"]
+
+
+def run_parents(run_dir: str | Path) -> dict[str, Path]:
+    """The parent runs a run was built on (role -> folder, as recorded in its run.json)."""
+    return {k: Path(v) for k, v in ckpt.read_run_info(Path(run_dir)).get("parents", {}).items()}
 
 
 def load_run(

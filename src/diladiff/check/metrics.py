@@ -83,16 +83,27 @@ def summarise(samples: np.ndarray, targets: np.ndarray) -> dict:
     }
 
 
-def exact_factorised_sample(targets: np.ndarray, n: int, n_disc: int, seed: int = 0) -> np.ndarray:
+def exact_factorised_sample(
+    targets: np.ndarray,
+    n: int,
+    n_disc: int,
+    seed: int = 0,
+    strategy: str = "ancestral",
+    temperature: float = 1.0,
+) -> np.ndarray:
     """N rows from a masked-diffusion sampler whose denoiser is *exact*: p(x_0^l | x_t) is the
     true conditional of the target distribution (uniform over the K rows consistent with the
-    revealed tokens), and the ancestral schedule of the MDLM sampler (each masked position
-    revealed with probability (t - s) / t at step t -> s, all at the last step). Tokens revealed
-    in one step are drawn independently (the factorised posterior), so two of them can belong
-    to different rows; the row is then invalid, and the remaining positions are filled with the
+    revealed tokens), raised to 1/temperature and renormalised, with the MDLM sampler's reveal
+    rule: "ancestral" reveals each masked position with probability (t - s) / t at step t -> s
+    (all at the last step); "topk" draws a token at every masked position and reveals the most
+    confident (probability of the drawn token) until round(L * s) remain. Tokens revealed in one
+    step are drawn independently (the factorised posterior), so two of them can belong to
+    different rows; the row is then invalid, and the remaining positions are filled with the
     first row's tokens (any filling is invalid). This is the best any MDLM can do at N_disc."""
     from diladiff.processes.masking import unmask_probability
 
+    if strategy not in ("ancestral", "topk"):
+        raise ValueError(f"unknown strategy {strategy!r}")
     rng = np.random.default_rng(seed)
     k, length = targets.shape
     grid = [1.0 - i / n_disc for i in range(n_disc + 1)]
@@ -103,18 +114,38 @@ def exact_factorised_sample(targets: np.ndarray, n: int, n_disc: int, seed: int 
         row = targets[0].copy()
         for step in range(n_disc):
             t, s = grid[step], grid[step + 1]
-            p = 1.0 if s <= 0 else unmask_probability(t, s)
-            reveal = masked & (rng.random(length) < p)
-            if not reveal.any():
+            if strategy == "ancestral":
+                p = 1.0 if s <= 0 else unmask_probability(t, s)
+                pos = np.flatnonzero(masked & (rng.random(length) < p))
+            else:
+                pos = np.flatnonzero(masked)
+            if len(pos) == 0:
                 continue
-            cands = np.flatnonzero(consistent)
-            # each revealed position's token from the exact conditional, independently
-            picks = cands[rng.integers(0, len(cands), size=int(reveal.sum()))]
-            pos = np.flatnonzero(reveal)
-            row[pos] = targets[picks, pos]
-            masked &= ~reveal
+            tokens, conf = _exact_draws(targets[consistent][:, pos], temperature, rng)
+            if strategy == "topk":
+                keep = int(masked.sum()) - round(length * s)
+                order = np.argsort(-conf, kind="stable")[: max(keep, 0)]
+                pos, tokens = pos[order], tokens[order]
+            row[pos] = tokens
+            masked[pos] = False
             consistent &= (targets[:, pos] == row[pos]).all(1)
             if not consistent.any():
                 break  # no target row has these tokens: invalid whatever comes next
         out[i] = row
     return out
+
+
+def _exact_draws(cands: np.ndarray, temperature: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """One token per column of `cands` (the consistent rows' tokens at the chosen positions)
+    from the exact conditional (token counts / rows) tempered by 1/temperature, independently
+    per column; also each drawn token's tempered probability (top-k's confidence)."""
+    tokens = np.empty(cands.shape[1], dtype=cands.dtype)
+    conf = np.empty(cands.shape[1])
+    for j in range(cands.shape[1]):
+        values, counts = np.unique(cands[:, j], return_counts=True)
+        logw = np.log(counts) / temperature  # in log space: no overflow at low temperature
+        w = np.exp(logw - logw.max())
+        w /= w.sum()
+        pick = rng.choice(len(values), p=w)
+        tokens[j], conf[j] = values[pick], w[pick]
+    return tokens, conf

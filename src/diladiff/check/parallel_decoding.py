@@ -56,6 +56,20 @@ class CheckPlan:
     ladiff_cont_steps: tuple[int, ...] = (200, 5)
     diladiff_cont_steps: int = 5
     steps: dict[str, int] = field(default_factory=lambda: dict(CHECK_STEPS))
+    strategy: str = "ancestral"  # how every generator's decoder reveals tokens (or "topk")
+    temperature: float = 1.0  # of every generator's token draws
+
+    @property
+    def sampler(self) -> str:
+        return f"{self.strategy}, temperature {self.temperature:g}, top-p 1"
+
+    @property
+    def results_name(self) -> str:
+        """check.* for the default decoding; check_topk_t0.5.* etc. beside it otherwise, so
+        several decodings of the same trained stages can be compared."""
+        if (self.strategy, self.temperature) == ("ancestral", 1.0):
+            return "check"
+        return f"check_{self.strategy}_t{self.temperature:g}"
 
     def stage_overrides(self) -> dict[str, list[str]]:
         """Each stage's step count (its whole schedule) and the check's per-stage settings."""
@@ -136,11 +150,11 @@ def write_corpus(root: Path, texts: list[str], rows: np.ndarray, heldout: int) -
 # --------------------------------------------------------------------------- sampling
 
 
-def _settings(stage, n_disc: int, cont_steps: int = 0, gamma: float = 0.0):
+def _settings(stage, n_disc: int, plan: CheckPlan):
     from diladiff.sampling.generate import sampler_settings
 
-    sc = replace(stage.cfg.sample, disc_steps=n_disc, cont_steps=cont_steps, gamma=gamma)
-    sc.strategy, sc.temperature, sc.top_p = "ancestral", 1.0, 1.0
+    sc = replace(stage.cfg.sample, disc_steps=n_disc, cont_steps=0, gamma=0.0)
+    sc.strategy, sc.temperature, sc.top_p = plan.strategy, plan.temperature, 1.0
     return sampler_settings(sc, stage.seq_len)
 
 
@@ -151,10 +165,12 @@ def _batches(n: int, size: int):
 
 @torch.no_grad()
 def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
+    from diladiff.sampling.generate import GenerationSettings, sample_batch
+
     gen = torch.Generator(device).manual_seed(plan.seed)
-    settings = _settings(stage, n_disc)
+    settings = GenerationSettings(_settings(stage, n_disc, plan))
     out = [
-        stage.sample(b, settings, gen, device)[0].cpu()
+        sample_batch(stage, b, settings, gen, device)[0].cpu()
         for _, b in _batches(plan.num_samples, plan.batch_size)
     ]
     return torch.cat(out).numpy()
@@ -166,7 +182,7 @@ def decode_latents(stage, tok, z: torch.Tensor, n_disc: int, plan: CheckPlan, de
     from diladiff.eval.oracle import decode_latents as decode
 
     out = decode(
-        stage, tok, z, _settings(stage, n_disc), plan.seed + 1, plan.batch_size, device, **kw
+        stage, tok, z, _settings(stage, n_disc, plan), plan.seed + 1, plan.batch_size, device, **kw
     )
     return np.asarray(out.ids, dtype=np.int64)
 
@@ -319,7 +335,12 @@ def run_check(
     record(
         "exact_factorised",
         {"stage": None, "what": "the MDLM sampler with an exact denoiser (simulated)"},
-        {n: M.exact_factorised_sample(rows, plan.num_samples, n, plan.seed) for n in grid},
+        {
+            n: M.exact_factorised_sample(
+                rows, plan.num_samples, n, plan.seed, plan.strategy, plan.temperature
+            )
+            for n in grid
+        },
     )
     mdlm, _ = load_run(root / "mdlm", device=device)
     record("mdlm", {"stage": "mdlm"}, {n: sample_mdlm(mdlm, n, plan, device) for n in grid})
@@ -396,7 +417,7 @@ def run_check(
         "steps": plan.steps,
         "num_samples": plan.num_samples,
         "seed": plan.seed,
-        "sampler": "ancestral, temperature 1, top-p 1",
+        "sampler": plan.sampler,
         "device": device_record(device),
         "disc_steps": grid,
         "perfect_sampler_tv": {"mean": perfect_mean, "std": perfect_std},
@@ -408,10 +429,11 @@ def run_check(
         },
         "seconds": timings,
     }
-    (root / "check.json").write_text(json.dumps(result, indent=2) + "\n")
-    (root / "check.md").write_text(markdown(result))
-    plot(result, root / "check.png")
-    print(f"[check] wrote {root / 'check.json'}, check.md, check.png ({timings['total_s']:.0f} s)")
+    name = plan.results_name  # not Path.with_suffix: "t0.5" would lose its ".5"
+    (root / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / f"{name}.md").write_text(markdown(result))
+    plot(result, root / f"{name}.png")
+    print(f"[check] wrote {root / name}.json, .md, .png ({timings['total_s']:.0f} s)")
     return result
 
 

@@ -24,6 +24,7 @@ from diladiff.config import DataConfig
 from diladiff.data.sources import DocumentSource, open_source
 from diladiff.data.tokenizer import separator_id, tokenizer_identity
 from diladiff.errors import DataError
+from diladiff.runtime import cache_root
 
 # Part of the cache key: bump it whenever the rows a source packs into change, so caches built
 # by older code are never reused. 2: caches of version 1 could have been built before padding
@@ -40,10 +41,6 @@ class PackedData:
     val: np.ndarray
     manifest: dict
     folder: Path
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DILADIFF_CACHE", Path.home() / ".cache" / "diladiff")) / "data"
 
 
 def _cache_key(source: DocumentSource, tok_id: dict, cfg: DataConfig) -> str:
@@ -87,7 +84,7 @@ def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
     """Packed token rows for `cfg`, built once and then read from the cache."""
     source = open_source(cfg.source, cfg.text_field, cfg.txt_split)
     tok_id = tokenizer_identity(tok)
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
     folder = root / _cache_key(source, tok_id, cfg)
     if (folder / "manifest.json").is_file():
         return _open(folder)

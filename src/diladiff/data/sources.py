@@ -12,7 +12,6 @@ validation split (as the OpenWebText experiments hold out the last 100K document
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
@@ -247,7 +246,3 @@ def open_source(
     if spec.startswith((".", "/", "~")) or spec.endswith(TEXT_SUFFIXES):
         raise DataError(f"data source {spec!r} does not exist")
     return HubSource(spec, text_field=text_field)
-
-
-def source_key(source: DocumentSource) -> str:
-    return hashlib.sha256(source.fingerprint().encode()).hexdigest()[:16]

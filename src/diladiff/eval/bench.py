@@ -5,17 +5,19 @@ samplers (fast vs reference) side by side in one process."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import torch
 
-from diladiff.sampling.generate import inference_autocast, synchronize
+from diladiff.runtime import autocast, synchronize
+from diladiff.sampling.generate import sample_batch
 
 
 @torch.no_grad()
 def bench_sampling(
     stage,
-    settings,
+    settings,  # sampling.generate.GenerationSettings
     batch_sizes=(1, 8, 32),
     repeats: int = 3,
     device: torch.device | str = "cpu",
@@ -27,8 +29,8 @@ def bench_sampling(
     rows = []
     for batch in batch_sizes:
         gen = torch.Generator(device).manual_seed(seed)
-        with inference_autocast(device):
-            stage.sample(batch, settings, gen, device)  # warm-up (allocations, kernels)
+        with autocast(device):
+            sample_batch(stage, batch, settings, gen, device)  # warm-up (allocations, kernels)
             runs = [_timed_sample(stage, batch, settings, gen, device)[1] for _ in range(repeats)]
         rows.append(_row(stage, batch, runs))
     return rows
@@ -55,13 +57,18 @@ def compare_samplers(
     device = torch.device(device)
     rows = []
     for batch in batch_sizes:
-        variants = {name: dataclasses.replace(settings, sampler=name) for name in samplers}
+        variants = {
+            name: dataclasses.replace(
+                settings, tokens=dataclasses.replace(settings.tokens, sampler=name)
+            )
+            for name in samplers
+        }
         gens = {name: torch.Generator(device).manual_seed(seed) for name in samplers}
         runs = {name: [] for name in samplers}
         ids = {name: [] for name in samplers}
-        with inference_autocast(device):
+        with autocast(device):
             for name in samplers:  # warm-up (allocations, kernels)
-                stage.sample(batch, variants[name], gens[name], device)
+                sample_batch(stage, batch, variants[name], gens[name], device)
             for _ in range(repeats):
                 for name in samplers:
                     out, run = _timed_sample(stage, batch, variants[name], gens[name], device)
@@ -78,17 +85,17 @@ def compare_samplers(
 
 
 def _timed_sample(stage, batch, settings, gen, device) -> tuple[torch.Tensor, dict]:
-    """One synchronised, timed stage.sample call: (ids, {"wall": seconds, **stats})."""
+    """One synchronised, timed sample_batch call: (ids, {"wall": seconds, **stats})."""
     synchronize(device)
     t0 = time.perf_counter()
-    ids, stats = stage.sample(batch, settings, gen, device)
+    ids, stats = sample_batch(stage, batch, settings, gen, device)
     synchronize(device)
     return ids, {"wall": time.perf_counter() - t0, **stats}
 
 
 def _row(stage, batch: int, runs: list[dict]) -> dict:
     """Medians of timed runs as a table row (tokens/s from the median wall time)."""
-    med = {k: median([r[k] for r in runs]) for k in runs[0]}
+    med = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
     wall = med.pop("wall")
     row = {
         "batch": batch,
@@ -100,10 +107,6 @@ def _row(stage, batch: int, runs: list[dict]) -> dict:
     if "latent_s" in row:
         row["latent_overhead"] = row["latent_s"] / row["decode_s"]
     return row
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:

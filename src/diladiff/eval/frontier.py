@@ -28,8 +28,9 @@ from diladiff.eval.latent_cache import (
 )
 from diladiff.eval.plots import pyplot, save
 from diladiff.eval.protocol import device_record
-from diladiff.runs import load_run
-from diladiff.sampling.generate import generate
+from diladiff.runs import load_run, run_kind
+from diladiff.sampling.generate import generate, write_samples
+from diladiff.stages import STAGES, LatentStage
 
 
 def _label(run_dir: Path, stage) -> str:
@@ -66,17 +67,10 @@ def sweep_run(
         else:
             out = generate(stage, tok, sc, device, progress=False)
         name = f"{run_dir.name}_" + "_".join(f"{k}{v}" for k, v in point.items())
-        sample_path = out_dir / "samples" / f"{name}.jsonl"
-        sample_path.parent.mkdir(parents=True, exist_ok=True)
-        sample_path.write_text(
-            "".join(
-                json.dumps({"ids": i, "text": t}) + "\n"
-                for i, t in zip(out.ids, out.texts, strict=True)
-            )
-        )
         meta = {"run": str(run_dir), "stage": stage.kind, **vars(sc)}
         if latent:
             meta |= rng_meta(sc.seed)
+        write_samples(out_dir / "samples" / f"{name}.jsonl", out, meta)
         result = evaluate_samples(
             out.ids,
             out.texts,
@@ -131,9 +125,7 @@ def frontier(
         "temperature": [],
     }
     for run in run_dirs:
-        latent = (Path(run) / "run.json").is_file() and json.loads(
-            (Path(run) / "run.json").read_text()
-        )["stage"] in ("ladiff", "diladiff")
+        latent = issubclass(STAGES[run_kind(run)], LatentStage)
         points = [{"disc_steps": n} for n in disc_steps]
         if latent and cont_steps:
             points = [{"cont_steps": c, "disc_steps": n} for c in cont_steps for n in disc_steps]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -66,31 +66,29 @@ class _Stream:
     partial: dict[tuple[int, int], _Batch] = field(default_factory=dict)
 
 
-def effective_gamma(stage, gamma: float) -> float:
-    """gamma-sampling applies to DiLaDiff only; other stages ignore it (key: 0)."""
-    return float(gamma) if stage.kind == "diladiff" else 0.0
+def latent_settings_for(stage, cont_steps: int, gamma: float):
+    """The stage's latent sampler at N_cont = cont_steps and exactly `gamma` (run's sample.*
+    otherwise), through the one resolver (sampling.generate.latent_settings)."""
+    from diladiff.sampling.generate import latent_settings
+
+    sc = replace(stage.cfg.sample, cont_steps=int(cont_steps), gamma=float(gamma))
+    return latent_settings(sc, stage.latent_sampler)
 
 
 @torch.no_grad()
 def draw_batch(stage, n: int, cont_steps: int, gamma: float, gen, device) -> _Batch:
-    """One synchronised, timed `stage.sample_latent` call of `n` latents at exactly `gamma`."""
-    from diladiff.sampling.generate import inference_autocast, synchronize
-    from diladiff.sampling.masked import SamplerSettings
+    """One synchronised, timed latent draw of `n` latents at N_cont and exactly `gamma`."""
+    from diladiff.runtime import autocast, synchronize
+    from diladiff.sampling.latent import sample_latent
 
     device = torch.device(device)
-    settings = SamplerSettings(steps=stage.seq_len, cont_steps=cont_steps, gamma=gamma)
-    # DiLaDiff reads `settings.gamma or cfg.sample.gamma`: an explicit gamma = 0 would fall back
-    # to a run's nonzero default, so the run's default is set to the requested gamma meanwhile.
-    run_gamma, stage.cfg.sample.gamma = stage.cfg.sample.gamma, gamma
-    try:
-        synchronize(device)
-        start = time.perf_counter()
-        with inference_autocast(device):
-            z, nfe = stage.sample_latent(n, settings, gen, device)
-        z = z.float().cpu()
-        synchronize(device)
-    finally:
-        stage.cfg.sample.gamma = run_gamma
+    settings = latent_settings_for(stage, cont_steps, gamma)
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast(device):
+        z, nfe = sample_latent(stage, n, settings, gen, device)
+    z = z.float().cpu()
+    synchronize(device)
     return _Batch(z, time.perf_counter() - start, int(nfe))
 
 
@@ -98,7 +96,7 @@ class LatentCache:
     """Prior samples per (run, N_cont, gamma, seed, batch size, device), drawn once.
 
     `run` names the run the stage was loaded from (its folder): stages loaded again from the
-    same run share draws. `draws` counts the `sample_latent` calls made."""
+    same run share draws. `draws` counts the latent draws (batches) made."""
 
     def __init__(self):
         self._streams: dict[tuple, _Stream] = {}
@@ -131,10 +129,9 @@ class LatentCache:
         """`num` prior-space latents (CPU, float32), exactly those of a fresh draw of `num` in
         batches of `batch_size` from a generator seeded `seed`; and {"cont_nfe": network calls
         per latent, "latent_s": the seconds their batches took when drawn, "latent_reused":
-        whether any batch was drawn before this call}. cont_steps = 0: the run's default."""
+        whether any batch was drawn before this call}."""
         device = torch.device(device)
-        cont = int(cont_steps or stage.cfg.sample.cont_steps)
-        gamma = effective_gamma(stage, gamma)
+        cont, gamma = int(cont_steps), float(gamma)
         key = (str(run), cont, gamma, int(seed), int(batch_size), str(device))
         stream = self._stream(key, seed, device)
         whole, rest = divmod(int(num), int(batch_size))
@@ -171,9 +168,8 @@ def generate_from_cache(stage, tok, sc, cache: LatentCache, run: str, device):
     from diladiff.eval.oracle import decode_latents
     from diladiff.sampling.generate import Generation, sampler_settings
 
-    gamma = sc.gamma or stage.cfg.sample.gamma  # DiLaDiff's own fallback (stages/diladiff.py)
     z, info = cache.prior(
-        stage, run, sc.num_samples, sc.cont_steps, gamma, sc.seed, sc.batch_size, device
+        stage, run, sc.num_samples, sc.cont_steps, sc.gamma, sc.seed, sc.batch_size, device
     )
     settings = sampler_settings(sc, stage.seq_len)
     out = decode_latents(
@@ -190,4 +186,6 @@ def generate_from_cache(stage, tok, sc, cache: LatentCache, run: str, device):
 
 
 def is_latent_stage(stage) -> bool:
-    return hasattr(stage, "sample_latent") and hasattr(stage, "to_decoder_space")
+    from diladiff.stages import LatentStage
+
+    return isinstance(stage, LatentStage)

@@ -2,7 +2,7 @@
 
 Prior samples and encoder latents are compared in the prior's space (the prior's data:
 `stage.prior_latents(x0)`, the frozen encoder's latent of clean rows, standardised for the
-prior; samples: `stage.sample_latent`). Three sets of encoder latents, one seed:
+prior; samples: `sampling.latent.sample_latent`). Three sets of encoder latents, one seed:
 
     H      held-out rows (the first n of the validation split)      the target
     T_n    n random training rows                                  the floor (same distribution)
@@ -35,9 +35,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-DEFAULT_GAMMA = 0.2  # DiLaDiff's gamma > 0 row when the run's sample.gamma is 0
 STATISTICS = {
-    "space": "prior space: stage.prior_latents(x0) vs stage.sample_latent",
+    "space": "prior space: stage.prior_latents(x0) vs sampling.latent.sample_latent",
     "moments": "mean_c |mu_P - mu_H| and mean_c |log sd_P / sd_H| over the N_z*d_z coordinates",
     "frechet": "Frechet distance between Gaussians fitted per latent vector (d_z dims), "
     "averaged over the N_z vectors; floor: the same for n training latents vs H",
@@ -128,12 +127,12 @@ def compare(samples: torch.Tensor, refs: dict) -> dict:
 # ---------------------------------------------------------------------------- a run
 @torch.no_grad()
 def _encode(stage, rows: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    from diladiff.sampling.generate import inference_autocast
+    from diladiff.runtime import autocast
 
     out = []
     for i in range(0, len(rows), batch_size):
         x0 = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64)).to(device)
-        with inference_autocast(torch.device(device)):
+        with autocast(device):
             out.append(stage.prior_latents(x0).float().cpu())
     return torch.cat(out)
 
@@ -178,24 +177,22 @@ def same_latent_space(stage, refs: dict, device) -> bool:
 
 
 def default_samplers(stage) -> list[dict]:
-    """LaDiff: Euler N_cont 200 and 5. DiLaDiff: N_cont 5 at gamma 0 and at the run's gamma
-    (DEFAULT_GAMMA when the run's is 0)."""
-    if stage.kind == "diladiff":
-        gamma = stage.cfg.sample.gamma or DEFAULT_GAMMA
-        return [{"cont_steps": 5, "gamma": 0.0}, {"cont_steps": 5, "gamma": gamma}]
-    return [{"cont_steps": 200, "gamma": 0.0}, {"cont_steps": 5, "gamma": 0.0}]
+    """The stage's evaluation samplers (its class's `eval_samplers`: LaDiff Euler N_cont 200
+    and 5; DiLaDiff N_cont 5 at gamma 0 and 0.2)."""
+    return [
+        {"cont_steps": s["cont_steps"], "gamma": float(s.get("gamma", 0.0))}
+        for s in type(stage).eval_samplers
+    ]
 
 
 def sampler_grid(stage, cont_steps=None, gammas=None) -> list[dict]:
-    """Samplers from command-line lists: LaDiff one per N_cont (gamma does not apply);
-    DiLaDiff every (N_cont, gamma) pair. Missing lists take default_samplers' values."""
+    """Samplers from command-line lists: every (N_cont, gamma) pair; missing lists take
+    default_samplers' values. gamma applies to the meanflow sampler only."""
     defaults = default_samplers(stage)
     conts = list(cont_steps or dict.fromkeys(d["cont_steps"] for d in defaults))
-    if stage.kind != "diladiff":
-        if gammas and any(g != 0 for g in gammas):
-            raise ValueError(f"gamma-sampling applies to diladiff runs, not {stage.kind}")
-        return [{"cont_steps": c, "gamma": 0.0} for c in conts]
     gs = list(gammas if gammas is not None else dict.fromkeys(d["gamma"] for d in defaults))
+    if stage.latent_sampler != "meanflow" and any(g != 0 for g in gs):
+        raise ValueError(f"gamma-sampling applies to the meanflow sampler, not {stage.kind}")
     return [{"cont_steps": c, "gamma": g} for c in conts for g in gs]
 
 
@@ -249,7 +246,7 @@ def latent_diagnostics(
         cont, gamma = int(spec["cont_steps"]), float(spec.get("gamma", 0.0))
         z, info = cache.prior(stage, run, num, cont, gamma, seed, batch_size, device)
         name = f"{stage.kind} N_cont={cont}" + (
-            f" gamma={gamma:g}" if stage.kind == "diladiff" else ""
+            f" gamma={gamma:g}" if stage.latent_sampler == "meanflow" else ""
         )
         rows.append(
             {

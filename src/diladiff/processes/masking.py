@@ -1,12 +1,20 @@
 """The absorbing-state (masking) forward process with the linear schedule alpha_t = 1 - t.
 
 Forward: q(x_t^l | x_0^l) = alpha_t [x_t^l = x_0^l] + (1 - alpha_t) [x_t^l = m], independently
-per position. Pure tensor math: no networks.
+per position. Pure tensor math: networks enter only as callables passed in (the loss).
+
+The denoiser's output is post-processed by SUBS (`subs_logits`, `subs_log_probs`): the mask is
+never predicted, and unmasked positions copy their token. The training objective is
+`masked_diffusion_loss`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 
 def alpha(t: torch.Tensor | float) -> torch.Tensor | float:
@@ -87,3 +95,48 @@ def reverse_posterior(probs: torch.Tensor, t: float, s: float) -> torch.Tensor:
     p_unmask = unmask_probability(t, s)
     stay = torch.full_like(probs[..., :1], 1.0 - p_unmask)
     return torch.cat([p_unmask * probs, stay], dim=-1)
+
+
+def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS on raw logits: float32, with the mask logit at -inf (the denoiser never predicts the
+    mask). Writes into `logits` when it is already float32 (the head's fresh output)."""
+    logits = logits.float()
+    logits[..., mask_id] = -math.inf
+    return logits
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: log p_theta(x_0 | x_t) = log_softmax(subs_logits) at masked positions; positions
+    that are not masked copy their token (log-prob 0 on x_t^l, -inf elsewhere)."""
+    logp = subs_logits(logits, mask_id).log_softmax(dim=-1)
+    keep = (x_t != mask_id).unsqueeze(-1)
+    copy = torch.full_like(logp, -math.inf).scatter_(-1, x_t.unsqueeze(-1), 0.0)
+    return torch.where(keep, copy, logp)
+
+
+def masked_diffusion_loss(
+    hidden_fn: Callable[[torch.Tensor], torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The masked-diffusion (MDLM) objective for clean rows x0 (B, L) at times t (B,):
+
+        x_t = mask(x0, t)    (each token -> m with probability 1 - alpha_t = t),
+        loss = (1 / B) sum_b w(t_b) sum_{l : x_t^{b,l} = m} -log p_theta(x_0^{b,l} | x_t^b) / L,
+
+    p_theta(. | x_t) = softmax(SUBS(head(hidden_fn(x_t)))). `weight` is w(t) per row (B,), e.g.
+    `loss_weight(t, kind)`; w = 1/t makes the expectation over t an upper bound on
+    -log p(x_0) / L. The vocabulary head runs on the masked rows of hidden_fn(x_t) only.
+    Consumes `generator` once, through `mask_tokens`.
+    """
+    x_t = mask_tokens(x0, t, mask_id, generator)
+    hidden = hidden_fn(x_t)  # (B, L, W)
+    sel = x_t == mask_id
+    logits = subs_logits(head(hidden[sel]), mask_id)  # (N_masked, V)
+    nll = F.cross_entropy(logits, x0[sel], reduction="none")
+    rows = sel.nonzero()[:, 0]
+    return (weight[rows] * nll).sum() / x0.numel()

@@ -1,23 +1,29 @@
-"""Generate text from any trained stage: batching, seeding, autocast and decoding to text.
+"""Generate text from any trained stage: settings, batching, seeding, autocast, decoding.
 
-A stage's `sample(batch, settings, generator, device)` returns token ids; for MDLM that is
-masked-diffusion decoding, for the latent stages a latent draw followed by decoding.
+`sample_batch(stage, batch, settings, generator, device)` is the one way to draw token ids:
+a masked-diffusion stage (MDLM) decodes from all-masked rows; a latent stage draws its latent
+(sampling/latent.py) and decodes conditioned on it. The settings come from a run's sample.*
+config once, here (`generation_settings`): no other code resolves defaults.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from diladiff.config import SampleConfig
-from diladiff.sampling.masked import SamplerSettings
+from diladiff.config import ConfigError, SampleConfig
+from diladiff.runtime import autocast, synchronize
+from diladiff.sampling.latent import LatentSettings, sample_latent
+from diladiff.sampling.masked import SamplerSettings, sample_masked
+from diladiff.stages.latent import LatentStage
+from diladiff.stages.masked import MaskedDiffusionStage
 
 
 def sampler_settings(sc: SampleConfig, seq_len: int) -> SamplerSettings:
+    """Masked-diffusion decoding settings; disc_steps 0 means N_disc = L."""
     return SamplerSettings(
         steps=sc.disc_steps or seq_len,
         strategy=sc.strategy,
@@ -26,20 +32,95 @@ def sampler_settings(sc: SampleConfig, seq_len: int) -> SamplerSettings:
         float64_gumbel=sc.float64_gumbel,
         cache=sc.cache,
         sampler=sc.sampler,
-        cont_steps=sc.cont_steps,
-        gamma=sc.gamma,
     )
 
 
-def inference_autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def latent_settings(sc: SampleConfig, stage_sampler: str = "") -> LatentSettings:
+    """The latent sampler's settings: sample.latent_sampler, or the stage's own sampler for
+    runs saved before that key existed."""
+    sampler = sc.latent_sampler or stage_sampler
+    if not sampler:
+        raise ConfigError("sample.latent_sampler is not set (this run is not a latent stage?)")
+    return LatentSettings(sampler, sc.cont_steps, sc.gamma)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class GenerationSettings:
+    tokens: SamplerSettings
+    latent: LatentSettings | None = None  # None: the stage has no latent
+
+
+def generation_settings(sc: SampleConfig, stage) -> GenerationSettings:
+    """Everything one generation of `stage` needs, resolved from `sc` once."""
+    latent = None
+    if isinstance(stage, LatentStage):
+        latent = latent_settings(sc, stage.latent_sampler)
+    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent)
+
+
+@torch.no_grad()
+def decode_tokens(
+    stage: MaskedDiffusionStage,
+    batch: int,
+    settings: SamplerSettings,
+    generator,
+    device,
+    progress: bool = False,
+    cond=None,
+):
+    """`batch` rows decoded from all-masked input in N_disc = settings.steps steps by the
+    masked stage's denoiser conditioned on `cond` (None for the MDLM); (ids, stats)."""
+    ids, stats = sample_masked(
+        stage.token_decoder(cond),
+        batch,
+        stage.seq_len,
+        stage.mask_id,
+        settings,
+        generator,
+        device,
+        progress,
+    )
+    return ids, {"disc_nfe": stats.nfe, "disc_steps_taken": stats.steps}
+
+
+@torch.no_grad()
+def decode_latent(
+    stage: LatentStage,
+    z_ae: torch.Tensor,
+    settings: SamplerSettings,
+    generator,
+    device,
+    progress=False,
+):
+    """Tokens decoded conditioned on decoder-space latents z_ae (B, N_z, d_z); stats:
+    disc_nfe, disc_steps_taken, decode_s."""
+    z = z_ae.to(device)
+    synchronize(device)
+    t1 = time.perf_counter()
+    ids, stats = decode_tokens(
+        stage.decoder_stage, z.shape[0], settings, generator, device, progress, cond=z
+    )
+    synchronize(device)
+    return ids, {**stats, "decode_s": time.perf_counter() - t1}
+
+
+@torch.no_grad()
+def sample_batch(
+    stage, batch: int, settings: GenerationSettings, generator, device, progress: bool = False
+):
+    """Token ids (batch, L) and stats from any stage. A latent stage: its latent (prior
+    space), mapped to decoder space, then tokens; the stats split the time between the two
+    (latent overhead)."""
+    if settings.latent is None:
+        return decode_tokens(stage, batch, settings.tokens, generator, device, progress)
+    synchronize(device)
+    t0 = time.perf_counter()
+    z, cont_nfe = sample_latent(stage, batch, settings.latent, generator, device)
+    z_ae = stage.to_decoder_space(z)
+    synchronize(device)
+    t1 = time.perf_counter()
+    ids, st = decode_latent(stage, z_ae, settings.tokens, generator, device, progress)
+    return ids, {**st, "cont_nfe": cont_nfe, "latent_s": t1 - t0}
 
 
 @dataclass
@@ -56,7 +137,7 @@ def generate(
 ) -> Generation:
     """`sc.num_samples` samples in batches of `sc.batch_size`, reproducible from `sc.seed`."""
     device = torch.device(device)
-    settings = sampler_settings(sc, stage.seq_len)
+    settings = generation_settings(sc, stage)
     gen = torch.Generator(device).manual_seed(sc.seed)
     ids: list[list[int]] = []
     stats: dict = {}
@@ -64,8 +145,8 @@ def generate(
     bar = tqdm(total=sc.num_samples, desc="sampling", unit="seq", disable=not progress)
     while len(ids) < sc.num_samples:
         n = min(sc.batch_size, sc.num_samples - len(ids))
-        with inference_autocast(device):
-            out, s = stage.sample(n, settings, gen, device)
+        with autocast(device):
+            out, s = sample_batch(stage, n, settings, gen, device)
         ids += out.cpu().tolist()
         for k, v in s.items():
             stats[k] = stats.get(k, 0) + v

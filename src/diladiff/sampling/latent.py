@@ -1,5 +1,17 @@
 """Latent samplers: the probability-flow ODE of the VP tangent schedule (LaDiff) and the
-MeanFlow average-velocity sampler (DiLaDiff). New samplers register in LATENT_SAMPLERS.
+MeanFlow average-velocity sampler (DiLaDiff).
+
+Every sampler in LATENT_SAMPLERS has one signature,
+
+    sampler(model, shape, settings: LatentSettings, generator, device) -> (z, network calls)
+
+and draws prior-space latents z of `shape` from z_1 ~ N(0, I). `model` is a latent stage; a
+sampler names what it calls on it (the ODE: `model.x0(z_t, t, z_sc)`; MeanFlow:
+`model.self_conditioned_u(z_t, t, r)`) and the schedule it integrates (`model.cfg.diffusion.d`).
+`sample_latent(stage, batch, settings, ...)` dispatches on `settings.sampler`; a new sampler is
+one function registered with `@register_latent_sampler(NAME)`, selected with
+`sample.latent_sampler=NAME`. The algorithms themselves (euler_ode_sample, meanflow_sample)
+take plain functions, so they also run on exact denoisers (check/parallel_decoding.py).
 
 Euler on the PF-ODE, t_0 = 1 > t_1 > ... > t_N = 0 uniform:
 
@@ -21,9 +33,11 @@ re-noises it to r.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from diladiff.config import ConfigError
 from diladiff.processes.gaussian import forward_transition, gamma_jump_time, velocity_from_x0
 from diladiff.registry import registrar
 
@@ -31,7 +45,53 @@ LATENT_SAMPLERS: dict[str, Callable] = {}
 register_latent_sampler = registrar(LATENT_SAMPLERS)
 
 
+@dataclass(frozen=True)
+class LatentSettings:
+    """How a latent stage draws its latent (from the sample.* config: sampling.generate)."""
+
+    sampler: str  # a name in LATENT_SAMPLERS
+    steps: int  # N_cont
+    gamma: float = 0.0  # gamma-sampling of MeanFlow jumps
+
+    def __post_init__(self):
+        if self.sampler not in LATENT_SAMPLERS:
+            raise ConfigError(
+                f"unknown latent sampler {self.sampler!r}; choose one of {sorted(LATENT_SAMPLERS)}"
+            )
+        if self.steps < 1:
+            raise ConfigError(f"cont_steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
+
+
+@torch.no_grad()
+def sample_latent(stage, batch: int, settings: LatentSettings, generator, device):
+    """(z, network calls): `batch` prior-space latents of a latent stage."""
+    shape = (batch, *stage.latent_shape)
+    return LATENT_SAMPLERS[settings.sampler](stage, shape, settings, generator, device)
+
+
 @register_latent_sampler("ode_euler")
+def ode_euler(model, shape, settings: LatentSettings, generator, device):
+    """Euler on the probability-flow ODE with the model's self-conditioned x0-prediction;
+    one network call per step."""
+    if settings.gamma:
+        raise ConfigError("gamma-sampling applies to the meanflow sampler, not ode_euler")
+    d = model.cfg.diffusion.d
+    return euler_ode_sample(model.x0, shape, settings.steps, d, generator, device)
+
+
+@register_latent_sampler("meanflow")
+def meanflow(model, shape, settings: LatentSettings, generator, device):
+    """MeanFlow jumps of the model's average velocity with gamma-sampling; two network calls
+    per step (the self-conditioning pass, then the jump)."""
+    d = model.cfg.diffusion.d
+    z, calls = meanflow_sample(
+        model.self_conditioned_u, shape, settings.steps, d, generator, device, settings.gamma
+    )
+    return z, 2 * calls
+
+
 @torch.no_grad()
 def euler_ode_sample(
     x0_fn: Callable,
@@ -59,7 +119,6 @@ def euler_ode_sample(
     return z, steps
 
 
-@register_latent_sampler("meanflow")
 @torch.no_grad()
 def meanflow_sample(
     u_fn: Callable,

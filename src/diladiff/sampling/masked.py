@@ -26,7 +26,6 @@ log-probs) is reused; that is exact. New strategies register with `@register_str
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diladiff.processes.masking import unmask_probability
 from diladiff.registry import registrar
+from diladiff.stages.masked import TokenDecoder
 
 STRATEGIES: dict[str, Callable] = {}
 register_strategy = registrar(STRATEGIES)
@@ -51,54 +51,13 @@ Draw = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 CHUNK_VALUES = 1 << 20
 
 
-# --------------------------------------------------------------------------- the denoiser
-
-
-def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS on raw logits: float32, with the mask logit at -inf (the denoiser never predicts the
-    mask). Writes into `logits` when it is already float32 (the head's fresh output)."""
-    logits = logits.float()
-    logits[..., mask_id] = -math.inf
-    return logits
-
-
-def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS: log p_theta(x_0 | x_t) = log_softmax(subs_logits) at masked positions; positions
-    that are not masked copy their token (log-prob 0 on x_t^l, -inf elsewhere)."""
-    logp = subs_logits(logits, mask_id).log_softmax(dim=-1)
-    keep = (x_t != mask_id).unsqueeze(-1)
-    copy = torch.full_like(logp, -math.inf).scatter_(-1, x_t.unsqueeze(-1), 0.0)
-    return torch.where(keep, copy, logp)
-
-
-@dataclass(frozen=True)
-class TokenDecoder:
-    """A token denoiser split where sampling needs it:
-
-        p_theta(x_0^l | x_t) = softmax(SUBS(head(hidden(x_t)[l])))
-
-    hidden: x_t (B, L) -> (B, L, W), the transformer trunk (any conditioning, e.g. on a latent z,
-    bound in). head: (N, W) -> (N, V) raw logits, the vocabulary projection of chosen rows.
-    """
-
-    hidden: Callable[[torch.Tensor], torch.Tensor]
-    head: Callable[[torch.Tensor], torch.Tensor]
-    mask_id: int
-
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """float32 SUBS logits of hidden-state rows (..., W) -> (..., V)."""
-        return subs_logits(self.head(rows), self.mask_id)
-
-    def log_probs(self, x_t: torch.Tensor) -> torch.Tensor:
-        """log p_theta(x_0 | x_t), (B, L, V), SUBS applied (unmasked positions copy x_t)."""
-        return subs_log_probs(self.head(self.hidden(x_t)), x_t, self.mask_id)
-
-
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerSettings:
+    """How masked-diffusion decoding runs (from the sample.* config: sampling.generate)."""
+
     steps: int
     strategy: str = "ancestral"
     temperature: float = 1.0
@@ -107,9 +66,6 @@ class SamplerSettings:
     cache: bool = True
     # "fast" (head on drawn rows only) or "reference" (the previous full-vocabulary sampler).
     sampler: str = "fast"
-    # Latent stages only: N_cont (0 = the run's default) and DiLaDiff's gamma-sampling.
-    cont_steps: int = 0
-    gamma: float = 0.0
 
     def __post_init__(self):
         if self.steps < 1:

@@ -12,20 +12,74 @@ replaced by N(0, I) so the decoder also remains a plain MDLM.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from diladiff.config import Config, ConfigError
+from diladiff.config import Config, ConfigError, preset_base, register_section
 from diladiff.data.tokenizer import check_same_tokenizer
 from diladiff.errors import CheckpointError
 from diladiff.features import FeatureModel, RunningStandardizer
 from diladiff.nets.cross_attention import LatentCrossAttention
 from diladiff.nets.perceiver import PerceiverCompressor
 from diladiff.nets.token_denoiser import TokenDenoiser
-from diladiff.stages.base import register_stage
-from diladiff.stages.mdlm import MaskedDiffusionStage
+from diladiff.stages.base import Stage, register_stage
+from diladiff.stages.masked import MaskedDiffusionStage
+
+
+def _autoencoder_preset(preset: str) -> AutoencoderConfig:
+    """The section at a preset; "-4x" halves d_z (4x compression instead of 2x)."""
+    base = preset_base(preset)
+    if base == "paper":
+        cfg = AutoencoderConfig()
+    else:  # tiny, small: d_bert = 384 (minilm-l6); compression L d_bert / (N_z d_z) = 2
+        d_z = {"tiny": 384, "small": 768}[base]
+        cfg = AutoencoderConfig(
+            feature_model="minilm-l6", num_latents=32, latent_dim=d_z, perceiver_heads=d_z // 64
+        )
+    if preset.endswith("-4x"):
+        cfg.latent_dim //= 2
+    return cfg
+
+
+@register_section("autoencoder", _autoencoder_preset)
+@dataclass
+class AutoencoderConfig:
+    """Stage 1: frozen BERT features -> Perceiver -> latent z (N_z x d_z) -> MDLM decoder."""
+
+    feature_model: str = "bert-base-uncased"  # hub name, path, or "minilm-l6"
+    feature_layer: int = -1  # hidden-state index (-1 = last layer)
+    # The frozen encoder's compute precision: "auto" = bf16 on CUDA and on CPUs with native bf16
+    # (AVX512-BF16 / AMX), fp32 elsewhere; or "fp32" / "bf16".
+    feature_precision: str = "auto"
+    num_latents: int = 64  # N_z
+    latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
+    # Perceiver width; 0 = latent_dim (the paper's choice). A width below d_z leaves
+    # d_z - width directions of every latent vector without variance.
+    perceiver_width: int = 0
+    perceiver_depth: int = 2
+    perceiver_heads: int = 12
+    # Feature augmentation (training only): half the batch has positions of h masked with
+    # p_mask_h, the other half Gaussian noise of std sigma_h. (Values not given in DESIGN.md.)
+    p_mask_h: float = 0.15
+    sigma_h: float = 0.1
+    # Latent augmentation: each latent vector masked with p_mask_z; with p_drop the whole latent
+    # is replaced by N(0, I) (the paper's value was lost; it is above 0.5).
+    p_mask_z: float = 0.1
+    p_drop: float = 0.6
+    # Decoder blocks followed by a cross-attention layer ("first,last" or indices "0,5").
+    cross_attn_after: str = "first,last"
+    # Position tables on the queries/keys between sequence and latent (nets/positions.py;
+    # sinusoidal at init, learned). Not in DESIGN.md: without them a small, briefly trained
+    # MDLM decoder's masked positions all ask the latent the same question and the latent goes
+    # unused (nets/cross_attention.py). False = the paper's architecture as described.
+    position_embeddings: bool = True
+    # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
+    # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).
+    encoder_warmup_steps: int = 1000
+    decoder_warmup_steps: int = 10000
+    decoder_lr_scale: float = 1.0
 
 
 def cross_attention_blocks(spec: str, depth: int) -> list[int]:
@@ -78,8 +132,27 @@ def augment_latent(
 
 @register_stage("autoencoder")
 class Autoencoder(MaskedDiffusionStage):
-    parent_key = "init_from"
+    parents = {"init_from": "mdlm"}
     inherits = ("model", "data", "mdlm")
+    eval_samplers = ()  # not a generator: the pipeline's recon report and controls use it
+    reports = ("recon",)
+    budget_share = 0.25
+    demo_steps = 600
+
+    @classmethod
+    def preset_changes(cls, cfg: Config, preset: str) -> None:
+        """The paper's fine-tuning learning rate; this project's schedule lengths."""
+        tc, ac = cfg.train, cfg.autoencoder
+        if preset == "paper":
+            tc.lr, tc.total_steps, tc.warmup_steps = 5e-5, 100_000, 1000
+        elif preset == "small":
+            tc.lr, tc.total_steps = 2e-4, 3000
+            ac.encoder_warmup_steps, ac.decoder_warmup_steps = 100, 500
+        elif preset == "tiny":
+            tc.lr = 2e-3
+            tc.total_steps = 600  # the latent starts to pay off between 250 and 500 steps
+            ac.decoder_lr_scale = 0.1
+            ac.encoder_warmup_steps, ac.decoder_warmup_steps = 20, 100
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
@@ -155,19 +228,13 @@ class Autoencoder(MaskedDiffusionStage):
         )
 
     # ------------------------------------------------------------------ parents
-    def init_from_parents(self, parents: dict) -> None:
-        """Start the decoder from the MDLM run `parents['init_from']` (its EMA weights)."""
-        from diladiff.runs import load_run
-
-        src = parents.get("init_from")
-        if not src:
-            raise CheckpointError("training an auto-encoder needs --init-from MDLM_RUN_DIR")
-        mdlm, _ = load_run(Path(src))
-        if mdlm.kind != "mdlm":
-            raise CheckpointError(f"--init-from {src} is a {mdlm.kind} run, not an mdlm run")
-        check_same_tokenizer(mdlm.tokenizer_identity, self.tokenizer_identity, f"--init-from {src}")
+    def init_from_parents(self, parents: dict[str, Stage]) -> None:
+        """Start the decoder from the MDLM `parents['init_from']` (its EMA weights)."""
+        mdlm = parents["init_from"]
+        where = f"--init-from ({mdlm.kind})"
+        check_same_tokenizer(mdlm.tokenizer_identity, self.tokenizer_identity, where)
         if mdlm.cfg.model != self.cfg.model or mdlm.seq_len != self.seq_len:
-            raise CheckpointError(f"--init-from {src}: its model/seq_len differ from this config")
+            raise CheckpointError(f"{where}: its model/seq_len differ from this config")
         self.decoder.load_state_dict(mdlm.net.state_dict())
 
     # ------------------------------------------------------------------ model

@@ -1,41 +1,92 @@
-"""What the generic trainer needs from a stage.
+"""What the generic trainer, the run folders and the pipeline need from a stage.
 
 A stage is an nn.Module whose forward(batch, generator) returns (loss, metrics): that way the
 same module can be wrapped by DistributedDataParallel. It also says how to evaluate itself on
 held-out batches and how to split its trainable parameters into optimizer groups.
+
+A method is registered with `@register_stage(NAME)` and declares as data what the rest of the
+project derives from the registry: its parent runs (`parents`: role -> stage kind; the role
+is also the CLI flag, `--init-from` for "init_from"), the config sections it inherits from its
+parent, its per-preset training changes, how the pipeline evaluates it (`eval_samplers`) and
+its share of a pipeline time budget. File work (reading run folders, loading parents) lives
+in runs.py: `init_from_parents` receives the loaded parent stages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from diladiff.config import Config
+from diladiff.config import STAGE_PRESET_CHANGES, Config
 from diladiff.data.packing import PackedData
 
 STAGES: dict[str, type[Stage]] = {}
 
 
-def register_stage(name: str):
-    def wrap(cls):
+def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator: `diladiff train NAME` (and the pipeline, demo, frontier, CLI flags)
+    will know the stage."""
+
+    def wrap(cls: type[Stage]) -> type[Stage]:
         cls.kind = name
         STAGES[name] = cls
+        STAGE_PRESET_CHANGES[name] = cls.preset_changes
         return cls
 
     return wrap
 
 
+def stage_order(kinds: list[str] | None = None) -> list[str]:
+    """Registered stages (or `kinds` plus their ancestors), parents before children, else
+    in registration order."""
+    wanted = list(STAGES if kinds is None else kinds)
+    order: list[str] = []
+
+    def visit(kind: str, path: tuple[str, ...]) -> None:
+        if kind in order:
+            return
+        if kind not in STAGES:
+            raise KeyError(f"stage {kind!r} is not registered (needed by {path or 'the caller'})")
+        if kind in path:
+            raise ValueError(f"stage parents form a cycle: {' -> '.join((*path, kind))}")
+        for parent in STAGES[kind].parents.values():
+            visit(parent, (*path, kind))
+        order.append(kind)
+
+    for kind in wanted:
+        visit(kind, ())
+    return order
+
+
 class Stage(nn.Module):
-    kind: str = ""
-    # A stage built on a previous run: the CLI flag naming it (e.g. "init_from" for
-    # --init-from) and the config sections it inherits from that run.
-    parent_key: str | None = None
-    inherits: tuple[str, ...] = ()
+    kind: ClassVar[str] = ""
+    # The runs a new run of this stage is built on: role -> stage kind. The role names the
+    # CLI flag (--init-from for "init_from") and the key in run.json's "parents".
+    parents: ClassVar[dict[str, str]] = {}
+    # Config sections a new run copies from its parent run (the single parent, when any).
+    inherits: ClassVar[tuple[str, ...]] = ()
+    # The pipeline's evaluation rows for this stage: one dict of sample.* settings per row
+    # (e.g. {"cont_steps": 200}); empty = the stage is not a generator (the auto-encoder).
+    eval_samplers: ClassVar[tuple[dict, ...]] = ({},)
+    # Pipeline reports this stage gets beyond generation ("recon": eval/recon_report.py).
+    reports: ClassVar[tuple[str, ...]] = ()
+    # Share of a pipeline --budget-minutes for training this stage.
+    budget_share: ClassVar[float] = 0.1
+    # The demo's training steps for this stage (the built-in CPU-sized chain).
+    demo_steps: ClassVar[int] = 100
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__()
         self.cfg = cfg
         self.tokenizer_identity = dict(tokenizer_identity)
+
+    @classmethod
+    def preset_changes(cls, cfg: Config, preset: str) -> None:
+        """What training this stage changes in the preset `preset` (learning rate, schedule
+        length, warm-ups, its sampler defaults), as typed assignments to `cfg`."""
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Training loss of one micro-batch of token rows (B, L), and metrics to log."""
@@ -46,8 +97,9 @@ class Stage(nn.Module):
         """Metrics on held-out batches (called on the EMA weights)."""
         raise NotImplementedError
 
-    def init_from_parents(self, parents: dict) -> None:
-        """Initialise a new run from its parent runs (called once, not on resume)."""
+    def init_from_parents(self, parents: dict[str, Stage]) -> None:
+        """Initialise a new run from its loaded parent stages (role -> stage, as declared in
+        `parents`; EMA weights, on CPU); called once, not on resume."""
 
     def prepare(self, data: PackedData, device) -> None:
         """Anything a new run estimates from its training data before the first step (called

@@ -6,13 +6,14 @@ Student average velocity over [r, t], parameterised through the teacher's x0-pre
     x_eta = net_eta(z_t, t, z_sc, r)
 
 where net_eta is the teacher's network plus a zero-initialised embedding of (t - r), so at
-initialisation u_eta(z_t, t, t) is exactly the teacher's velocity. The MeanFlow target is
+initialisation u_eta(z_t, t, t) is exactly the teacher's velocity. The objective is
+processes.meanflow.meanflow_loss with the teacher's self-conditioned velocity v_psi(z_t, t):
 
     u_tgt = v_psi(z_t, t) - w_k (t - r) (v_psi . d_z u_eta + d_t u_eta)
 
-with the bracket the Jacobian-vector product of u_eta along the tangent (v_psi, 1, 0) and w_k a
-linear warm-up from 0 to 1. Loss: ||u_eta - stopgrad(u_tgt)||^2 / stopgrad(||.||^2 + c)^p per
-example. t, r ~ LogitNormal(m, s) (t the larger), and r = t on a share of the examples.
+(the bracket a Jacobian-vector product; w_k a linear warm-up from 0 to 1), loss
+||u_eta - stopgrad(u_tgt)||^2 / stopgrad(||.||^2 + c)^p per example. t, r ~ LogitNormal(m, s)
+(t the larger; processes.meanflow.sample_t_r), and r = t on a share of the examples.
 
 Self-conditioning. The teacher's velocity v_psi is self-conditioned on its own first pass,
 z_psi(z_t, t, z_psi(z_t, t, 0)). The student's self-conditioning input is, per example,
@@ -22,57 +23,69 @@ z_psi(z_t, t, z_psi(z_t, t, 0)). The student's self-conditioning input is, per e
 
 where X(u) = (sigma_t u - sigma'_t z_t) / (alpha'_t sigma_t - sigma'_t alpha_t) is the clean
 estimate implied by a velocity (processes.gaussian.x0_from_velocity). Sampling runs the same two
-passes per step: the r = t pass with z_sc = 0, then the jump self-conditioned on its X.
+passes per step (the "meanflow" latent sampler: the r = t pass with z_sc = 0, then the jump
+self-conditioned on its X).
 The latents are the teacher's prior-space latents (its standardisation is copied with it).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from diladiff.config import Config, ConfigError
-from diladiff.errors import CheckpointError
+from diladiff.config import Config, register_section
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.processes.gaussian import diffuse, velocity_from_x0, x0_from_velocity
-from diladiff.sampling.latent import meanflow_sample
-from diladiff.stages.base import register_stage
-from diladiff.stages.ladiff import LatentStage
-
-DERIVATIVES = ("jvp", "finite_difference")
+from diladiff.processes.meanflow import meanflow_loss, sample_t_r
+from diladiff.stages.base import Stage, register_stage
+from diladiff.stages.latent import LatentStage
 
 
-def sample_t_r(batch: int, mean: float, std: float, r_equals_t: float, generator, device):
-    """(t, r) with t >= r, each LogitNormal(mean, std); r = t with probability r_equals_t."""
-    a = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
-    b = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    same = torch.rand(batch, generator=generator, device=device) < r_equals_t
-    return t, torch.where(same, t, r)
+@register_section("meanflow")
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow self-distillation of the prior (teacher frozen)."""
 
-
-def directional_derivative(fn, primals, tangents, method: str = "jvp", eps: float = 1e-3):
-    """(fn(*primals), d/de fn(primals + e * tangents) at e = 0).
-
-    "jvp": exact forward-mode AD (torch.func.jvp; attention must support it: the explicit
-    "math" backend does, the fused SDPA kernels do not). "finite_difference": the central
-    difference (fn(p + eps T) - fn(p - eps T)) / (2 eps), computed without gradients; the first
-    output is then a plain forward call."""
-    if method == "jvp":
-        return torch.func.jvp(fn, primals, tangents)
-    if method == "finite_difference":
-        with torch.no_grad():
-            plus = fn(*(p + eps * t for p, t in zip(primals, tangents, strict=True)))
-            minus = fn(*(p - eps * t for p, t in zip(primals, tangents, strict=True)))
-        return fn(*primals), (plus - minus) / (2 * eps)
-    raise ConfigError(f"meanflow.derivative must be one of {DERIVATIVES}, not {method!r}")
+    r_equals_t_prob: float = 0.25
+    logit_normal_mean: float = -1.0
+    logit_normal_std: float = 1.0
+    adaptive_p: float = 1.0  # loss / (||delta||^2 + c)^p, detached
+    adaptive_c: float = 1e-3
+    tangent_warmup_steps: int = 10000
+    # Share of training examples on which the student is self-conditioned on its own r = t
+    # clean estimate (stop-gradient); the others get zeros, as the first pass of a sampling step.
+    student_self_cond_prob: float = 0.5
+    # "jvp" (exact forward-mode AD) or "finite_difference" (central difference of step fd_eps;
+    # the time embedding's 1000 t scale makes t-derivatives steep: keep fd_eps small).
+    derivative: str = "jvp"
+    fd_eps: float = 1e-4
 
 
 @register_stage("diladiff")
 class DiLaDiff(LatentStage):
-    parent_key = "teacher"
+    parents = {"teacher": "ladiff"}
     inherits = ("model", "data", "mdlm", "autoencoder", "prior", "diffusion")
+    # N_cont 5, gamma 0 and the paper's gamma-sampling (about 0.1-0.3 is its best)
+    eval_samplers = ({"cont_steps": 5, "gamma": 0.0}, {"cont_steps": 5, "gamma": 0.2})
+    latent_sampler = "meanflow"  # sampling.latent.LATENT_SAMPLERS
+    budget_share = 0.1
+    # Past the tiny preset's 100-step tangent warm-up, then 50 steps at full weight.
+    demo_steps = 150
+
+    @classmethod
+    def preset_changes(cls, cfg: Config, preset: str) -> None:
+        """The paper's learning rate; this project's schedule lengths; 5 MeanFlow jumps."""
+        tc, mf = cfg.train, cfg.meanflow
+        cfg.sample.latent_sampler, cfg.sample.cont_steps = cls.latent_sampler, 5
+        if preset == "paper":
+            tc.lr, tc.total_steps, tc.warmup_steps = 5e-5, 100_000, 1000
+        elif preset == "small":
+            tc.lr, tc.total_steps = 1e-4, 2000
+            mf.tangent_warmup_steps = 500
+        elif preset == "tiny":
+            tc.lr, tc.total_steps, tc.warmup_steps = 5e-4, 300, 20
+            mf.tangent_warmup_steps = 100
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
@@ -83,13 +96,10 @@ class DiLaDiff(LatentStage):
         self.student = LatentDenoiser(*self.latent_shape, cfg.prior, backend, with_interval=True)
         self.tangent_weight = 1.0  # set by on_step during training
 
-    def init_from_parents(self, parents: dict) -> None:
-        from diladiff.runs import load_run
-
-        src = parents.get("teacher")
-        teacher, _ = load_run(Path(src))
-        if teacher.kind != "ladiff":
-            raise CheckpointError(f"--teacher {src} is a {teacher.kind} run, not a ladiff run")
+    def init_from_parents(self, parents: dict[str, Stage]) -> None:
+        """Auto-encoder, prior-space map and teacher from the LaDiff run; the student starts
+        as the teacher (its interval embedding is zero-initialised)."""
+        teacher = parents["teacher"]
         self.ae.load_state_dict(teacher.ae.state_dict())
         self.prior_norm.load_state_dict(teacher.prior_norm.state_dict())
         self.teacher.load_state_dict(teacher.prior.state_dict())
@@ -145,15 +155,21 @@ class DiLaDiff(LatentStage):
             z_sc[keep] = x0_from_velocity(zk, self.average_velocity(zk, tk, tk), tk, d).to(z_sc)
         return z_sc
 
-    def meanflow_terms(self, z_t, t, r, v, z_sc):
-        """(u, u_tgt): the student's average velocity and the stop-gradient MeanFlow target."""
+    def loss_terms(self, z_t, t, r, v, z_sc):
+        """The MeanFlow loss of the student u_eta(., ., .; z_sc) against the teacher's v."""
         mf = self.cfg.meanflow
-        fn = lambda z, tt, rr: self.average_velocity(z, tt, rr, z_sc)  # noqa: E731
-        u, dudt = directional_derivative(
-            fn, (z_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)), mf.derivative, mf.fd_eps
+        return meanflow_loss(
+            lambda z, tt, rr: self.average_velocity(z, tt, rr, z_sc),
+            v,
+            z_t,
+            t,
+            r,
+            self.tangent_weight,
+            mf.adaptive_p,
+            mf.adaptive_c,
+            mf.derivative,
+            mf.fd_eps,
         )
-        interval = (t - r).view(-1, *([1] * (z_t.dim() - 1)))
-        return u, (v - self.tangent_weight * interval * dudt).detach()
 
     def draw(self, x0, generator):
         mf, dc = self.cfg.meanflow, self.cfg.diffusion
@@ -177,10 +193,7 @@ class DiLaDiff(LatentStage):
         v, _ = self.teacher_velocity(z_t, t)
         keep = torch.rand(len(t), generator=generator, device=t.device) < mf.student_self_cond_prob
         z_sc = self.student_self_condition(z_t, t, keep)
-        u, u_tgt = self.meanflow_terms(z_t, t, r, v, z_sc)
-        err = ((u - u_tgt) ** 2).flatten(1).mean(1)
-        loss = (err / (err.detach() + mf.adaptive_c) ** mf.adaptive_p).mean()
-        return loss, {"loss": loss.detach(), "mse": err.mean().detach()}
+        return self.loss_terms(z_t, t, r, v, z_sc)
 
     @torch.no_grad()
     def evaluate(self, batches, generator):
@@ -190,26 +203,13 @@ class DiLaDiff(LatentStage):
             z_t, t, r = self.draw(x0, generator)
             v, _ = self.teacher_velocity(z_t, t)
             z_sc = self.student_self_condition(z_t, t)
-            u, u_tgt = self.meanflow_terms(z_t, t, r, v, z_sc)
-            total += float(((u - u_tgt) ** 2).mean()) * len(x0)
+            total += float(self.loss_terms(z_t, t, r, v, z_sc)[1]["mse"]) * len(x0)
             fm += float(((self.average_velocity(z_t, t, t, z_sc) - v) ** 2).mean()) * len(x0)
             n += len(x0)
         return {"val_mse": total / n, "val_flow_matching_mse": fm / n}
 
     # ------------------------------------------------------------------ sampling
     def self_conditioned_u(self, z_t, t, r):
-        """Two calls: the r = t pass gives the clean estimate used as self-conditioning."""
+        """u(z_t, t, r) as at sampling, two calls: the r = t pass gives the clean estimate used
+        as self-conditioning (the "meanflow" latent sampler's model)."""
         return self.average_velocity(z_t, t, r, self.student_self_condition(z_t, t))
-
-    def sample_latent(self, batch, settings, generator, device):
-        steps = settings.cont_steps or self.cfg.sample.cont_steps or 5
-        z, calls = meanflow_sample(
-            self.self_conditioned_u,
-            (batch, *self.latent_shape),
-            steps,
-            self.cfg.diffusion.d,
-            generator,
-            device,
-            gamma=settings.gamma or self.cfg.sample.gamma,
-        )
-        return z, 2 * calls

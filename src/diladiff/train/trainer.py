@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -25,7 +26,7 @@ from diladiff.config import Config
 from diladiff.data.batches import RowSampler, validation_batches
 from diladiff.data.packing import PackedData
 from diladiff.errors import TrainingError
-from diladiff.stages.base import Stage
+from diladiff.runtime import PRECISIONS, autocast
 from diladiff.train import checkpoint as ckpt
 from diladiff.train.distributed import DistEnv, all_mean, barrier, replica_digests
 from diladiff.train.ema import EMA
@@ -40,13 +41,9 @@ def step_seed(*parts: int) -> int:
 
 def autocast_for(cfg: Config, device: torch.device):
     precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise TrainingError(f"train.precision must be auto, fp32 or bf16, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise TrainingError(f"train.precision must be auto, fp32 or bf16, not {precision!r}")
+    return autocast(device, precision)
 
 
 def batch_layout(batch_size: int, micro: int, world: int) -> tuple[int, int]:
@@ -63,7 +60,13 @@ def batch_layout(batch_size: int, micro: int, world: int) -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, stage: Stage, data: PackedData, run_dir: Path, env: DistEnv):
+    """Trains any stage: an nn.Module whose forward(batch, generator) returns (loss, metrics)
+    and that offers evaluate, param_groups, on_step, summary and kind (stages/base.py; the
+    trainer does not import the stages: train and stages are independent layers)."""
+
+    def __init__(
+        self, cfg: Config, stage: nn.Module, data: PackedData, run_dir: Path, env: DistEnv
+    ):
         self.cfg, self.stage, self.data, self.run_dir, self.env = (
             cfg,
             stage,
@@ -96,7 +99,7 @@ class Trainer:
         self.rows = RowSampler(data.train, tc.seed)
         self.val = validation_batches(data.val, self.micro, tc.eval_batches)
         self.step = 0
-        self._eval_model: Stage | None = None
+        self._eval_model: nn.Module | None = None
 
     # ------------------------------------------------------------------ state
     def resume(self) -> bool:

@@ -1,0 +1,132 @@
+"""The base of every stage that generates a continuous latent and decodes it with a masked
+token decoder (LaDiff, DiLaDiff): the latent diffusion process's config section, the two latent
+spaces, and what the samplers (sampling/latent.py, sampling/generate.py) need.
+
+Two latent spaces. The decoder reads z_ae = ae.encode(x0) (the auto-encoder's own
+standardisation, fixed while it trained). The prior works in
+
+    z = (z_ae - m) / s        per coordinate (N_z x d_z),
+
+with m, s the mean and standard deviation of z_ae over clean training rows, estimated once from
+the frozen encoder when a run starts (`fit_prior_space`), so that the prior's data has
+zero-mean, unit-variance coordinates; z_ae = m + s z maps a prior sample back for decoding.
+
+The auto-encoder is a frozen copy of a parent run when `frozen_autoencoder` is True (LaDiff,
+DiLaDiff); a method that trains its encoder and decoder with the prior sets it False and
+provides `decoder_stage` and `encode_clean` itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from diladiff.config import Config, register_section
+from diladiff.data.packing import PackedData
+from diladiff.features import Standardizer
+from diladiff.stages.autoencoder import Autoencoder
+from diladiff.stages.base import Stage
+from diladiff.stages.masked import MaskedDiffusionStage
+
+
+@register_section("diffusion")
+@dataclass
+class DiffusionConfig:
+    """The latent process: VP, warped tangent schedule alpha_t^2 = 1/(1 + d^2 tan^2(pi t/2))."""
+
+    d: float = 10.0
+    self_cond_prob: float = 0.5
+    t_eps: float = 1e-4
+    # Clean training rows (drawn at random) whose frozen-encoder latents give the prior-space
+    # standardisation, estimated once when a LaDiff run starts; 0 or more than there are = all.
+    latent_stats_rows: int = 4096
+
+
+class LatentStage(Stage):
+    """A latent prior plus a masked token decoder: latent sampling, then decoding."""
+
+    frozen_autoencoder: ClassVar[bool] = True
+    # The latent sampler (a name in sampling.latent.LATENT_SAMPLERS) the stage's presets set
+    # as sample.latent_sampler.
+    latent_sampler: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        if self.frozen_autoencoder:
+            self.ae = Autoencoder(cfg, tokenizer_identity).requires_grad_(False)
+            self.seq_len, self.mask_id = self.ae.seq_len, self.ae.mask_id
+        self.latent_shape = (cfg.autoencoder.num_latents, cfg.autoencoder.latent_dim)
+        # Prior space <-> decoder space; estimated by `fit_prior_space`, saved with the weights.
+        self.prior_norm = Standardizer(self.latent_shape)
+        self._register_load_state_dict_pre_hook(
+            _identity_prior_norm_for_old_checkpoints, with_module=True
+        )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_autoencoder:
+            self.ae.eval()  # frozen: never updates its running statistics
+        return self
+
+    @property
+    def decoder_stage(self) -> MaskedDiffusionStage:
+        """The masked token decoder conditioned on decoder-space latents z_ae."""
+        return self.ae
+
+    def encode_clean(self, x0: torch.Tensor) -> torch.Tensor:
+        """Decoder-space latents z_ae of clean rows x0 (no augmentation)."""
+        return self.ae.encode(x0)
+
+    # ------------------------------------------------------------------ latent spaces
+    @torch.no_grad()
+    def fit_prior_space(self, data: PackedData, device) -> None:
+        """Estimate the prior-space standardisation m, s from the frozen encoder's latents
+        z_ae of `diffusion.latent_stats_rows` clean training rows (drawn with the run's seed;
+        all rows if there are fewer)."""
+        rows = data.train
+        n = self.cfg.diffusion.latent_stats_rows
+        n = len(rows) if n <= 0 else min(n, len(rows))
+        rng = np.random.default_rng([self.cfg.train.seed, 0x5747])
+        idx = np.sort(rng.choice(len(rows), size=n, replace=False))
+        batch = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+        self.to(device)
+        if self.frozen_autoencoder:
+            self.ae.eval()  # clean rows: no feature augmentation
+        chunks = (
+            torch.from_numpy(np.asarray(rows[idx[i : i + batch]], dtype=np.int64)).to(device)
+            for i in range(0, n, batch)
+        )
+        self.prior_norm.fit(self.encode_clean(x0) for x0 in chunks)
+
+    def to_prior_space(self, z_ae: torch.Tensor) -> torch.Tensor:
+        """z = (z_ae - m) / s."""
+        return self.prior_norm(z_ae)
+
+    def to_decoder_space(self, z: torch.Tensor) -> torch.Tensor:
+        """z_ae = m + s z."""
+        return self.prior_norm.inverse(z)
+
+    @torch.no_grad()
+    def prior_latents(self, x0: torch.Tensor) -> torch.Tensor:
+        """The prior's data: the encoder's latent of clean rows, in prior space."""
+        return self.to_prior_space(self.encode_clean(x0))
+
+
+def _identity_prior_norm_for_old_checkpoints(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the prior had its own standardisation trained the prior on
+    ae.encode(x0) itself: the identity map (m = 0, s = 1) reproduces them exactly."""
+    key = prefix + "prior_norm."
+    if key + "mean" in state_dict or prefix + "ae.z_norm.mean" not in state_dict:
+        return
+    warnings.warn(
+        "checkpoint without a prior-space standardisation (older version): using the "
+        "identity, the map its prior was trained with",
+        stacklevel=2,
+    )
+    state_dict[key + "mean"] = torch.zeros(module.latent_shape)
+    state_dict[key + "std"] = torch.ones(module.latent_shape)
+    state_dict[key + "fitted"] = torch.ones((), dtype=torch.bool)

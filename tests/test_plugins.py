@@ -1,0 +1,93 @@
+"""Stages as plug-ins: a method defined in tests/toy_stage.py (outside src/) registers itself,
+trains, samples and runs through `diladiff pipeline` without any edit under src/."""
+
+import json
+import sys
+
+import pytest
+from conftest import TINY
+
+from diladiff import config as config_mod
+from diladiff import pipeline
+from diladiff.cli import main
+from diladiff.config import Config, ConfigError
+from diladiff.stages import STAGES, load_plugins, stage_order
+
+
+@pytest.fixture
+def toy_registered():
+    """Import the toy plug-in for one test, and unregister it afterwards (the registries are
+    process-wide: other tests must not see a sixth stage)."""
+    yield
+    STAGES.pop("toy", None)
+    config_mod.STAGE_PRESET_CHANGES.pop("toy", None)
+    config_mod.SECTIONS.pop("toy", None)
+    sys.modules.pop("toy_stage", None)
+
+
+SMALL_PLAN = pipeline.EvalPlan(
+    scorer="smollm2-135m",
+    num_samples=4,
+    batch_size=4,
+    frontier_disc=(4,),
+    bench_batches=(1,),
+    bench_repeats=1,
+    temperatures=(),
+    frontier_mauve=False,
+    bench_disc_divisors=(8,),
+)
+
+
+def test_a_stage_defined_outside_src_trains_samples_and_runs_the_pipeline(
+    tmp_path, monkeypatch, capsys, toy_registered
+):
+    monkeypatch.setenv("DILADIFF_PLUGINS", "toy_stage")
+    assert "toy_stage" in load_plugins() and "toy" in STAGES
+    assert stage_order(["toy"]) == ["mdlm", "toy"]
+    monkeypatch.setitem(pipeline.EVAL_PLANS, "tiny", SMALL_PLAN)
+    root = tmp_path / "pipe"
+    overrides = [*TINY, "train.max_steps=3"]
+    args = ["--preset", "tiny", "--run-dir", str(root), "--device", "cpu"]
+    assert main(["pipeline", "--stages", "toy", *args, *overrides]) == 0
+
+    # trained in parent order, the toy run built on the MDLM run, with its own section
+    assert (root / "mdlm" / "COMPLETE").is_file() and (root / "toy" / "COMPLETE").is_file()
+    assert not (root / "autoencoder").exists()
+    info = json.loads((root / "toy" / "run.json").read_text())
+    assert info["stage"] == "toy" and info["parents"] == {"base": str((root / "mdlm").resolve())}
+    cfg = json.loads((root / "toy" / "config.json").read_text())
+    assert cfg["toy"] == {"logit_scale": 0.5} and cfg["train"]["lr"] == 1e-3
+    # evaluated beside the MDLM at N_disc = L/8 and L
+    report = (root / "report.md").read_text()
+    for row in ("mdlm_disc4", "mdlm_disc32", "toy_disc4", "toy_disc32"):
+        assert f"| {row} |" in report
+    bench = json.loads((root / "eval" / "bench.json").read_text())
+    assert {r["stage"] for r in bench} == {"mdlm", "toy"}
+
+    # the CLI knows the stage: sampling, and its parent flag --base with kind checks
+    out = tmp_path / "toy.jsonl"
+    assert main(["sample", str(root / "toy"), "--num-samples", "2", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    capsys.readouterr()
+    new = ["train", "toy", "--preset", "tiny", "--run-dir", str(tmp_path / "t2"), *TINY]
+    assert main(new) == 2
+    assert "needs --base RUN_DIR (a run of mdlm)" in capsys.readouterr().err
+    assert main([*new, "--base", str(root / "toy")]) == 2
+    assert "is a run of toy, not of mdlm" in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists()
+
+
+def test_a_config_section_of_an_unloaded_plugin_is_a_clear_error():
+    saved = Config().to_dict()
+    with pytest.raises(ConfigError, match="belong to no registered method"):
+        Config.from_dict({**saved, "nonexistent_method": {"x": 1}})
+    # and a removed key of an older version is ignored, not an error
+    old = {**saved, "sample": {**saved["sample"], "use_ema": True}}
+    assert Config.from_dict(old) == Config.from_dict(saved)
+
+
+def test_registry_order_puts_parents_first_and_rejects_cycles():
+    assert stage_order() == ["mdlm", "autoencoder", "ladiff", "diladiff"]
+    assert stage_order(["diladiff"]) == ["mdlm", "autoencoder", "ladiff", "diladiff"]
+    with pytest.raises(KeyError, match="not registered"):
+        stage_order(["nope"])
