@@ -183,8 +183,9 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
 
     root = tmp_path / "check"
     argv = ["check", "parallel-decoding", "--run-dir", str(root), "--num-sequences", "16"]
-    argv += ["--num-samples", "128", "--steps", "mdlm=300,autoencoder=1500,ladiff=40,diladiff=30"]
-    code = main(argv + SLOW_OVERRIDES)
+    steps = "mdlm=300,autoencoder=1500,ladiff=40,diladiff=30,duo=20"
+    argv += ["--num-samples", "128", "--steps", steps]
+    code = main(argv + ["--with-duo"] + SLOW_OVERRIDES)
     result = json.loads((root / "check.json").read_text())
     assert code == (0 if result["verdict"]["diagnosis"] == "every link passes" else 1)
     assert (root / "check.png").stat().st_size > 0 and "## Validity" in (
@@ -201,12 +202,15 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
         "ladiff_cont5",
         "diladiff_cont5_gamma0",
         "diladiff_cont5_gamma0.2",
+        "duo_ancestral",
+        "duo_greedy_tail",
     }
+    assert json.loads((root / "duo" / "run.json").read_text())["stage"] == "duo"
     val = {name: {r["disc_steps"]: r["validity"] for r in gen["rows"]} for name, gen in g.items()}
     assert result["disc_steps"] == [1, 2, 4, 8, 16]
     # the factorised posterior cannot reveal a whole row in one or two steps, even when exact
     assert val["exact_factorised"][1] == 0 and val["exact_factorised"][2] < 0.1
-    assert val["mdlm"][2] < 0.1
+    assert val["mdlm"][2] < 0.1 and val["duo_ancestral"][1] < 0.1  # uniform-state: factorised
     # given the latent of the row (oracle) or an exact prior sample, it can: the mechanism
     assert val["oracle"][2] >= val["mdlm"][2] + 0.3
     assert val["exact_prior_cont200"][2] >= val["mdlm"][2] + 0.3
@@ -217,7 +221,7 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
     # The paper's confidence-based (top-k) unmasking, same trained stages (sampling only):
     # results beside the ancestral ones, one token per step exact for an exact MDLM, and the
     # decoder given the row's latent reproduces it when 2 steps reveal 8 tokens each.
-    assert main(argv + ["--strategy", "topk"] + SLOW_OVERRIDES) in (0, 1)
+    assert main(argv + ["--with-duo", "--strategy", "topk"] + SLOW_OVERRIDES) in (0, 1)
     assert (root / "check.json").read_text() == json.dumps(result, indent=2) + "\n"
     topk = json.loads((root / "check_topk_t1.json").read_text())
     assert topk["sampler"].startswith("topk, temperature 1")

@@ -21,11 +21,12 @@ from diladiff.stages import STAGES, stage_order
 
 def _choices() -> dict[str, list[str]]:
     """Choices derived from the registries (stages, strategies, samplers)."""
+    from diladiff.sampling import generate  # noqa: F401  (imports every sampler module)
     from diladiff.sampling.latent import LATENT_SAMPLERS
     from diladiff.sampling.masked import SAMPLERS, STRATEGIES
 
     return {
-        "stage": stage_order(),
+        "stage": stage_order(optional=True),
         "strategy": sorted(STRATEGIES),
         "sampler": sorted(SAMPLERS),
         "latent_sampler": sorted(LATENT_SAMPLERS),
@@ -35,7 +36,7 @@ def _choices() -> dict[str, list[str]]:
 def _parent_flags() -> dict[str, list[str]]:
     """Every parent role of a registered stage (the --ROLE flag) -> the stages that take it."""
     flags: dict[str, list[str]] = {}
-    for kind in stage_order():
+    for kind in stage_order(optional=True):
         for role, parent in STAGES[kind].parents.items():
             flags.setdefault(role, []).append(f"{kind} ({parent} run)")
     return flags
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a stage in a run folder")
-    p.add_argument("stage", choices=stage_order(), help="the stage to train")
+    p.add_argument("stage", choices=stage_order(optional=True), help="the stage to train")
     for role, takers in _parent_flags().items():
         flag = "--" + role.replace("_", "-")
         p.add_argument(flag, dest=role, type=Path, help="the parent run of " + ", ".join(takers))
@@ -158,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stages",
         default="",
-        help=f"comma-separated subset of {','.join(stage_order())} (their parents are added; "
-        "default: all)",
+        help=f"comma-separated subset of {','.join(stage_order(optional=True))} (their parents "
+        f"are added; default: {','.join(stage_order())}, i.e. all but optional baselines)",
     )
     p.add_argument("--preset", default="tiny")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         "check_STRATEGY_tT.* beside check.* (the trained stages are reused)",
     )
     c.add_argument("--temperature", type=float, default=1.0, help="of every token draw")
+    c.add_argument(
+        "--with-duo",
+        action="store_true",
+        help="also train the DUO baseline on the rows (duo=N in --steps) and sample it "
+        "(ancestral and greedy_tail)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.epilog = "Further key=value arguments are config overrides applied to every stage."
@@ -472,7 +479,8 @@ def cmd_pipeline(args) -> int:
     kinds = [k.strip() for k in args.stages.split(",") if k.strip()] or None
     unknown = [k for k in kinds or [] if k not in STAGES]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {stage_order()}")
+        choices = stage_order(optional=True)
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {choices}")
     run_pipeline(
         args.run_dir, args.preset, overrides, args.budget_minutes, args.device, kinds=kinds
     )
@@ -490,6 +498,7 @@ def cmd_check(args) -> int:
         gamma=args.gamma,
         strategy=args.strategy,
         temperature=args.temperature,
+        with_duo=args.with_duo,
     )
     for item in filter(None, args.steps.split(",")):
         stage, _, n = item.partition("=")

@@ -107,7 +107,7 @@ def train_stages(
 
 def trained_kinds(root: Path) -> list[str]:
     """The registered stages with a run folder under `root`, in parent order."""
-    return [k for k in stage_order() if (Path(root) / k / "run.json").is_file()]
+    return [k for k in stage_order(optional=True) if (Path(root) / k / "run.json").is_file()]
 
 
 def generators(root: Path) -> list[str]:
@@ -125,9 +125,11 @@ def control_stage(root: Path) -> str | None:
 
 
 def row_name(kind: str, sampler: dict, n_disc: int) -> str:
-    """An evaluation row's name, e.g. ladiff_cont200_disc64, diladiff_cont5_gamma0.2_disc8."""
+    """An evaluation row's name, e.g. ladiff_cont200_disc64, diladiff_cont5_gamma0.2_disc8,
+    duo_greedy_tail_disc64."""
     cont, gamma = sampler.get("cont_steps", 0), sampler.get("gamma", 0.0)
-    tag = f"_cont{cont}" if cont else ""
+    tag = f"_{sampler['strategy']}" if "strategy" in sampler else ""
+    tag += f"_cont{cont}" if cont else ""
     tag += f"_gamma{gamma:g}" if gamma else ""
     return f"{kind}{tag}_disc{n_disc}"
 

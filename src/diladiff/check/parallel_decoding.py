@@ -11,8 +11,9 @@ the tokens are (nearly) independent and validity should survive N_disc = 1 or 2.
     DIR/check.json  DIR/check.md  DIR/check.png              metrics per generator and N_disc
 
 Generators: the MDLM; LaDiff (latent ODE, N_cont 200 and 5); DiLaDiff (N_cont 5, gamma 0 and
-gamma-sampling); and two controls that isolate the links of the chain: `oracle` (the decoder
-given the encoder latent of a random training row: does the auto-encoder work?) and
+gamma-sampling); with --with-duo the DUO baseline (uniform-state; ancestral and greedy-tailed,
+whatever --strategy says); and two controls that isolate the links of the chain: `oracle` (the
+decoder given the encoder latent of a random training row: does the auto-encoder work?) and
 `noise_latent` (z ~ N(0, I): the decoder as a plain MDLM). A simulated reference,
 `exact_factorised`, runs the MDLM sampler with the exact conditionals of the K rows: the best
 any MDLM can do at each N_disc (ancestral steps reveal several tokens at once even at
@@ -37,7 +38,7 @@ CHECK_VERSION = 1
 
 # Training steps of the check's stages (its own choice: the MDLM, the auto-encoder's decoder
 # and the prior must memorise K rows, which takes longer than a real-text demo schedule).
-CHECK_STEPS = {"mdlm": 1500, "autoencoder": 800, "ladiff": 800, "diladiff": 300}
+CHECK_STEPS = {"mdlm": 1500, "autoencoder": 800, "ladiff": 800, "diladiff": 300, "duo": 1500}
 # Per-stage settings of the check: the auto-encoder at the paper's single learning rate for
 # encoder and decoder (the tiny preset slows the pretrained decoder by 10x).
 CHECK_STAGE_OVERRIDES = {"autoencoder": ["autoencoder.decoder_lr_scale=1.0"]}
@@ -58,6 +59,10 @@ class CheckPlan:
     steps: dict[str, int] = field(default_factory=lambda: dict(CHECK_STEPS))
     strategy: str = "ancestral"  # how every generator's decoder reveals tokens (or "topk")
     temperature: float = 1.0  # of every generator's token draws
+    with_duo: bool = False  # also train the DUO baseline on the rows and sample it
+
+    def stages(self) -> list[str]:
+        return ["diladiff", "duo"] if self.with_duo else ["diladiff"]
 
     @property
     def sampler(self) -> str:
@@ -73,11 +78,13 @@ class CheckPlan:
 
     def stage_overrides(self) -> dict[str, list[str]]:
         """Each stage's step count (its whole schedule) and the check's per-stage settings."""
-        return {
+        out = {
             stage: [f"train.max_steps={n}", f"train.total_steps={n}"]
             + CHECK_STAGE_OVERRIDES.get(stage, [])
             for stage, n in self.steps.items()
         }
+        out["duo"].append(f"duo.curriculum_end={self.steps['duo'] // 2}")  # half, as its presets
+        return out
 
 
 def disc_grid(seq_len: int) -> list[int]:
@@ -165,6 +172,7 @@ def _batches(n: int, size: int):
 
 @torch.no_grad()
 def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
+    """Rows of a stage without a latent (the MDLM, DUO), one generator seeded plan.seed."""
     from diladiff.sampling.generate import GenerationSettings, sample_batch
 
     gen = torch.Generator(device).manual_seed(plan.seed)
@@ -310,7 +318,7 @@ def run_check(
 
     t1 = time.perf_counter()
     stage_results = train_stages(
-        root, preset, train_overrides, stage_overrides=plan.stage_overrides()
+        root, preset, train_overrides, stage_overrides=plan.stage_overrides(), kinds=plan.stages()
     )
     timings["train_s"] = time.perf_counter() - t1
 
@@ -345,6 +353,13 @@ def run_check(
     mdlm, _ = load_run(root / "mdlm", device=device)
     record("mdlm", {"stage": "mdlm"}, {n: sample_mdlm(mdlm, n, plan, device) for n in grid})
     del mdlm
+    if plan.with_duo:  # uniform-state: its own strategies (top-k does not apply)
+        duo, _ = load_run(root / "duo", device=device)
+        for strategy in ("ancestral", "greedy_tail"):
+            duo_plan = replace(plan, strategy=strategy)
+            outputs = {n: sample_mdlm(duo, n, duo_plan, device) for n in grid}
+            record(f"duo_{strategy}", {"stage": "duo", "strategy": strategy}, outputs)
+        del duo
 
     ladiff, _ = load_run(root / "ladiff", device=device)
     targets_ae = encoder_latents(ladiff, rows, plan.batch_size, device)  # CPU

@@ -9,37 +9,12 @@ it is trained.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from diladiff.config import PriorConfig
+from diladiff.nets.time_embedding import TimeEmbedding
 from diladiff.nets.transformer import Backbone, init_weights, modulate
-
-
-class TimeEmbedding(nn.Module):
-    """Sinusoidal features of 1000 t, then an MLP to width (output layer optionally zero)."""
-
-    def __init__(self, width: int, freq_dim: int = 256, zero_out: bool = False):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-        self.zero_out = zero_out
-
-    def reset_output(self) -> None:
-        if self.zero_out:
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        t = t if t.is_floating_point() else t.float()
-        freqs = torch.exp(
-            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=t.dtype) / half
-        )
-        args = 1000.0 * t.unsqueeze(-1) * freqs
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
 class LatentDenoiser(nn.Module):

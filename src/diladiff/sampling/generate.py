@@ -18,6 +18,7 @@ from diladiff.config import ConfigError, SampleConfig
 from diladiff.runtime import autocast, synchronize
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings, sample_masked
+from diladiff.sampling.uniform import sample_uniform
 from diladiff.stages.latent import LatentStage
 from diladiff.stages.masked import MaskedDiffusionStage
 
@@ -104,15 +105,9 @@ def decode_latent(
     return ids, {**stats, "decode_s": time.perf_counter() - t1}
 
 
-@torch.no_grad()
-def sample_batch(
-    stage, batch: int, settings: GenerationSettings, generator, device, progress: bool = False
-):
-    """Token ids (batch, L) and stats from any stage. A latent stage: its latent (prior
-    space), mapped to decoder space, then tokens; the stats split the time between the two
-    (latent overhead)."""
-    if settings.latent is None:
-        return decode_tokens(stage, batch, settings.tokens, generator, device, progress)
+def _generate_latent(stage, batch, settings: GenerationSettings, generator, device, progress):
+    """A latent stage: its latent (prior space), mapped to decoder space, then tokens; the
+    stats split the time between the two (latent overhead)."""
     synchronize(device)
     t0 = time.perf_counter()
     z, cont_nfe = sample_latent(stage, batch, settings.latent, generator, device)
@@ -121,6 +116,27 @@ def sample_batch(
     t1 = time.perf_counter()
     ids, st = decode_latent(stage, z_ae, settings.tokens, generator, device, progress)
     return ids, {**st, "cont_nfe": cont_nfe, "latent_s": t1 - t0}
+
+
+# How each kind of stage generates (Stage.generation names one): fn(stage, batch, settings,
+# generator, device, progress) -> (ids, stats).
+GENERATIONS = {
+    "masked": lambda stage, batch, settings, *args: decode_tokens(
+        stage, batch, settings.tokens, *args
+    ),
+    "latent": _generate_latent,
+    "uniform": lambda stage, batch, settings, *args: sample_uniform(
+        stage, batch, settings.tokens, *args
+    ),
+}
+
+
+@torch.no_grad()
+def sample_batch(
+    stage, batch: int, settings: GenerationSettings, generator, device, progress: bool = False
+):
+    """Token ids (batch, L) and stats from any stage, by its `generation`."""
+    return GENERATIONS[stage.generation](stage, batch, settings, generator, device, progress)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import STAGES, Stage, register_stage, stage_order
 from diladiff.stages.diladiff import DiLaDiff
+from diladiff.stages.duo import DUO
 from diladiff.stages.ladiff import LaDiff
 from diladiff.stages.latent import LatentStage
 from diladiff.stages.masked import MaskedDiffusionStage
@@ -34,6 +35,7 @@ def load_plugins() -> list[str]:
 
 
 __all__ = [
+    "DUO",
     "MDLM",
     "STAGES",
     "Autoencoder",

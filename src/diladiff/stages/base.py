@@ -39,10 +39,12 @@ def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
     return wrap
 
 
-def stage_order(kinds: list[str] | None = None) -> list[str]:
+def stage_order(kinds: list[str] | None = None, optional: bool = False) -> list[str]:
     """Registered stages (or `kinds` plus their ancestors), parents before children, else
-    in registration order."""
-    wanted = list(STAGES if kinds is None else kinds)
+    in registration order; without `kinds`, optional stages (baselines) only if `optional`."""
+    if kinds is None:
+        kinds = [k for k, cls in STAGES.items() if optional or not cls.optional]
+    wanted = list(kinds)
     order: list[str] = []
 
     def visit(kind: str, path: tuple[str, ...]) -> None:
@@ -73,6 +75,10 @@ class Stage(nn.Module):
     eval_samplers: ClassVar[tuple[dict, ...]] = ({},)
     # Pipeline reports this stage gets beyond generation ("recon": eval/recon_report.py).
     reports: ClassVar[tuple[str, ...]] = ()
+    # How sampling.generate.sample_batch draws from it (a name in GENERATIONS there).
+    generation: ClassVar[str] = "masked"
+    # An optional baseline: the pipeline trains it only when asked (--stages).
+    optional: ClassVar[bool] = False
     # Share of a pipeline --budget-minutes for training this stage.
     budget_share: ClassVar[float] = 0.1
     # The demo's training steps for this stage (the built-in CPU-sized chain).

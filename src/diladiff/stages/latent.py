@@ -50,6 +50,7 @@ class LatentStage(Stage):
     """A latent prior plus a masked token decoder: latent sampling, then decoding."""
 
     frozen_autoencoder: ClassVar[bool] = True
+    generation = "latent"
     # The latent sampler (a name in sampling.latent.LATENT_SAMPLERS) the stage's presets set
     # as sample.latent_sampler.
     latent_sampler: ClassVar[str] = ""

@@ -1,0 +1,97 @@
+"""Uniform-state (DUO) ancestral sampling: N_disc reverse steps of the posterior, then a last
+noise-removal step.
+
+From x_1 ~ uniform over the states, on the grid t_i = 1 - i (1 - t_min) / N (t_min = 1e-5, as
+the authors' code) with the log-linear schedule alpha_t = 1 - (1 - 1e-3) t, each step t -> s
+draws every position from
+
+    p_theta(x_s | x_t) = q(x_s | x_t, x = x_theta(x_t, sigma_t))      (processes.uniform.posterior)
+
+with x_theta the denoiser's distribution over the states, tempered and nucleus-filtered before
+it enters the posterior (as the authors' current code applies top-p), and the posterior in
+float64. The last step at t_min (one more network call, so NFE = N_disc + 1):
+
+- "ancestral": the posterior with alpha_s = 1 (which nearly always keeps x_t);
+- "greedy_tail": the argmax of x_theta at every position (the DiLaDiff paper's DUO sampler,
+  the authors' `noise_removal=greedy`): lower GenPPL, lower entropy.
+
+The denoiser is time-conditioned, so every step runs it afresh (no reuse as in MDLM).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from diladiff.processes.uniform import (
+    log_linear_alpha,
+    posterior,
+    prior_sample,
+    sigma_from_alpha,
+)
+from diladiff.sampling.masked import (
+    CHUNK_VALUES,
+    SamplerSettings,
+    gumbel_argmax,
+    register_strategy,
+    sampling_logits,
+)
+
+T_MIN = 1e-5  # the last time of the grid (the authors' sampling eps)
+UNIFORM_STRATEGIES = ("ancestral", "greedy_tail")
+
+
+@register_strategy("greedy_tail")
+def _greedy_tail_is_not_a_masked_strategy(*args, **kwargs):
+    raise ValueError("strategy 'greedy_tail' is for uniform-state (DUO) sampling only")
+
+
+def _x_theta(stage, x: torch.Tensor, t: float, settings: SamplerSettings) -> torch.Tensor:
+    """The denoiser's distribution over the states at x_t, tempered and nucleus-filtered, as
+    float64 log-probabilities (B, L, V) (-inf off the states)."""
+    alpha, _ = log_linear_alpha(torch.full((x.shape[0],), t, device=x.device))
+    logp = stage.log_x_theta(x, sigma_from_alpha(alpha))
+    return sampling_logits(logp.double(), settings).log_softmax(dim=-1)
+
+
+def _draw_posterior(log_x, x, a_s: float, a_t: float, states, settings, generator):
+    """x_s ~ q(x_s | x_t, x_theta) at every position, in row chunks of the (B, L, V) posterior."""
+    flat_logx, flat_x = log_x.flatten(0, 1), x.flatten()
+    rows = max(1, CHUNK_VALUES // flat_logx.shape[-1])
+    out = torch.empty_like(flat_x)
+    for i in range(0, len(flat_x), rows):
+        q = posterior(flat_logx[i : i + rows].exp(), flat_x[i : i + rows], a_s, a_t, states)
+        out[i : i + rows] = gumbel_argmax(q.log(), generator, settings.float64_gumbel)
+    return out.view_as(x)
+
+
+@torch.no_grad()
+def sample_uniform(
+    stage,
+    batch: int,
+    settings: SamplerSettings,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+):
+    """(batch, L) token ids of a uniform-state stage (one with `states`, `seq_len` and
+    `log_x_theta(x_t, sigma)`), and stats {disc_nfe, disc_steps_taken}."""
+    if settings.strategy not in UNIFORM_STRATEGIES:
+        raise ValueError(
+            f"uniform-state sampling takes strategy {UNIFORM_STRATEGIES}, not {settings.strategy!r}"
+        )
+    states = stage.states.to(device)
+    x = prior_sample((batch, stage.seq_len), states, generator)  # x_1 ~ uniform over states
+    n = settings.steps
+    grid = [1.0 - i * (1.0 - T_MIN) / n for i in range(n + 1)]
+    alpha = lambda t: float(log_linear_alpha(torch.tensor(t, dtype=torch.float64))[0])  # noqa: E731
+    for i in tqdm(range(n), desc="decoding", disable=not progress, leave=False):
+        t, s = grid[i], grid[i + 1]
+        log_x = _x_theta(stage, x, t, settings)
+        x = _draw_posterior(log_x, x, alpha(s), alpha(t), states, settings, generator)
+    log_x = _x_theta(stage, x, grid[-1], settings)
+    if settings.strategy == "greedy_tail":
+        x = log_x.argmax(dim=-1)
+    else:  # noise removal: the posterior towards alpha_s = 1
+        x = _draw_posterior(log_x, x, 1.0, alpha(grid[-1]), states, settings, generator)
+    return x, {"disc_nfe": n + 1, "disc_steps_taken": n}

@@ -1,0 +1,177 @@
+"""DUO (Sahoo et al., "The Diffusion Duality", ICML 2025): uniform-state discrete diffusion
+trained through its Gaussian relaxation; a discrete baseline beside the MDLM.
+
+Forward process (processes/uniform.py): each token kept with probability alpha_t, else replaced
+by a uniform draw over the states (every token but [MASK]); log-linear schedule
+alpha_t = 1 - (1 - 1e-3) t. The denoiser x_theta(x_t, sigma_t) is the MDLM's transformer with
+time conditioning on sigma_t = -log alpha_t (adaLN-Zero), a plain softmax over the states (no
+SUBS: under uniform noise no position is known to be clean).
+
+Loss: the continuous-time uniform-state ELBO (processes.uniform.diffusion_loss), per token,
+averaged. Curriculum (training steps [curriculum_start, curriculum_end)): t -> gamma_t =
+gamma_min + t (gamma_max - gamma_min), a Gaussian latent w = sqrt(sigmoid(-gamma)) onehot(x_0) +
+sqrt(sigmoid(gamma)) eps over the states; the network reads the tempered softmax(w / tau)
+(embedded as probs @ E), the ELBO takes x_t = argmax(w), which is exactly a uniform-state
+corruption with alpha(gamma) (the duality map, processes.uniform.DualityMap), and alpha' =
+alpha'(gamma) (gamma_max - gamma_min). After the curriculum: the plain discrete ELBO.
+Validation always reports the discrete ELBO bound as a perplexity.
+
+Sampling: sampling/uniform.py (ancestral posterior steps; "greedy_tail": argmax at the end).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diladiff.config import Config, ConfigError, register_section
+from diladiff.nets.token_denoiser import TokenDenoiser
+from diladiff.processes.masking import sample_times
+from diladiff.processes.uniform import (
+    DualityMap,
+    corrupt,
+    diffusion_loss,
+    gaussian_latent,
+    log_linear_alpha,
+    sigma_from_alpha,
+)
+from diladiff.stages.base import Stage, register_stage
+
+
+@register_section("duo")
+@dataclass
+class DUOConfig:
+    """DUO's curriculum (defaults: the authors' OpenWebText script, scripts/train_owt_duo.sh:
+    a constant tau = 1e-3 and gamma in [-3.55, -1.85], i.e. alpha in about [0.05, 0.95])."""
+
+    # Training steps [curriculum_start, curriculum_end) use the Gaussian relaxation; the
+    # authors' OpenWebText run: 0 to 500k of a first 500k-step stage (a second stage then
+    # continues with the discrete loss). 0, 0 = no curriculum.
+    curriculum_start: int = 0
+    curriculum_end: int = 500_000
+    gamma_min: float = -3.55
+    gamma_max: float = -1.85
+    # log10 of the softmax temperature tau, linear from start to end over the curriculum.
+    tau_log10_start: float = -3.0
+    tau_log10_end: float = -3.0
+    # Grid points of the cached duality map alpha(gamma) over [gamma_min, gamma_max].
+    duality_points: int = 4097
+    t_eps: float = 1e-3  # t ~ U[t_eps, 1], antithetic
+
+
+@register_stage("duo")
+class DUO(Stage):
+    eval_samplers = ({"strategy": "ancestral"}, {"strategy": "greedy_tail"})
+    generation = "uniform"  # sampling/uniform.py
+    optional = True  # a baseline: the pipeline trains it only when asked (--stages duo)
+    budget_share = 0.25
+    demo_steps = 250
+
+    @classmethod
+    def preset_changes(cls, cfg: Config, preset: str) -> None:
+        """The authors' recipe at `paper` (constant lr 3e-4 with 2.5k warm-up; the curriculum
+        over the first 500k steps); shorter curricula at `small` and `tiny` (half the run)."""
+        tc, dc = cfg.train, cfg.duo
+        if preset == "paper":
+            tc.total_steps, tc.warmup_steps, tc.schedule = 1_000_000, 2500, "constant"
+            dc.curriculum_end = 500_000
+        elif preset == "small":
+            dc.curriculum_end = cfg.train.total_steps // 2
+        elif preset == "tiny":
+            dc.curriculum_end = cfg.train.total_steps // 2
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        vocab = int(tokenizer_identity["vocab_size"])
+        self.mask_id = int(tokenizer_identity["mask_id"])
+        self.seq_len = cfg.data.seq_len
+        states = torch.ones(vocab, dtype=torch.bool)
+        states[self.mask_id] = False
+        self.register_buffer("states", states, persistent=False)
+        self.net = TokenDenoiser(cfg.model, vocab, cfg.data.seq_len, time_conditioning=True)
+        dc = cfg.duo
+        if dc.curriculum_end > dc.curriculum_start and not dc.gamma_min < dc.gamma_max:
+            raise ConfigError("duo.gamma_min must be below duo.gamma_max")
+        self._duality: DualityMap | None = None  # built on first use (training only)
+        self.step = 0  # set by on_step: the curriculum depends on it (exact resume)
+
+    def summary(self) -> str:
+        dc = self.cfg.duo
+        return (
+            f"{super().summary()}; uniform-state over {int(self.states.sum())} states, "
+            f"curriculum steps [{dc.curriculum_start}, {dc.curriculum_end}) with gamma in "
+            f"[{dc.gamma_min}, {dc.gamma_max}]"
+        )
+
+    def on_step(self, step: int) -> None:
+        self.step = step
+
+    def in_curriculum(self) -> bool:
+        dc = self.cfg.duo
+        return self.training and dc.curriculum_start <= self.step < dc.curriculum_end
+
+    @property
+    def duality(self) -> DualityMap:
+        """alpha(gamma) of the argmax of the Gaussian latent over this many states (cached)."""
+        if self._duality is None:
+            dc = self.cfg.duo
+            num = int(self.states.sum())
+            self._duality = DualityMap(num, dc.gamma_min, dc.gamma_max, dc.duality_points)
+        return self._duality
+
+    def tau(self) -> float:
+        """The softmax temperature: 10^(log10 tau), linear in log10 over the curriculum."""
+        dc = self.cfg.duo
+        span = max(1, dc.curriculum_end - dc.curriculum_start)
+        frac = min(1.0, max(0.0, (self.step - dc.curriculum_start) / span))
+        return 10.0 ** (dc.tau_log10_start + frac * (dc.tau_log10_end - dc.tau_log10_start))
+
+    # ------------------------------------------------------------------ the denoiser
+    def log_x_theta(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log x_theta(x_t, sigma) (B, L, V) over the states (-inf elsewhere), float32; x_t as
+        ids (B, L) or as distributions over the vocabulary (B, L, V)."""
+        logits = self.net(x, time=sigma).float()
+        return logits.masked_fill(~self.states, -math.inf).log_softmax(dim=-1)
+
+    # ------------------------------------------------------------------ the loss
+    def discrete_terms(self, x0: torch.Tensor, generator) -> torch.Tensor:
+        """Per-token ELBO integrand with x_t ~ q(x_t | x_0) at t ~ U[eps, 1] (antithetic)."""
+        t = sample_times(len(x0), generator, True, self.cfg.duo.t_eps, x0.device)
+        alpha, dalpha = log_linear_alpha(t)
+        x_t = corrupt(x0, alpha, self.states, generator)
+        log_x = self.log_x_theta(x_t, sigma_from_alpha(alpha))
+        return diffusion_loss(log_x, x_t, x0, alpha, dalpha, self.states)
+
+    def curriculum_terms(self, x0: torch.Tensor, generator) -> torch.Tensor:
+        """Per-token ELBO integrand through the Gaussian relaxation (module docstring)."""
+        dc = self.cfg.duo
+        t = sample_times(len(x0), generator, True, dc.t_eps, x0.device)
+        gamma = dc.gamma_min + t * (dc.gamma_max - dc.gamma_min)
+        alpha = self.duality.alpha(gamma).to(x0.device, torch.float32)
+        dalpha = self.duality.dalpha_dgamma(gamma).to(x0.device, torch.float32)
+        dalpha = dalpha * (dc.gamma_max - dc.gamma_min)
+        w = gaussian_latent(x0, gamma, self.states, generator)
+        x_t = w.argmax(dim=-1)
+        soft = (w / self.tau()).softmax(dim=-1)
+        log_x = self.log_x_theta(soft, sigma_from_alpha(alpha))
+        return diffusion_loss(log_x, x_t, x0, alpha, dalpha, self.states)
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator):
+        if self.in_curriculum():
+            per_token = self.curriculum_terms(batch, generator)
+        else:
+            per_token = self.discrete_terms(batch, generator)
+        loss = per_token.mean()
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batches, generator):
+        """The discrete ELBO bound (nats per token) and its perplexity, on held-out rows."""
+        total, n = 0.0, 0
+        for x0 in batches:
+            total += float(self.discrete_terms(x0, generator).mean()) * len(x0)
+            n += len(x0)
+        bound = total / n
+        return {"val_loss": bound, "val_nll_bound": bound, "val_ppl_bound": math.exp(bound)}
