@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 from conftest import TINY
-from diladiff.processes.uniform import posterior
 from safetensors.torch import load_file
 
 from diladiff.cli import main
 from diladiff.config import build_config
 from diladiff.nets.token_denoiser import TokenDenoiser
+from diladiff.processes.uniform import posterior
 from diladiff.runs import load_run
 from diladiff.sampling import uniform as U
 from diladiff.sampling.masked import SamplerSettings
@@ -25,7 +25,7 @@ def train(run, *overrides):
 
 def test_duo_trains_through_the_curriculum_switch_and_resumes_exactly(tmp_path):
     # the curriculum covers steps [0, 3); the switch to the discrete loss falls in the resume
-    curriculum = ["duo.curriculum_start=0", "duo.curriculum_end=3", "duo.tau_log10_end=-2"]
+    curriculum = ["duo.curriculum_start=1", "duo.curriculum_end=3", "duo.tau_log10_end=-2"]
     assert train(tmp_path / "a", "train.max_steps=2", *curriculum) == 0
     assert train(tmp_path / "a", "train.max_steps=5") == 0
     assert train(tmp_path / "b", "train.max_steps=5", *curriculum) == 0
@@ -40,6 +40,7 @@ def test_duo_trains_through_the_curriculum_switch_and_resumes_exactly(tmp_path):
 
 
 def test_duo_stage_uses_the_curriculum_only_inside_its_window(monkeypatch):
+    # curriculum_start only delays the temperature ramp (as in the authors' code)
     cfg = build_config("tiny", TINY + ["duo.curriculum_start=2", "duo.curriculum_end=4"], "duo")
     from diladiff.stages.duo import DUO
 
@@ -55,7 +56,10 @@ def test_duo_stage_uses_the_curriculum_only_inside_its_window(monkeypatch):
     stage.eval()
     stage.on_step(3)
     stage(x, torch.Generator().manual_seed(0))  # evaluation: always the discrete ELBO
-    assert calls == ["d", "d", "c", "c", "d", "d", "d"]
+    assert calls == ["c", "c", "c", "c", "d", "d", "d"]
+    assert stage.tau() == 10**-3  # the OpenWebText setting: constant
+    default = DUO(build_config("tiny", TINY, "duo"), {"vocab_size": 50, "mask_id": 3})
+    assert default.curriculum_end() == 1000  # half of the tiny schedule
     assert not stage.states[3] and int(stage.states.sum()) == 49
 
 

@@ -78,13 +78,11 @@ class CheckPlan:
 
     def stage_overrides(self) -> dict[str, list[str]]:
         """Each stage's step count (its whole schedule) and the check's per-stage settings."""
-        out = {
+        return {
             stage: [f"train.max_steps={n}", f"train.total_steps={n}"]
             + CHECK_STAGE_OVERRIDES.get(stage, [])
             for stage, n in self.steps.items()
         }
-        out["duo"].append(f"duo.curriculum_end={self.steps['duo'] // 2}")  # half, as its presets
-        return out
 
 
 def disc_grid(seq_len: int) -> list[int]:

@@ -8,7 +8,7 @@ time conditioning on sigma_t = -log alpha_t (adaLN-Zero), a plain softmax over t
 SUBS: under uniform noise no position is known to be clean).
 
 Loss: the continuous-time uniform-state ELBO (processes.uniform.diffusion_loss), per token,
-averaged. Curriculum (training steps [curriculum_start, curriculum_end)): t -> gamma_t =
+averaged. Curriculum (training steps before curriculum_end): t -> gamma_t =
 gamma_min + t (gamma_max - gamma_min), a Gaussian latent w = sqrt(sigmoid(-gamma)) onehot(x_0) +
 sqrt(sigmoid(gamma)) eps over the states; the network reads the tempered softmax(w / tau)
 (embedded as probs @ E), the ELBO takes x_t = argmax(w), which is exactly a uniform-state
@@ -46,11 +46,13 @@ class DUOConfig:
     """DUO's curriculum (defaults: the authors' OpenWebText script, scripts/train_owt_duo.sh:
     a constant tau = 1e-3 and gamma in [-3.55, -1.85], i.e. alpha in about [0.05, 0.95])."""
 
-    # Training steps [curriculum_start, curriculum_end) use the Gaussian relaxation; the
-    # authors' OpenWebText run: 0 to 500k of a first 500k-step stage (a second stage then
-    # continues with the discrete loss). 0, 0 = no curriculum.
+    # Training steps before curriculum_end use the Gaussian relaxation, the rest the discrete
+    # ELBO; -1 = half of train.total_steps (the authors' OpenWebText recipe: 500k curriculum
+    # steps, then 500k discrete ones), 0 = no curriculum. The temperature stays at its start
+    # value until curriculum_start, then moves to its end value by curriculum_end (as the
+    # authors' code; their OpenWebText run keeps it constant).
     curriculum_start: int = 0
-    curriculum_end: int = 500_000
+    curriculum_end: int = -1
     gamma_min: float = -3.55
     gamma_max: float = -1.85
     # log10 of the softmax temperature tau, linear from start to end over the curriculum.
@@ -71,16 +73,11 @@ class DUO(Stage):
 
     @classmethod
     def preset_changes(cls, cfg: Config, preset: str) -> None:
-        """The authors' recipe at `paper` (constant lr 3e-4 with 2.5k warm-up; the curriculum
-        over the first 500k steps); shorter curricula at `small` and `tiny` (half the run)."""
-        tc, dc = cfg.train, cfg.duo
+        """The authors' recipe at `paper`: 1M steps at a constant lr 3e-4 after a 2.5k warm-up
+        (the curriculum over the first half, by duo.curriculum_end = -1)."""
+        tc = cfg.train
         if preset == "paper":
             tc.total_steps, tc.warmup_steps, tc.schedule = 1_000_000, 2500, "constant"
-            dc.curriculum_end = 500_000
-        elif preset == "small":
-            dc.curriculum_end = cfg.train.total_steps // 2
-        elif preset == "tiny":
-            dc.curriculum_end = cfg.train.total_steps // 2
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
@@ -92,7 +89,9 @@ class DUO(Stage):
         self.register_buffer("states", states, persistent=False)
         self.net = TokenDenoiser(cfg.model, vocab, cfg.data.seq_len, time_conditioning=True)
         dc = cfg.duo
-        if dc.curriculum_end > dc.curriculum_start and not dc.gamma_min < dc.gamma_max:
+        if dc.curriculum_end < -1:
+            raise ConfigError("duo.curriculum_end must be >= 0, or -1 (half the schedule)")
+        if self.curriculum_end() > 0 and not dc.gamma_min < dc.gamma_max:
             raise ConfigError("duo.gamma_min must be below duo.gamma_max")
         self._duality: DualityMap | None = None  # built on first use (training only)
         self.step = 0  # set by on_step: the curriculum depends on it (exact resume)
@@ -101,16 +100,21 @@ class DUO(Stage):
         dc = self.cfg.duo
         return (
             f"{super().summary()}; uniform-state over {int(self.states.sum())} states, "
-            f"curriculum steps [{dc.curriculum_start}, {dc.curriculum_end}) with gamma in "
+            f"curriculum over steps [0, {self.curriculum_end()}) with gamma in "
             f"[{dc.gamma_min}, {dc.gamma_max}]"
         )
 
     def on_step(self, step: int) -> None:
         self.step = step
 
+    def curriculum_end(self) -> int:
+        """The first training step without the curriculum (duo.curriculum_end; -1: half of
+        train.total_steps)."""
+        end = self.cfg.duo.curriculum_end
+        return self.cfg.train.total_steps // 2 if end == -1 else end
+
     def in_curriculum(self) -> bool:
-        dc = self.cfg.duo
-        return self.training and dc.curriculum_start <= self.step < dc.curriculum_end
+        return self.training and self.step < self.curriculum_end()
 
     @property
     def duality(self) -> DualityMap:
@@ -122,9 +126,10 @@ class DUO(Stage):
         return self._duality
 
     def tau(self) -> float:
-        """The softmax temperature: 10^(log10 tau), linear in log10 over the curriculum."""
+        """The softmax temperature: 10^(log10 tau), linear in log10 from curriculum_start to
+        the curriculum's end (the start value before)."""
         dc = self.cfg.duo
-        span = max(1, dc.curriculum_end - dc.curriculum_start)
+        span = max(1, self.curriculum_end() - dc.curriculum_start)
         frac = min(1.0, max(0.0, (self.step - dc.curriculum_start) / span))
         return 10.0 ** (dc.tau_log10_start + frac * (dc.tau_log10_end - dc.tau_log10_start))
 
@@ -154,7 +159,7 @@ class DUO(Stage):
         dalpha = dalpha * (dc.gamma_max - dc.gamma_min)
         w = gaussian_latent(x0, gamma, self.states, generator)
         x_t = w.argmax(dim=-1)
-        soft = (w / self.tau()).softmax(dim=-1)
+        soft = w.div_(self.tau()).softmax(dim=-1)  # in place: one (B, L, V) copy fewer
         log_x = self.log_x_theta(soft, sigma_from_alpha(alpha))
         return diffusion_loss(log_x, x_t, x0, alpha, dalpha, self.states)
 
