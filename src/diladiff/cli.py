@@ -212,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the pipeline: tiny preset, built-in corpus, CPU")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
 
+    p = sub.add_parser(
+        "prepare-data",
+        help="tokenise and pack a preset's corpus into the cache (or data.cache_dir); prints "
+        "the packed folder, usable as data.source without the corpus",
+    )
+    p.add_argument("--preset", default="paper")
+    p.epilog = "Further key=value arguments are config overrides (data.*)."
+
+    p = sub.add_parser(
+        "export-features",
+        help="save a feature model and its tokenizer as a local safetensors folder",
+    )
+    p.add_argument("model", help="hub name, path or alias (e.g. minilm-l6, bert-base-uncased)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default="paper")
     return parser
@@ -525,6 +541,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    from diladiff.config import build_config
+    from diladiff.data.packing import prepare_data
+    from diladiff.data.tokenizer import load_tokenizer
+
+    cfg = build_config(args.preset, args.overrides).data
+    data = prepare_data(cfg, load_tokenizer(cfg.tokenizer))
+    m = data.manifest
+    print(
+        f"{data.folder}\n{m['train_rows']} train rows, {m['val_rows']} held-out rows of "
+        f"{m['seq_len']} tokens from {m['source']!r}; use it anywhere as data.source={data.folder}"
+    )
+    return 0
+
+
+def cmd_export_features(args) -> int:
+    from diladiff.features import export_feature_model
+
+    out = export_feature_model(args.model, args.out_dir, args.dtype)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(
+        f"wrote {out} ({size / 2**20:.1f} MiB); use autoencoder.feature_model={out} "
+        f"data.tokenizer={out}"
+    )
+    return 0
+
+
 def cmd_config(args) -> int:
     from diladiff.config import build_config
 
@@ -532,13 +575,15 @@ def cmd_config(args) -> int:
     return 0
 
 
-OVERRIDABLE = ("train", "demo", "config", "pipeline", "check")
+OVERRIDABLE = ("train", "demo", "config", "pipeline", "check", "prepare-data")
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "bench": cmd_bench,
     "demo": cmd_demo,
     "check": cmd_check,
+    "prepare-data": cmd_prepare_data,
+    "export-features": cmd_export_features,
     "config": cmd_config,
     "eval": cmd_eval,
     "eval-recon": cmd_eval_recon,

@@ -10,6 +10,7 @@ local path or the alias "minilm-l6"), since it is never trained.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +54,9 @@ class FeatureModel(nn.Module):
                 raise DataError(
                     f"cannot load feature model {name!r}: {str(exc).splitlines()[0]}"
                 ) from None
-            _ENCODERS[name] = model.eval().requires_grad_(False)
+            # fp32 in memory whatever the saved dtype (an fp16 folder from
+            # export_feature_model): the compute precision is feature_precision's choice.
+            _ENCODERS[name] = model.float().eval().requires_grad_(False)
         # A plain attribute (not a registered submodule): kept out of state_dict and optimizers.
         self.__dict__["encoder"] = _ENCODERS[name]
         self.dim = int(self.encoder.config.hidden_size)
@@ -70,6 +73,26 @@ class FeatureModel(nn.Module):
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = enc(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
         return out.hidden_states[self.layer].float()
+
+
+def export_feature_model(name: str, out_dir: str | Path, dtype: str = "fp16") -> Path:
+    """Save the feature model `name` (hub name, path or alias) with its tokenizer as a local
+    safetensors folder in `dtype` ("fp16", "bf16" or "fp32"); it loads as
+    autoencoder.feature_model=OUT_DIR and data.tokenizer=OUT_DIR (same tokenizer identity),
+    e.g. on a machine without the hub (minilm-l6 in fp16: about 45 MB)."""
+    from transformers import AutoModel
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise DataError(f"dtype must be one of {sorted(dtypes)}, not {dtype!r}")
+    try:
+        model = AutoModel.from_pretrained(resolve_model_name(name))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot load feature model {name!r}: {str(exc).splitlines()[0]}") from None
+    out = Path(out_dir)
+    model.to(dtypes[dtype]).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(name).save_pretrained(out)
+    return out
 
 
 class RunningStandardizer(nn.Module):

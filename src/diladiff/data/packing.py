@@ -80,10 +80,32 @@ def _encode_batch(tok, texts: list[str]) -> list[list[int]]:
     return tok(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
 
+def open_packed(folder: Path, cfg: DataConfig, tok_id: dict) -> PackedData:
+    """A packed folder named directly as data.source (e.g. carried to a machine without the
+    corpus; `diladiff prepare-data` prints it): its rows must have this config's seq_len and
+    tokenizer."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{folder} was packed by another version (format {manifest.get('format_version')})"
+        )
+    if manifest["seq_len"] != cfg.seq_len:
+        raise DataError(
+            f"{folder} holds rows of {manifest['seq_len']} tokens, not data.seq_len={cfg.seq_len}"
+        )
+    if manifest["tokenizer_identity"] != tok_id:
+        raise DataError(f"{folder} was packed with another tokenizer than {cfg.tokenizer!r}")
+    return _open(folder)
+
+
 def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
-    """Packed token rows for `cfg`, built once and then read from the cache."""
-    source = open_source(cfg.source, cfg.text_field, cfg.txt_split)
+    """Packed token rows for `cfg`, built once and then read from the cache; or a packed
+    folder given as data.source itself (no corpus needed)."""
     tok_id = tokenizer_identity(tok)
+    packed = Path(cfg.source).expanduser()
+    if (packed / "manifest.json").is_file():
+        return open_packed(packed, cfg, tok_id)
+    source = open_source(cfg.source, cfg.text_field, cfg.txt_split)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
     folder = root / _cache_key(source, tok_id, cfg)
     if (folder / "manifest.json").is_file():
