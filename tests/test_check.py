@@ -221,7 +221,7 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
     # The paper's confidence-based (top-k) unmasking, same trained stages (sampling only):
     # results beside the ancestral ones, one token per step exact for an exact MDLM, and the
     # decoder given the row's latent reproduces it when 2 steps reveal 8 tokens each.
-    assert main(argv + ["--with-duo", "--strategy", "topk"] + SLOW_OVERRIDES) in (0, 1)
+    assert main(argv + ["--strategy", "topk"] + SLOW_OVERRIDES) in (0, 1)
     assert (root / "check.json").read_text() == json.dumps(result, indent=2) + "\n"
     topk = json.loads((root / "check_topk_t1.json").read_text())
     assert topk["sampler"].startswith("topk, temperature 1")
