@@ -6,8 +6,17 @@ Importing the package registers the built-in stages (and their config sections) 
 plugins named in DILADIFF_PLUGINS or installed under the "diladiff.stages" entry points.
 """
 
-__version__ = "0.1.0"
+from diladiff.stages import load_plugins  # registers every method
+from diladiff.version import __version__
 
-from diladiff.stages import load_plugins  # noqa: E402  (registers every method)
+__all__ = ["__version__", "load"]
 
 load_plugins()
+
+
+def load(run_dir, device: str = "auto", weights: str = "ema"):
+    """A trained run, ready to generate: `diladiff.load("runs/dl").generate(num_samples=8)`
+    (diladiff.api.Model)."""
+    from diladiff.api import load as _load
+
+    return _load(run_dir, device, weights)

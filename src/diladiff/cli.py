@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diladiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from diladiff.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"diladiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a stage in a run folder")

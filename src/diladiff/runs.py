@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from diladiff import __version__
 from diladiff.config import Config, ConfigError, apply_overrides, build_config, check_warmups
 from diladiff.data.packing import prepare_data
 from diladiff.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_identity
@@ -20,6 +19,7 @@ from diladiff.stages import STAGES, Stage
 from diladiff.train import checkpoint as ckpt
 from diladiff.train.distributed import barrier, setup, teardown
 from diladiff.train.trainer import Trainer
+from diladiff.version import __version__
 
 
 def parent_roles(kind: str) -> dict[str, str]:
