@@ -96,13 +96,15 @@ def test_one_posterior_step_draws_with_the_posterior_frequencies():
     log_x = probs.log().expand(n, 1, 5)
     settings = SamplerSettings(steps=1)
     gen = torch.Generator().manual_seed(0)
-    a_s, a_t = 0.6, 0.3
-    x_s = U._draw_posterior(log_x, x_t, a_s, a_t, model.states, settings, gen)
-    want = posterior(probs.view(1, 1, 5), torch.tensor([[2]]), a_s, a_t, model.states)[0, 0]
-    freq = torch.bincount(x_s.flatten(), minlength=5).double() / n
-    assert freq[4] == 0
-    se = (want * (1 - want) / n).sqrt()
-    assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (freq, want)
+    # the sampler draws the posterior as a mixture (keep x_t / move to r) without forming it;
+    # check it against the formed posterior, mid-way and at the noise-removal step (a_s = 1)
+    for a_s, a_t in ((0.6, 0.3), (0.2, 0.01), (1.0, 0.9)):
+        x_s = U._draw_posterior(log_x, x_t, a_s, a_t, model.states, settings, gen)
+        want = posterior(probs.view(1, 1, 5), torch.tensor([[2]]), a_s, a_t, model.states)[0, 0]
+        freq = torch.bincount(x_s.flatten(), minlength=5).double() / n
+        assert freq[4] == 0
+        se = (want * (1 - want) / n).sqrt()
+        assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (a_s, a_t, freq, want)
 
 
 def test_uniform_sampler_nfe_greedy_tail_and_no_mask():

@@ -5,7 +5,8 @@ From x_1 ~ uniform over the states, on the grid t_i = 1 - i (1 - t_min) / N (t_m
 the authors' code) with the log-linear schedule alpha_t = 1 - (1 - 1e-3) t, each step t -> s
 draws every position from
 
-    p_theta(x_s | x_t) = q(x_s | x_t, x = x_theta(x_t, sigma_t))      (processes.uniform.posterior)
+    p_theta(x_s | x_t) = q(x_s | x_t, x = x_theta(x_t, sigma_t))      (processes.uniform.posterior,
+                                                                        drawn as a mixture)
 
 with x_theta the denoiser's distribution over the states, tempered and nucleus-filtered before
 it enters the posterior (as the authors' current code applies top-p), and the posterior in
@@ -23,12 +24,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from diladiff.processes.uniform import (
-    log_linear_alpha,
-    posterior,
-    prior_sample,
-    sigma_from_alpha,
-)
+from diladiff.processes.uniform import log_linear_alpha, prior_sample, sigma_from_alpha
 from diladiff.sampling.masked import (
     CHUNK_VALUES,
     SamplerSettings,
@@ -55,13 +51,37 @@ def _x_theta(stage, x: torch.Tensor, t: float, settings: SamplerSettings) -> tor
 
 
 def _draw_posterior(log_x, x, a_s: float, a_t: float, states, settings, generator):
-    """x_s ~ q(x_s | x_t, x_theta) at every position, in row chunks of the (B, L, V) posterior."""
+    """x_s ~ q(x_s | x_t, x_theta) at every position, without forming the (B, L, V) posterior.
+
+    With u = 1/V on the states and a_ts = a_t / a_s, the posterior (processes.uniform.posterior)
+    is the mixture
+
+        q  ∝  w_keep delta(x_t) + w_move r,    r = a_s x_theta + (1 - a_s) u,
+        w_keep = a_ts (a_s x_theta[x_t] + (1 - a_s) / V),   w_move = (1 - a_ts) / V,
+
+    so a position keeps x_t with probability w_keep / (w_keep + w_move), else draws from r:
+    from x_theta with probability a_s (a Gumbel-max draw, only at those positions), else
+    uniformly over the states. Exactly q's distribution, at a fraction of the cost."""
+    n_states = states.sum().to(torch.float64)
     flat_logx, flat_x = log_x.flatten(0, 1), x.flatten()
-    rows = max(1, CHUNK_VALUES // flat_logx.shape[-1])
-    out = torch.empty_like(flat_x)
-    for i in range(0, len(flat_x), rows):
-        q = posterior(flat_logx[i : i + rows].exp(), flat_x[i : i + rows], a_s, a_t, states)
-        out[i : i + rows] = gumbel_argmax(q.log(), generator, settings.float64_gumbel)
+    p_here = flat_logx.gather(-1, flat_x.unsqueeze(-1)).squeeze(-1).exp()  # x_theta[x_t]
+    a_ts = a_t / a_s
+    w_keep = a_ts * (a_s * p_here + (1.0 - a_s) / n_states)
+    w_move = (1.0 - a_ts) / n_states
+    u = torch.rand((2, len(flat_x)), generator=generator, device=x.device, dtype=torch.float64)
+    move = u[0] * (w_keep + w_move) >= w_keep
+    from_model = move & (u[1] < a_s)
+    from_uniform = move & ~(u[1] < a_s)
+    out = flat_x.clone()
+    out[from_uniform] = prior_sample((int(from_uniform.sum()),), states, generator)
+    rows = flat_logx[from_model]
+    step = max(1, CHUNK_VALUES // flat_logx.shape[-1])
+    drawn = [
+        gumbel_argmax(rows[i : i + step], generator, settings.float64_gumbel)
+        for i in range(0, len(rows), step)
+    ]
+    if drawn:
+        out[from_model] = torch.cat(drawn)
     return out.view_as(x)
 
 
