@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from diladiff.stages import STAGES, LatentStage, stage_order
@@ -194,11 +194,14 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
         L = stage.seq_len
         for sampler in plan.samplers(kind):
             for n_disc in (L // 8, L):
-                sc = stage.cfg.sample
-                sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
-                sc.disc_steps = n_disc
-                for key, value in sampler.items():
-                    setattr(sc, key, value)
+                sc = replace(
+                    stage.cfg.sample,
+                    num_samples=plan.num_samples,
+                    batch_size=plan.batch_size,
+                    seed=0,
+                    disc_steps=n_disc,
+                    **sampler,
+                )
                 name = row_name(kind, sampler, n_disc)
                 meta = {"run": str(root / kind), "stage": kind, **vars(sc)}
                 if isinstance(stage, LatentStage):
@@ -248,6 +251,7 @@ def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path | None:
     from diladiff.eval.latent_diag import (
         latent_diagnostics,
         latent_result,
+        latent_samplers,
         reference_latents,
         same_latent_space,
     )
@@ -265,10 +269,7 @@ def latent_all(root: Path, plan: EvalPlan, device, cache=None) -> Path | None:
             refs = reference_latents(
                 stage, tok, plan.latent_samples, plan.latent_train_rows, 0, device, plan.batch_size
             )
-        samplers = [
-            {"cont_steps": s["cont_steps"], "gamma": float(s.get("gamma", 0.0))}
-            for s in plan.samplers(kind)
-        ]
+        samplers = latent_samplers(plan.samplers(kind))
         for row in latent_diagnostics(
             stage, refs, samplers, 0, plan.batch_size, device, cache, str(root / kind)
         ):
@@ -296,10 +297,7 @@ def bench_all(root: Path, plan: EvalPlan, device) -> list[dict]:
         stage, _ = load_run(root / kind, device=device)
         sampler = plan.samplers(kind)[0]
         for n_disc in (stage.seq_len // k for k in plan.bench_disc_divisors):
-            sc = stage.cfg.sample
-            sc.disc_steps = n_disc
-            for key, value in sampler.items():
-                setattr(sc, key, value)
+            sc = replace(stage.cfg.sample, disc_steps=n_disc, **sampler)
             for row in bench_sampling(
                 stage,
                 generation_settings(sc, stage),

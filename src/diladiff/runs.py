@@ -22,16 +22,11 @@ from diladiff.train.trainer import Trainer
 from diladiff.version import __version__
 
 
-def parent_roles(kind: str) -> dict[str, str]:
-    """The parent runs stage `kind` needs: role (= CLI flag without "--") -> stage kind."""
-    return dict(STAGES[kind].parents)
-
-
 def check_parents(kind: str, parents: dict | None) -> dict[str, Path]:
     """The parent run folders of a new `kind` run, one per declared role, each a run of the
-    declared stage kind."""
+    declared stage kind (role = CLI flag without "--")."""
     parents = {k: Path(v) for k, v in (parents or {}).items() if v}
-    roles = parent_roles(kind)
+    roles = STAGES[kind].parents
     extra = sorted(set(parents) - set(roles))
     if extra:
         raise ConfigError(f"{kind} takes no parent {extra}; its parents: {roles or 'none'}")
@@ -42,7 +37,7 @@ def check_parents(kind: str, parents: dict | None) -> dict[str, Path]:
         run = parents[role]
         if not (run / "config.json").is_file() or not (run / "run.json").is_file():
             raise CheckpointError(f"{flag} {run} is not a diladiff run folder (no config.json)")
-        found = ckpt.read_run_info(run)["stage"]
+        found = run_kind(run)
         if found != parent_kind:
             raise CheckpointError(f"{flag} {run} is a run of {found}, not of {parent_kind}")
     return parents
@@ -50,9 +45,10 @@ def check_parents(kind: str, parents: dict | None) -> dict[str, Path]:
 
 def resolve_config(
     kind: str, run_dir: Path, preset: str | None, overrides: list[str], parents: dict | None = None
-) -> tuple[Config, bool]:
+) -> tuple[Config, bool, dict[str, Path]]:
     """The config of a new run (preset + sections inherited from the parent run + overrides)
-    or of an existing one (saved + overrides)."""
+    or of an existing one (saved + overrides), whether it resumes, and the checked parent run
+    folders of a new run ({} on resume: its parents were used when it started)."""
     saved = run_dir / "config.json"
     if saved.is_file():
         info = ckpt.read_run_info(run_dir)
@@ -61,7 +57,7 @@ def resolve_config(
         cfg = Config.load(saved)
         if preset and preset != cfg.preset:
             raise ConfigError(f"{run_dir} was created with preset {cfg.preset!r}, not {preset!r}")
-        return apply_overrides(cfg, overrides), True
+        return apply_overrides(cfg, overrides), True, {}
     cls = STAGES[kind]
     parents = check_parents(kind, parents)
     cfg = build_config(preset or "paper", [], stage=kind)
@@ -71,7 +67,7 @@ def resolve_config(
         parent_cfg = Config.load(next(iter(parents.values())) / "config.json")
         for section in cls.inherits:
             setattr(cfg, section, getattr(parent_cfg, section))
-    return apply_overrides(cfg, overrides), False
+    return apply_overrides(cfg, overrides), False, parents
 
 
 def train_run(
@@ -85,8 +81,7 @@ def train_run(
     if kind not in STAGES:
         raise ConfigError(f"unknown stage {kind!r}; choose one of {sorted(STAGES)}")
     run_dir = Path(run_dir)
-    cfg, resumed = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
-    parents = {} if resumed else check_parents(kind, parents)
+    cfg, resumed, parents = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
     warmup_warnings = check_warmups(cfg.train, STAGES[kind].warmups(cfg))
     env = setup(cfg.train.device)
     try:

@@ -23,7 +23,6 @@ from diladiff.eval.latent_cache import (
     RNG_RULE,
     LatentCache,
     generate_from_cache,
-    is_latent_stage,
     rng_meta,
 )
 from diladiff.eval.plots import pyplot, save
@@ -54,7 +53,7 @@ def sweep_run(
     (N_cont, gamma), decoded at every point (eval/latent_cache.py: latents from `seed`,
     decoding from `seed + 1`)."""
     stage, tok = load_run(run_dir, device=device)
-    latent = is_latent_stage(stage)
+    latent = isinstance(stage, LatentStage)
     cache = LatentCache() if latent_cache is None else latent_cache
     rows = []
     for point in tqdm(points, desc=f"frontier {run_dir.name}", leave=False):

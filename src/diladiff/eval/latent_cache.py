@@ -183,9 +183,3 @@ def generate_from_cache(stage, tok, sc, cache: LatentCache, run: str, device):
         "latent_reused": info["latent_reused"],
     }
     return Generation(out.ids, out.texts, out.seconds + info["latent_s"], stats)
-
-
-def is_latent_stage(stage) -> bool:
-    from diladiff.stages import LatentStage
-
-    return isinstance(stage, LatentStage)

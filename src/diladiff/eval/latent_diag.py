@@ -125,16 +125,11 @@ def compare(samples: torch.Tensor, refs: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- a run
-@torch.no_grad()
 def _encode(stage, rows: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    from diladiff.runtime import autocast
+    """Prior-space encoder latents of clean rows (the prior's data), float32 on the CPU."""
+    from diladiff.eval.oracle import encoder_latents
 
-    out = []
-    for i in range(0, len(rows), batch_size):
-        x0 = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64)).to(device)
-        with autocast(device):
-            out.append(stage.prior_latents(x0).float().cpu())
-    return torch.cat(out)
+    return encoder_latents(stage, rows, batch_size, device, prior_space=True)
 
 
 def reference_latents(
@@ -176,13 +171,15 @@ def same_latent_space(stage, refs: dict, device) -> bool:
     return bool(torch.allclose(probe, refs["heldout"][: len(probe)], atol=1e-4, rtol=1e-4))
 
 
+def latent_samplers(specs) -> list[dict]:
+    """{"cont_steps", "gamma"} of each evaluation sampler spec (gamma 0 when not given)."""
+    return [{"cont_steps": s["cont_steps"], "gamma": float(s.get("gamma", 0.0))} for s in specs]
+
+
 def default_samplers(stage) -> list[dict]:
     """The stage's evaluation samplers (its class's `eval_samplers`: LaDiff Euler N_cont 200
     and 5; DiLaDiff N_cont 5 at gamma 0 and 0.2)."""
-    return [
-        {"cont_steps": s["cont_steps"], "gamma": float(s.get("gamma", 0.0))}
-        for s in type(stage).eval_samplers
-    ]
+    return latent_samplers(type(stage).eval_samplers)
 
 
 def sampler_grid(stage, cont_steps=None, gammas=None) -> list[dict]:

@@ -84,14 +84,18 @@ def decode_latents(
 
 
 @torch.no_grad()
-def encoder_latents(stage, rows: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    """The auto-encoder's latents (its own standardised space) of clean rows, in batches, as a
-    float32 CPU tensor (n, N_z, d_z)."""
+def encoder_latents(
+    stage, rows: np.ndarray, batch_size: int, device, prior_space: bool = False
+) -> torch.Tensor:
+    """The encoder's latents of clean rows, in batches, as a float32 CPU tensor (n, N_z, d_z):
+    in the auto-encoder's own standardised space (`stage.encode_clean`), or with prior_space
+    in the prior's (`stage.prior_latents`)."""
+    encode = stage.prior_latents if prior_space else stage.encode_clean
     enc = []
     for i in range(0, len(rows), batch_size):
         x0 = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64)).to(device)
         with autocast(device):
-            enc.append(stage.encode_clean(x0).float().cpu())
+            enc.append(encode(x0).float().cpu())
     return torch.cat(enc)
 
 

@@ -104,7 +104,7 @@ def sample_uniform(
     x = prior_sample((batch, stage.seq_len), states, generator)  # x_1 ~ uniform over states
     n = settings.steps
     grid = [1.0 - i * (1.0 - T_MIN) / n for i in range(n + 1)]
-    alpha = lambda t: float(log_linear_alpha(torch.tensor(t, dtype=torch.float64))[0])  # noqa: E731
+    alpha = lambda t: log_linear_alpha(t)[0]  # noqa: E731  (python floats: float64)
     for i in tqdm(range(n), desc="decoding", disable=not progress, leave=False):
         t, s = grid[i], grid[i + 1]
         log_x = _x_theta(stage, x, t, settings)
