@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diladiff.check import metrics as M
-from diladiff.check.parallel_decoding import disc_grid
+from diladiff.check.parallel_decoding import disc_grid, verdict
 
 TARGETS = np.array([[1, 2, 3, 4], [1, 2, 3, 5], [7, 7, 7, 7]])
 
@@ -230,3 +230,35 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
     match = {r["disc_steps"]: r["oracle_match"] for r in topk["generators"]["oracle"]["rows"]}
     assert match[2] >= 0.9
     assert tv["exact_prior_cont200"][2] >= 0.9 and tv["mdlm"][2] < 0.1
+
+
+def _gen(validity: list[float], coverage: list[float], cont: int | None = None, match=None):
+    rows = [
+        {"disc_steps": n, "validity": v, "coverage": c, "oracle_match": m}
+        for n, v, c, m in zip([1, 2, 4, 8, 16], validity, coverage, match or validity, strict=True)
+    ]
+    return {"rows": rows, **({"cont_steps": cont} if cont else {})}
+
+
+def test_verdict_judges_ladiff_at_its_teacher_sampler_and_blames_the_distillation():
+    good, bad = [0.95] * 5, [0.1, 0.5, 0.9, 0.95, 0.97]
+    full = [1.0] * 5
+    gens = {
+        "exact_factorised": _gen([0, 0, 0.1, 0.4, 1.0], full),
+        "mdlm": _gen([0, 0, 0.1, 0.5, 0.95], full),
+        "oracle": _gen(good, full),
+        "exact_prior_cont200": _gen(good, full, 200),
+        "ladiff_cont200": _gen(good, full, 200),
+        "ladiff_cont5": _gen(bad, full, 5),  # a few Euler steps of the teacher: expected to fail
+        "diladiff_cont5_gamma0": _gen(bad, full, 5),
+    }
+    v = verdict(gens, 16)
+    assert v["mdlm_valid_at_L"] and v["mdlm_drops_by_L8"] and v["ladiff_cont200_valid_at_1_2"]
+    assert not v["ladiff_cont5_valid_at_1_2"]
+    assert v["diagnosis"].startswith("LaDiff works (ladiff_cont200) but DiLaDiff does not")
+    gens["diladiff_cont5_gamma0"] = _gen(good, full, 5)
+    assert verdict(gens, 16)["diagnosis"] == "every link passes"
+    gens["diladiff_cont5_gamma0"] = _gen(good, [0.5] * 5, 5)  # valid but collapsed onto few rows
+    assert "distillation" in verdict(gens, 16)["diagnosis"]
+    gens["ladiff_cont200"] = _gen(bad, full, 200)
+    assert verdict(gens, 16)["diagnosis"].endswith("LaDiff does not (ladiff_cont200): the prior")

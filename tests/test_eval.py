@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from diladiff.eval.diversity import diversity_metrics, repetition_rate, unigram_entropy
+from diladiff.eval.diversity import (
+    corpus_diversity,
+    diversity_metrics,
+    repetition_rate,
+    unigram_entropy,
+)
 from diladiff.eval.genppl import (
     bootstrap_ppl_interval,
     generative_perplexity,
@@ -134,6 +139,33 @@ def test_entropy_and_repetition_by_hand():
     assert m["rep_2"] == pytest.approx((0 + 3 / 4) / 2)
 
 
+def test_corpus_diversity_by_hand():
+    distinct = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert corpus_diversity(distinct) == 1.0
+    # Two copies: every n-gram count doubles, the unique counts do not: each ratio halves.
+    assert corpus_diversity([[1, 2, 3, 4, 5]] * 2) == pytest.approx(0.5**3)
+    # Per-sample diversity does not see repeats across samples; the corpus variant does.
+    assert diversity_metrics([[1, 2, 3, 4, 5]] * 2)["diversity"] == 1.0
+    # Pooled, not averaged: 2-grams {12, 23, 34, 45} + {12, 23}: 4/6; 3-grams {123, 234, 345}
+    # + {123}: 3/4; 4-grams {1234, 2345}: 2/2.
+    assert corpus_diversity([[1, 2, 3, 4, 5], [1, 2, 3]]) == pytest.approx(4 / 6 * 3 / 4)
+    # n-grams never span two samples: [1, 2] + [3, 4] has no 3- or 4-grams (factor 1).
+    assert corpus_diversity([[1, 2], [3, 4]]) == 1.0
+    assert corpus_diversity([[1, 2], [1, 2]]) == pytest.approx(0.5)
+    # Repetition inside one sample counts as in the per-sample metric.
+    assert corpus_diversity([[5, 5, 5, 5, 5]]) == pytest.approx(1 / 4 * 1 / 3 * 1 / 2)
+
+
+def test_report_has_a_corpus_diversity_column(tmp_path):
+    from diladiff.eval.report import COLUMNS, result_row
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"metrics": {"diversity": 0.9, "corpus_diversity": 0.5}}))
+    row = result_row(path)
+    assert COLUMNS.index("corpus_diversity") == COLUMNS.index("diversity") + 1
+    assert (row["diversity"], row["corpus_diversity"]) == (0.9, 0.5)
+
+
 def test_discrete_ratio_bound_is_exact_for_a_known_likelihood():
     """A context-free model p(x_i) = q_i: any mask gives (L/l) * l * c = L * c when every
     position has the same NLL c, so every Monte Carlo draw equals -log p(x) exactly."""
@@ -235,6 +267,7 @@ def test_eval_cli_records_the_protocol_offline(trained_run, tmp_path, capsys):
     result = json.loads(out_json.read_text())
     m, p = result["metrics"], result["protocol"]
     assert m["gen_ppl"] > 1 and 0 < m["mauve"] <= 1 and m["entropy"] > 0
+    assert 0 < m["corpus_diversity"] <= 1 and 0 < m["diversity"] <= 1
     lo, hi = m["gen_ppl_ci95"]
     assert lo <= m["gen_ppl"] <= hi and "bootstrap" in p["interval"]
     per = result["per_sample"]

@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the DUO baseline on the rows (duo=N in --steps) and sample it "
         "(ancestral and greedy_tail)",
     )
+    c.add_argument(
+        "--with-ldlm",
+        action="store_true",
+        help="also train LDLM on the rows (ldlm=N in --steps) and sample it along N_cont",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.epilog = "Further key=value arguments are config overrides applied to every stage."
@@ -518,6 +523,7 @@ def cmd_check(args) -> int:
         strategy=args.strategy,
         temperature=args.temperature,
         with_duo=args.with_duo,
+        with_ldlm=args.with_ldlm,
     )
     for item in filter(None, args.steps.split(",")):
         stage, _, n = item.partition("=")

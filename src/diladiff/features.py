@@ -1,14 +1,25 @@
-"""The frozen feature model (a pretrained BERT-style encoder) and per-coordinate standardisation
-(running, aggregated during training; or fixed, estimated once from a frozen model).
+"""The frozen feature model (a pretrained BERT-style encoder, or a causal LM) and per-coordinate
+standardisation (running, aggregated during training; or fixed, estimated once from a frozen
+model).
 
     h = FeatureModel("bert-base-uncased", layer=-1)(ids)      # (B, L, d_bert), no gradients
+    h = FeatureModel("gpt2", layer=-3)(ids)                   # (B, L, 768): a causal LM's
+                                                              # third-to-last hidden state
+    h = FeatureModel("smollm2-135m", layer=-3)(ids)           # offline stand-in, (B, L, 576)
+
+`layer` indexes the model's `hidden_states` (0 = embeddings, -1 = the last, after the final
+norm). AutoModel gives a causal LM's base model (GPT2Model, LlamaModel: no LM head); a causal
+model's features at position l see tokens <= l only. Causal LMs put a few coordinates of the
+first position of a row far outside the rest (an attention sink: SmolLM2's layer -3 norm there
+is tens of times the others), which per-coordinate statistics pooled over positions will include.
 
 The encoder's weights are not part of any checkpoint: it is re-loaded by name (hub name,
-local path or the alias "minilm-l6"), since it is never trained.
+local path or an alias of data.tokenizer.MODEL_ALIASES), since it is never trained.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -59,7 +70,10 @@ class FeatureModel(nn.Module):
             _ENCODERS[name] = model.float().eval().requires_grad_(False)
         # A plain attribute (not a registered submodule): kept out of state_dict and optimizers.
         self.__dict__["encoder"] = _ENCODERS[name]
-        self.dim = int(self.encoder.config.hidden_size)
+        self.dim = int(self.encoder.config.hidden_size)  # 768 for BERT-base / GPT-2, 576 SmolLM2
+        # A causal LM would otherwise build a key/value cache on every call (never used here).
+        params = inspect.signature(self.encoder.forward).parameters
+        self._call_kwargs = {"use_cache": False} if "use_cache" in params else {}
 
     def tokenizer_identity(self) -> dict:
         return tokenizer_identity(load_tokenizer(self.name))
@@ -71,7 +85,12 @@ class FeatureModel(nn.Module):
             enc.to(ids.device)
         dtype = feature_dtype(self.precision, ids.device)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = enc(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            out = enc(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                output_hidden_states=True,
+                **self._call_kwargs,
+            )
         return out.hidden_states[self.layer].float()
 
 

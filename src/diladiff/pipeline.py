@@ -124,14 +124,14 @@ def control_stage(root: Path) -> str | None:
     return None
 
 
-def row_name(kind: str, sampler: dict, n_disc: int) -> str:
+def row_name(kind: str, sampler: dict, n_disc: int | None) -> str:
     """An evaluation row's name, e.g. ladiff_cont200_disc64, diladiff_cont5_gamma0.2_disc8,
-    duo_greedy_tail_disc64."""
+    duo_greedy_tail_disc64; ldlm_cont32 (n_disc None: a stage decoding in one call)."""
     cont, gamma = sampler.get("cont_steps", 0), sampler.get("gamma", 0.0)
     tag = f"_{sampler['strategy']}" if "strategy" in sampler else ""
     tag += f"_cont{cont}" if cont else ""
     tag += f"_gamma{gamma:g}" if gamma else ""
-    return f"{kind}{tag}_disc{n_disc}"
+    return f"{kind}{tag}" + ("" if n_disc is None else f"_disc{n_disc}")
 
 
 def plan_for(preset: str) -> EvalPlan:
@@ -192,8 +192,10 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
     for kind in generators(root):
         stage, tok = load_run(root / kind, device=device)
         L = stage.seq_len
+        # A stage that decodes its latent in one call (LDLM) has no N_disc axis: one row.
+        direct = getattr(stage, "latent_decoding", "masked") == "direct"
         for sampler in plan.samplers(kind):
-            for n_disc in (L // 8, L):
+            for n_disc in (L,) if direct else (L // 8, L):
                 sc = replace(
                     stage.cfg.sample,
                     num_samples=plan.num_samples,
@@ -202,7 +204,7 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
                     disc_steps=n_disc,
                     **sampler,
                 )
-                name = row_name(kind, sampler, n_disc)
+                name = row_name(kind, sampler, None if direct else n_disc)
                 meta = {"run": str(root / kind), "stage": kind, **vars(sc)}
                 if isinstance(stage, LatentStage):
                     gen = generate_from_cache(stage, tok, sc, cache, str(root / kind), device)

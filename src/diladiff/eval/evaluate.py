@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from diladiff.errors import DataError
-from diladiff.eval.diversity import diversity_metrics
+from diladiff.eval.diversity import corpus_diversity, diversity_metrics
 from diladiff.eval.genppl import per_sample_totals, pooled_perplexity
 from diladiff.eval.protocol import device_record, protocol_record
 from diladiff.eval.scorer import load_scorer
@@ -85,7 +85,9 @@ def evaluate_samples(
     nlls, feats = scorer.score(texts, batch_size, features=bool(reference))
     metrics = pooled_perplexity(nlls)
     if any(ids):
-        metrics |= diversity_metrics([x for x in ids if x])
+        rows = [x for x in ids if x]
+        metrics |= diversity_metrics(rows)  # per sample, averaged: "diversity"
+        metrics["corpus_diversity"] = corpus_diversity(rows)  # pooled over the set (LDLM's Div)
     ref_meta = None
     if reference:
         from diladiff.eval.mauve import mauve_from_features

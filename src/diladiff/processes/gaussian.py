@@ -15,6 +15,10 @@ transition from s to r > s is q(z_r | z_s) = N((alpha_r / alpha_s) z_s, sigma_r^
 sigma_r^2 at r is fresh. gamma-sampling (CTM) picks s with nsr(s) = sqrt(1 - gamma^2) nsr(r),
 so that this share is gamma^2.
 
+The SDE view (`drift_rate`): dz = -beta_t z / 2 dt + sqrt(beta_t) dW with
+beta_t = -d log alpha_t^2 / dt = 2 tan(phi_t) phi'_t. The reverse-time step of ancestral
+(DDPM) sampling is the exact posterior q(z_s | z_t, z_0) (`ddpm_posterior`).
+
 The x0-prediction training objective (LaDiff's) is `x0_prediction_loss`.
 """
 
@@ -37,12 +41,24 @@ def alpha_sigma(t: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cos(phi), torch.sin(phi)
 
 
+def _angle_rate(t: torch.Tensor, d: float) -> torch.Tensor:
+    x = 0.5 * math.pi * t
+    return 0.5 * math.pi * d / (torch.cos(x) ** 2 + d**2 * torch.sin(x) ** 2)
+
+
 def alpha_sigma_derivatives(t: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(d alpha_t / dt, d sigma_t / dt)."""
-    x = 0.5 * math.pi * t
-    dphi = 0.5 * math.pi * d / (torch.cos(x) ** 2 + d**2 * torch.sin(x) ** 2)
+    dphi = _angle_rate(t, d)
     alpha, sigma = alpha_sigma(t, d)
     return -sigma * dphi, alpha * dphi
+
+
+def drift_rate(t: torch.Tensor, d: float) -> torch.Tensor:
+    """beta(t) = -d log alpha_t^2 / dt = 2 tan(phi_t) phi'_t
+    = pi d^2 tan(pi t/2) (1 + tan^2(pi t/2)) / (1 + d^2 tan^2(pi t/2)): the rate of the VP
+    SDE dz = -beta z / 2 dt + sqrt(beta) dW that has these marginals. Finite for t < 1;
+    beta -> infinity as t -> 1 (samplers clip t)."""
+    return 2.0 * d * torch.tan(0.5 * math.pi * t) * _angle_rate(t, d)
 
 
 def log_snr(t: torch.Tensor, d: float) -> torch.Tensor:
@@ -104,6 +120,49 @@ def forward_transition(s: float, r: float, d: float) -> tuple[float, float]:
     a_r, sig_r = alpha_sigma(torch.tensor(r, dtype=torch.float64), d)
     ratio = a_r / a_s
     return float(ratio), float((sig_r**2 - (ratio * sig_s) ** 2).clamp(min=0).sqrt())
+
+
+def ddpm_posterior(
+    z_t: torch.Tensor,
+    z_hat: torch.Tensor,
+    t: float | torch.Tensor,
+    s: float | torch.Tensor,
+    d: float,
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(mean, std) of the exact VP posterior q(z_s | z_t, z_0 = z_hat), 0 <= s <= t, t > 0:
+
+        alpha_{t|s} = alpha_t / alpha_s,   sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2,
+        mean = alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 z_hat,
+        var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2.
+
+    s = 0 gives mean z_hat, std 0 exactly. s and t are floats (coefficients in float64; std a
+    float) or (B,) tensors (coefficients in their dtype, broadcast over z_t's trailing dims;
+    std a tensor)."""
+    if isinstance(t, torch.Tensor) or isinstance(s, torch.Tensor):
+        tt = torch.as_tensor(t, device=z_t.device)
+        ss = torch.as_tensor(s, device=z_t.device)
+        c_t, c_hat, std = (_bcast(x, z_t) for x in _posterior_coefficients(tt, ss, d))
+    else:
+        if not 0.0 <= s <= t or t <= 0.0:
+            raise ValueError(f"the posterior needs 0 <= s <= t and t > 0, got s={s}, t={t}")
+        coef = _posterior_coefficients(
+            torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), d
+        )
+        c_t, c_hat, std = (float(x) for x in coef)
+    return c_t * z_t + c_hat * z_hat, std
+
+
+def _posterior_coefficients(
+    t: torch.Tensor, s: torch.Tensor, d: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight of z_t, weight of z_hat, std) of ddpm_posterior."""
+    a_t, sig_t = alpha_sigma(t, d)
+    a_s, sig_s = alpha_sigma(s, d)
+    ratio = a_t / a_s
+    var_ts = (sig_t**2 - ratio**2 * sig_s**2).clamp(min=0)  # >= 0 up to rounding
+    c_t = ratio * sig_s**2 / sig_t**2
+    c_hat = a_s * var_ts / sig_t**2
+    return c_t, c_hat, (var_ts * sig_s**2 / sig_t**2).sqrt()
 
 
 def x0_prediction_loss(

@@ -93,14 +93,19 @@ def decode_latent(
     device,
     progress=False,
 ):
-    """Tokens decoded conditioned on decoder-space latents z_ae (B, N_z, d_z); stats:
+    """Tokens decoded from decoder-space latents z_ae (B, N_z, d_z) as the stage's
+    `latent_decoding` says: "masked", N_disc steps of its masked decoder conditioned on z_ae
+    (`settings`); "direct", one call of `stage.decode(z_ae)` (settings unused). Stats:
     disc_nfe, disc_steps_taken, decode_s."""
     z = z_ae.to(device)
     synchronize(device)
     t1 = time.perf_counter()
-    ids, stats = decode_tokens(
-        stage.decoder_stage, z.shape[0], settings, generator, device, progress, cond=z
-    )
+    if stage.latent_decoding == "direct":
+        ids, stats = stage.decode(z), {"disc_nfe": 1, "disc_steps_taken": 1}
+    else:
+        ids, stats = decode_tokens(
+            stage.decoder_stage, z.shape[0], settings, generator, device, progress, cond=z
+        )
     synchronize(device)
     return ids, {**stats, "decode_s": time.perf_counter() - t1}
 

@@ -1,19 +1,23 @@
-"""Latent samplers: the probability-flow ODE of the VP tangent schedule (LaDiff) and the
-MeanFlow average-velocity sampler (DiLaDiff).
+"""Latent samplers: the probability-flow ODE of the VP tangent schedule (LaDiff), the
+MeanFlow average-velocity sampler (DiLaDiff), and the reverse SDE and ancestral (DDPM) samplers
+(LDLM).
 
 Every sampler in LATENT_SAMPLERS has one signature,
 
     sampler(model, shape, settings: LatentSettings, generator, device) -> (z, network calls)
 
 and draws prior-space latents z of `shape` from z_1 ~ N(0, I). `model` is a latent stage; a
-sampler names what it calls on it (the ODE: `model.x0(z_t, t, z_sc)`; MeanFlow:
-`model.self_conditioned_u(z_t, t, r)`) and the schedule it integrates (`model.cfg.diffusion.d`).
-`sample_latent(stage, batch, settings, ...)` dispatches on `settings.sampler`; a new sampler is
-one function registered with `@register_latent_sampler(NAME)`, selected with
-`sample.latent_sampler=NAME`. The algorithms themselves (euler_ode_sample, meanflow_sample)
-take plain functions, so they also run on exact denoisers (check/parallel_decoding.py).
+sampler names what it calls on it (the ODE, SDE and DDPM samplers: `model.x0(z_t, t, z_sc)`;
+MeanFlow: `model.self_conditioned_u(z_t, t, r)`) and the schedule it integrates
+(`model.cfg.diffusion.d`). The time grid t_0 = 1 > t_1 > ... > t_N = 0 is uniform unless the
+model has `time_grid(N)` (N + 1 decreasing times; LDLM's adaptive timestep sampler warps it:
+equal steps in its t = F(u)). `sample_latent(stage, batch, settings, ...)` dispatches on
+`settings.sampler`; a new sampler is one function registered with
+`@register_latent_sampler(NAME)`, selected with `sample.latent_sampler=NAME`. The algorithms
+themselves (euler_ode_sample, meanflow_sample, euler_maruyama_sample, ddpm_sample) take plain
+functions and an optional grid, so they also run on exact denoisers (check/parallel_decoding.py).
 
-Euler on the PF-ODE, t_0 = 1 > t_1 > ... > t_N = 0 uniform:
+Euler on the PF-ODE:
 
     z_hat_i = z_psi(z_{t_i}, t_i, z_sc_i)     (z_sc_0 = 0, then z_sc_{i+1} = z_hat_i)
     z_{t_{i+1}} = z_{t_i} + (t_{i+1} - t_i) * v(z_{t_i}, z_hat_i, t_i)
@@ -28,6 +32,19 @@ then re-noise from s to r with the exact VP forward transition q(z_r | z_s):
 so that a share gamma^2 of the noise variance sigma_r^2 at r is fresh. gamma = 0 is the
 deterministic jump z_r = z_t - (t - r) u(z_t, t, r); gamma = 1 jumps to clean data (s = 0) and
 re-noises it to r.
+
+Euler-Maruyama on the reverse VP SDE (LDLM, SIBLINGS.md 1.7), with the x0-prediction's score,
+Delta_i = t_i - t_{i+1} and xi_i ~ N(0, I):
+
+    z_hat_i = z_psi(z_{t_i}, t_i, z_sc_i)     (self-conditioned as above)
+    score_i = -(z_{t_i} - alpha_{t_i} z_hat_i) / sigma_{t_i}^2,   b_i = beta(min(t_i, 0.95))
+    z_{t_{i+1}} = z_{t_i} + Delta_i (b_i z_{t_i} / 2 + b_i score_i) + sqrt(b_i Delta_i) xi_i
+
+(beta = processes.gaussian.drift_rate, clipped because beta(1) is infinite). Ancestral (DDPM):
+z_{t_{i+1}} ~ q(z_{t_{i+1}} | z_{t_i}, z_0 = z_hat_i), the exact VP posterior
+(processes.gaussian.ddpm_posterior; no beta blow-up near t = 1). Both return the last
+prediction z_hat_{N-1} (so the last step's update, which would only re-mix it with noise-free
+terms, is skipped; for DDPM with t_N = 0 it is z_hat_{N-1} exactly).
 """
 
 from __future__ import annotations
@@ -38,11 +55,21 @@ from dataclasses import dataclass
 import torch
 
 from diladiff.config import ConfigError
-from diladiff.processes.gaussian import forward_transition, gamma_jump_time, velocity_from_x0
+from diladiff.processes.gaussian import (
+    alpha_sigma,
+    ddpm_posterior,
+    drift_rate,
+    forward_transition,
+    gamma_jump_time,
+    velocity_from_x0,
+)
 from diladiff.registry import registrar
 
 LATENT_SAMPLERS: dict[str, Callable] = {}
 register_latent_sampler = registrar(LATENT_SAMPLERS)
+
+# beta(t) is evaluated at min(t, SDE_BETA_CLIP): beta(1) is infinite (SIBLINGS.md 1.7 [C]).
+SDE_BETA_CLIP = 0.95
 
 
 @dataclass(frozen=True)
@@ -71,14 +98,26 @@ def sample_latent(stage, batch: int, settings: LatentSettings, generator, device
     return LATENT_SAMPLERS[settings.sampler](stage, shape, settings, generator, device)
 
 
+def model_time_grid(model, steps: int) -> torch.Tensor | None:
+    """`model.time_grid(steps)` when the model defines its sampling grid (LDLM's adaptive
+    timestep sampler), else None: the uniform grid 1 -> 0."""
+    time_grid = getattr(model, "time_grid", None)
+    return None if time_grid is None else time_grid(steps)
+
+
+def _without_gamma(settings: LatentSettings, name: str) -> None:
+    if settings.gamma:
+        raise ConfigError(f"gamma-sampling applies to the meanflow sampler, not {name}")
+
+
 @register_latent_sampler("ode_euler")
 def ode_euler(model, shape, settings: LatentSettings, generator, device):
     """Euler on the probability-flow ODE with the model's self-conditioned x0-prediction;
     one network call per step."""
-    if settings.gamma:
-        raise ConfigError("gamma-sampling applies to the meanflow sampler, not ode_euler")
+    _without_gamma(settings, "ode_euler")
     d = model.cfg.diffusion.d
-    return euler_ode_sample(model.x0, shape, settings.steps, d, generator, device)
+    grid = model_time_grid(model, settings.steps)
+    return euler_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
 
 
 @register_latent_sampler("meanflow")
@@ -87,9 +126,49 @@ def meanflow(model, shape, settings: LatentSettings, generator, device):
     per step (the self-conditioning pass, then the jump)."""
     d = model.cfg.diffusion.d
     z, calls = meanflow_sample(
-        model.self_conditioned_u, shape, settings.steps, d, generator, device, settings.gamma
+        model.self_conditioned_u,
+        shape,
+        settings.steps,
+        d,
+        generator,
+        device,
+        settings.gamma,
+        grid=model_time_grid(model, settings.steps),
     )
     return z, 2 * calls
+
+
+@register_latent_sampler("sde_euler")
+def sde_euler(model, shape, settings: LatentSettings, generator, device):
+    """Euler-Maruyama on the reverse VP SDE with the model's self-conditioned x0-prediction;
+    one network call per step. Returns the last x0-prediction."""
+    _without_gamma(settings, "sde_euler")
+    d = model.cfg.diffusion.d
+    grid = model_time_grid(model, settings.steps)
+    return euler_maruyama_sample(model.x0, shape, settings.steps, d, generator, device, grid)
+
+
+@register_latent_sampler("ddpm")
+def ddpm(model, shape, settings: LatentSettings, generator, device):
+    """Ancestral sampling with the exact VP posterior around the model's self-conditioned
+    x0-prediction; one network call per step. Returns the last x0-prediction."""
+    _without_gamma(settings, "ddpm")
+    d = model.cfg.diffusion.d
+    grid = model_time_grid(model, settings.steps)
+    return ddpm_sample(model.x0, shape, settings.steps, d, generator, device, grid)
+
+
+def time_grid(steps: int, grid=None, device="cpu") -> torch.Tensor:
+    """The float64 grid t_0 > ... > t_steps in [0, 1]: uniform from 1 to 0 when `grid` is None,
+    else `grid` (any sequence of steps + 1 strictly decreasing times) checked."""
+    if grid is None:
+        return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    if g.shape != (steps + 1,):
+        raise ValueError(f"a grid for {steps} steps has {steps + 1} times, got {tuple(g.shape)}")
+    if not ((g.diff() < 0).all() and g[0] <= 1 and g[-1] >= 0):
+        raise ValueError("a time grid must decrease strictly within [0, 1]")
+    return g.to(device)
 
 
 @torch.no_grad()
@@ -102,14 +181,16 @@ def euler_ode_sample(
     device="cpu",
     self_condition: bool = True,
     dtype=torch.float32,
+    grid=None,
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) by `steps` Euler steps of the PF-ODE; returns (z_0, network calls).
-    x0_fn(z_t, t, z_sc) -> z_hat, t of shape (B,)."""
+    x0_fn(z_t, t, z_sc) -> z_hat, t of shape (B,). `grid`: steps + 1 decreasing times (default
+    uniform 1 -> 0)."""
     if steps < 1:
         raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    grid = time_grid(steps, grid, device)
     z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     z_sc = torch.zeros_like(z)
-    grid = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
     for i in range(steps):
         t = grid[i].expand(shape[0]).to(dtype)
         z_hat = x0_fn(z, t, z_sc if self_condition else None).to(dtype)
@@ -129,18 +210,94 @@ def meanflow_sample(
     device="cpu",
     gamma: float = 0.0,
     dtype=torch.float32,
+    grid=None,
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) in `steps` average-velocity jumps; u_fn(z_t, t, r) -> u.
-    Returns (z_0, number of u_fn calls)."""
+    Returns (z_0, number of u_fn calls). `grid`: steps + 1 decreasing times (default uniform
+    1 -> 0)."""
     if steps < 1:
         raise ValueError(f"cont_steps must be >= 1, got {steps}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    times = time_grid(steps, grid).tolist()
     z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    for t, r in zip(grid[:-1], grid[1:], strict=True):
+    for t, r in zip(times[:-1], times[1:], strict=True):
         z = meanflow_step(u_fn, z, t, r, d, gamma, generator)
     return z, steps
+
+
+@torch.no_grad()
+def euler_maruyama_sample(
+    x0_fn: Callable,
+    shape: tuple[int, ...],
+    steps: int,
+    d: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    grid=None,
+    self_condition: bool = True,
+    dtype=torch.float32,
+    beta_clip: float = SDE_BETA_CLIP,
+) -> tuple[torch.Tensor, int]:
+    """The last x0-prediction of `steps` Euler-Maruyama steps of the reverse VP SDE from
+    z_1 ~ N(0, I) (module docstring); returns (z_hat, network calls). x0_fn(z_t, t, z_sc) ->
+    z_hat, t of shape (B,); beta is evaluated at min(t, beta_clip). `grid`: steps + 1
+    decreasing times (default uniform 1 -> 0)."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    times = time_grid(steps, grid).tolist()
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z_sc = torch.zeros_like(z)
+    for i in range(steps):
+        z_hat = _predict(x0_fn, z, times[i], z_sc if self_condition else None)
+        z_sc = z_hat
+        if i == steps - 1:
+            break
+        u = torch.tensor(times[i], dtype=torch.float64)
+        alpha, sigma = (float(x) for x in alpha_sigma(u, d))
+        beta = float(drift_rate(u.clamp(max=beta_clip), d))
+        delta = times[i] - times[i + 1]
+        score = -(z - alpha * z_hat) / sigma**2
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = z + delta * (0.5 * beta * z + beta * score) + (beta * delta) ** 0.5 * noise
+    return z_hat, steps
+
+
+@torch.no_grad()
+def ddpm_sample(
+    x0_fn: Callable,
+    shape: tuple[int, ...],
+    steps: int,
+    d: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    grid=None,
+    self_condition: bool = True,
+    dtype=torch.float32,
+) -> tuple[torch.Tensor, int]:
+    """The last x0-prediction of `steps` ancestral steps z_{t_{i+1}} ~ q(. | z_{t_i},
+    z_0 = z_hat_i) from z_1 ~ N(0, I); returns (z_hat, network calls). x0_fn as in
+    euler_maruyama_sample; `grid`: steps + 1 decreasing times (default uniform 1 -> 0)."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    times = time_grid(steps, grid).tolist()
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z_sc = torch.zeros_like(z)
+    for i in range(steps):
+        z_hat = _predict(x0_fn, z, times[i], z_sc if self_condition else None)
+        z_sc = z_hat
+        if i == steps - 1:
+            break
+        mean, std = ddpm_posterior(z, z_hat, times[i], times[i + 1], d)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = mean + std * noise
+    return z_hat, steps
+
+
+def _predict(x0_fn: Callable, z: torch.Tensor, t: float, z_sc) -> torch.Tensor:
+    """x0_fn at one time t for the whole batch, in z's dtype."""
+    tt = torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype)
+    return x0_fn(z, tt, z_sc).to(z.dtype)
 
 
 def meanflow_step(

@@ -18,6 +18,7 @@ from diladiff.stages.diladiff import DiLaDiff
 from diladiff.stages.duo import DUO
 from diladiff.stages.ladiff import LaDiff
 from diladiff.stages.latent import LatentStage
+from diladiff.stages.ldlm import LDLM
 from diladiff.stages.masked import MaskedDiffusionStage
 from diladiff.stages.mdlm import MDLM
 
@@ -36,6 +37,7 @@ def load_plugins() -> list[str]:
 
 __all__ = [
     "DUO",
+    "LDLM",
     "MDLM",
     "STAGES",
     "Autoencoder",

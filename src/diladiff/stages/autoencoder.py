@@ -155,9 +155,8 @@ class Autoencoder(MaskedDiffusionStage):
             ac.encoder_warmup_steps, ac.decoder_warmup_steps = 20, 100
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
-        super().__init__(cfg, tokenizer_identity)
+        super().__init__(cfg, tokenizer_identity)  # sets mask_id (a tokenizer without one fails)
         ac, mc = cfg.autoencoder, cfg.model
-        self.mask_id = int(tokenizer_identity["mask_id"])
         self.seq_len = cfg.data.seq_len
         self.features = FeatureModel(ac.feature_model, ac.feature_layer, ac.feature_precision)
         check_same_tokenizer(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from diladiff.config import Config, ConfigError, register_section
+from diladiff.data.tokenizer import require_mask_id
 from diladiff.nets.token_denoiser import TokenDenoiser
 from diladiff.processes.masking import sample_times
 from diladiff.processes.uniform import (
@@ -82,7 +83,10 @@ class DUO(Stage):
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
         vocab = int(tokenizer_identity["vocab_size"])
-        self.mask_id = int(tokenizer_identity["mask_id"])
+        # [MASK] is left out of the uniform states; a tokenizer without one is refused.
+        self.mask_id = require_mask_id(
+            tokenizer_identity, cfg.data.tokenizer, "uniform-state diffusion (stage duo)"
+        )
         self.seq_len = cfg.data.seq_len
         states = torch.ones(vocab, dtype=torch.bool)
         states[self.mask_id] = False

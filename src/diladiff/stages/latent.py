@@ -13,7 +13,11 @@ zero-mean, unit-variance coordinates; z_ae = m + s z maps a prior sample back fo
 
 The auto-encoder is a frozen copy of a parent run when `frozen_autoencoder` is True (LaDiff,
 DiLaDiff); a method that trains its encoder and decoder with the prior sets it False and
-provides `decoder_stage` and `encode_clean` itself.
+provides `latent_dims`, `encode_clean` and its decoding itself: `latent_decoding` says how
+sampling/generate.py turns a latent into tokens ("masked": N_disc steps of the masked decoder
+`decoder_stage`; "direct": one call of the stage's `decode(z)`, LDLM). A method whose latents
+are not standardised for the prior (LDLM learns their scale) sets `standardised_prior` False:
+the prior space is then the decoder space.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class LatentStage(Stage):
     """A latent prior plus a masked token decoder: latent sampling, then decoding."""
 
     frozen_autoencoder: ClassVar[bool] = True
+    latent_decoding: ClassVar[str] = "masked"
+    standardised_prior: ClassVar[bool] = True
     generation = "latent"
     # The latent sampler (a name in sampling.latent.LATENT_SAMPLERS) the stage's presets set
     # as sample.latent_sampler.
@@ -60,12 +66,18 @@ class LatentStage(Stage):
         if self.frozen_autoencoder:
             self.ae = Autoencoder(cfg, tokenizer_identity).requires_grad_(False)
             self.seq_len, self.mask_id = self.ae.seq_len, self.ae.mask_id
-        self.latent_shape = (cfg.autoencoder.num_latents, cfg.autoencoder.latent_dim)
-        # Prior space <-> decoder space; estimated by `fit_prior_space`, saved with the weights.
-        self.prior_norm = Standardizer(self.latent_shape)
-        self._register_load_state_dict_pre_hook(
-            _identity_prior_norm_for_old_checkpoints, with_module=True
-        )
+        self.latent_shape = self.latent_dims(cfg)
+        if self.standardised_prior:
+            # Prior space <-> decoder space; estimated by `fit_prior_space`, saved with the weights.
+            self.prior_norm = Standardizer(self.latent_shape)
+            self._register_load_state_dict_pre_hook(
+                _identity_prior_norm_for_old_checkpoints, with_module=True
+            )
+
+    @classmethod
+    def latent_dims(cls, cfg: Config) -> tuple[int, int]:
+        """(N_z, d_z) of the latent this stage generates."""
+        return (cfg.autoencoder.num_latents, cfg.autoencoder.latent_dim)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -104,12 +116,12 @@ class LatentStage(Stage):
         self.prior_norm.fit(self.encode_clean(x0) for x0 in chunks)
 
     def to_prior_space(self, z_ae: torch.Tensor) -> torch.Tensor:
-        """z = (z_ae - m) / s."""
-        return self.prior_norm(z_ae)
+        """z = (z_ae - m) / s (the identity without `standardised_prior`)."""
+        return self.prior_norm(z_ae) if self.standardised_prior else z_ae
 
     def to_decoder_space(self, z: torch.Tensor) -> torch.Tensor:
-        """z_ae = m + s z."""
-        return self.prior_norm.inverse(z)
+        """z_ae = m + s z (the identity without `standardised_prior`)."""
+        return self.prior_norm.inverse(z) if self.standardised_prior else z
 
     @torch.no_grad()
     def prior_latents(self, x0: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diladiff.config import register_section
+from diladiff.config import Config, register_section
+from diladiff.data.tokenizer import require_mask_id
 from diladiff.processes.masking import (
     elbo_weight,
     loss_weight,
@@ -67,10 +68,18 @@ class TokenDecoder:
 
 class MaskedDiffusionStage(Stage):
     """Shared by every stage whose output is a masked-diffusion token denoiser: the loss, the
-    ELBO bound and the validation metrics, given `hidden(x_t, cond)` and `head`."""
+    ELBO bound and the validation metrics, given `hidden(x_t, cond)` and `head`. Construction
+    sets `mask_id`, and fails with a one-line DataError for a tokenizer without a mask token."""
 
     mask_id: int
     seq_len: int
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        kind = self.kind or type(self).__name__
+        self.mask_id = require_mask_id(
+            tokenizer_identity, cfg.data.tokenizer, f"masked diffusion (stage {kind})"
+        )
 
     def hidden(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError
