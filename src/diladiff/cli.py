@@ -22,6 +22,7 @@ from diladiff.stages import STAGES, stage_order
 def _choices() -> dict[str, list[str]]:
     """Choices derived from the registries (stages, strategies, samplers)."""
     from diladiff.sampling import generate  # noqa: F401  (imports every sampler module)
+    from diladiff.sampling.joint import INFERENCES
     from diladiff.sampling.latent import LATENT_SAMPLERS
     from diladiff.sampling.masked import SAMPLERS, STRATEGIES
 
@@ -30,6 +31,7 @@ def _choices() -> dict[str, list[str]]:
         "strategy": sorted(STRATEGIES),
         "sampler": sorted(SAMPLERS),
         "latent_sampler": sorted(LATENT_SAMPLERS),
+        "inference": list(INFERENCES),
     }
 
 
@@ -55,6 +57,11 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
         help="latent stages (default: the run's sample.latent_sampler)",
     )
     p.add_argument("--gamma", type=float, help="MeanFlow gamma-sampling (0 = deterministic)")
+    p.add_argument(
+        "--inference",
+        choices=choices["inference"],
+        help="LADD stages: both channels every step, or the latent first (--cont-steps steps)",
+    )
     p.add_argument("--strategy", choices=choices["strategy"])
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -213,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train LDLM on the rows (ldlm=N in --steps) and sample it along N_cont",
     )
+    c.add_argument(
+        "--with-ladd",
+        action="store_true",
+        help="also train Co-LADD and Di-LADD on the rows (co-ladd=N, di-ladd=N in --steps) and "
+        "sample them joint and sequential",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.epilog = "Further key=value arguments are config overrides applied to every stage."
@@ -248,6 +261,7 @@ def _sample_config(args, cfg):
         "cont_steps",
         "latent_sampler",
         "gamma",
+        "inference",
         "strategy",
         "temperature",
         "top_p",
@@ -524,6 +538,7 @@ def cmd_check(args) -> int:
         temperature=args.temperature,
         with_duo=args.with_duo,
         with_ldlm=args.with_ldlm,
+        with_ladd=args.with_ladd,
     )
     for item in filter(None, args.steps.split(",")):
         stage, _, n = item.partition("=")

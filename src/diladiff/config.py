@@ -129,6 +129,9 @@ class SampleConfig:
     latent_sampler: str = ""
     cont_steps: int = 0
     gamma: float = 0.0
+    # Stages that sample tokens and latent with one network (LADD): "joint" (both channels every
+    # step) or "sequential" (the latent first, in cont_steps steps, then the tokens).
+    inference: str = "joint"
 
 
 @dataclass

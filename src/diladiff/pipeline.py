@@ -129,6 +129,7 @@ def row_name(kind: str, sampler: dict, n_disc: int | None) -> str:
     duo_greedy_tail_disc64; ldlm_cont32 (n_disc None: a stage decoding in one call)."""
     cont, gamma = sampler.get("cont_steps", 0), sampler.get("gamma", 0.0)
     tag = f"_{sampler['strategy']}" if "strategy" in sampler else ""
+    tag += f"_{sampler['inference']}" if "inference" in sampler else ""
     tag += f"_cont{cont}" if cont else ""
     tag += f"_gamma{gamma:g}" if gamma else ""
     return f"{kind}{tag}" + ("" if n_disc is None else f"_disc{n_disc}")

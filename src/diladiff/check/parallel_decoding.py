@@ -45,6 +45,8 @@ CHECK_STEPS = {
     "diladiff": 300,
     "duo": 1500,
     "ldlm": 1500,
+    "co-ladd": 1500,
+    "di-ladd": 1500,
 }
 # LDLM decodes once, whatever N_disc: it is measured along N_cont instead.
 LDLM_CONT_STEPS = (1, 2, 5, 10, 20, 50, 200)
@@ -70,10 +72,12 @@ class CheckPlan:
     temperature: float = 1.0  # of every generator's token draws
     with_duo: bool = False  # also train the DUO baseline on the rows and sample it
     with_ldlm: bool = False  # also train LDLM on the rows and sample it along N_cont
+    with_ladd: bool = False  # also train Co-LADD and Di-LADD, sampled joint and sequential
     ldlm_cont_steps: tuple[int, ...] = LDLM_CONT_STEPS
 
     def stages(self) -> list[str]:
-        return ["diladiff"] + ["duo"] * self.with_duo + ["ldlm"] * self.with_ldlm
+        ladd = ["co-ladd", "di-ladd"] if self.with_ladd else []
+        return ["diladiff"] + ["duo"] * self.with_duo + ["ldlm"] * self.with_ldlm + ladd
 
     @property
     def sampler(self) -> str:
@@ -180,12 +184,13 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
-def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device) -> np.ndarray:
-    """Rows of a stage without a latent (the MDLM, DUO), one generator seeded plan.seed."""
+def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device, joint=None) -> np.ndarray:
+    """Rows of a stage without a separate latent sampler (the MDLM, DUO; LADD with `joint`
+    settings), one generator seeded plan.seed."""
     from diladiff.sampling.generate import GenerationSettings, sample_batch
 
     gen = torch.Generator(device).manual_seed(plan.seed)
-    settings = GenerationSettings(_settings(stage, n_disc, plan))
+    settings = GenerationSettings(_settings(stage, n_disc, plan), joint=joint)
     out = [
         sample_batch(stage, b, settings, gen, device)[0].cpu()
         for _, b in _batches(plan.num_samples, plan.batch_size)
@@ -369,6 +374,17 @@ def run_check(
             outputs = {n: sample_mdlm(duo, n, duo_plan, device) for n in grid}
             record(f"duo_{strategy}", {"stage": "duo", "strategy": strategy}, outputs)
         del duo
+    if plan.with_ladd:  # both channels from one network: joint, or the latent first
+        from diladiff.sampling.joint import JointSettings
+
+        for kind in ("co-ladd", "di-ladd"):
+            stage, _ = load_run(root / kind, device=device)
+            for inference in ("joint", "sequential"):
+                js = JointSettings(inference, stage.cfg.ladd.latent_steps)
+                outputs = {n: sample_mdlm(stage, n, plan, device, js) for n in grid}
+                info = {"stage": kind, "inference": inference}
+                record(f"{kind}_{inference}", info, outputs)
+            del stage
 
     ladiff, _ = load_run(root / "ladiff", device=device)
     targets_ae = encoder_latents(ladiff, rows, plan.batch_size, device)  # CPU

@@ -2,7 +2,8 @@
 under the fixed protocol, and plot MAUVE and GenPPL against tokens/s (plus a temperature
 sweep: GenPPL against entropy). Everything lands in one output folder:
 
-    OUT/frontier.json   OUT/frontier.png   OUT/temperature.png   OUT/samples/*.jsonl
+    OUT/frontier.json   OUT/frontier.png   OUT/frontier_gflops.png   OUT/temperature.png
+    OUT/samples/*.jsonl
 
 A latent run's prior samples are drawn once per (N_cont, gamma) and decoded at every N_disc and
 temperature (eval/latent_cache.py: latents from `seed`, decoding from `seed + 1`); its rows'
@@ -79,9 +80,12 @@ def sweep_run(
             generator_meta=meta,
             batch_size=batch_size,
         )
+        batches = -(-num_samples // batch_size)
+        gflops = sample_gflops(stage, out.stats, batches)
         rows.append(
             {
                 "run": _label(run_dir, stage),
+                **({"gflops_per_sample": gflops} if gflops is not None else {}),
                 "temperature": sc.temperature,
                 **point,
                 **({"decode_seed": meta["decode_seed"]} if latent else {}),
@@ -169,9 +173,31 @@ def frontier(
             result["temperature"] += [by_t[t] for t in temperatures]
     (out_dir / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_frontier(result, out_dir / "frontier.png")
+    if any("gflops_per_sample" in r for r in result["points"]):
+        plot_frontier(result, out_dir / "frontier_gflops.png", x="gflops_per_sample")
     if result["temperature"]:
         plot_temperature(result, out_dir / "temperature.png")
     return result
+
+
+def sample_gflops(stage, stats: dict, batches: int) -> float | None:
+    """Backbone GFLOPs of one sample (eval/compute.py) from the sampler's call counts, summed
+    over `batches` batches: LADD (joint, or sequential when it made latent-only calls) and the
+    single-transformer samplers (MDLM, DUO); None for the latent-prior stages."""
+    from diladiff.eval import compute
+
+    calls = stats.get("disc_nfe", 0) / batches
+    if hasattr(stage, "network_dims"):
+        d = stage.network_dims()
+        latent = stats.get("cont_nfe", 0) / batches
+        args = (d["blocks"], d["width"], d["seq_len"], d["num_latents"])
+        if latent:
+            return compute.ladd_sequential_gflops(latent, calls - latent, *args)
+        return compute.ladd_joint_gflops(calls, *args)
+    if stage.generation in ("masked", "uniform"):
+        mc = stage.cfg.model
+        return compute.mdlm_gflops(calls, mc.depth, mc.width, stage.seq_len)
+    return None
 
 
 def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
@@ -182,15 +208,18 @@ def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def plot_frontier(result: dict, path: Path) -> None:
+def plot_frontier(result: dict, path: Path, x: str = "tokens_per_s") -> None:
+    """Quality against sampling speed (x = "tokens_per_s") or against backbone compute per
+    sample (x = "gflops_per_sample", the rows that have it)."""
     plt = pyplot()
+    points = [r for r in result["points"] if x in r]
 
-    metrics = [m for m in ("mauve", "gen_ppl") if any(m in r for r in result["points"])]
+    metrics = [m for m in ("mauve", "gen_ppl") if any(m in r for r in points)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for run, rows in _by_run(result["points"]).items():
-            rows = sorted(rows, key=lambda r: r["tokens_per_s"])
-            ax.plot([r["tokens_per_s"] for r in rows], [r[metric] for r in rows], "o-", label=run)
+        for run, rows in _by_run(points).items():
+            rows = sorted(rows, key=lambda r: r[x])
+            ax.plot([r[x] for r in rows], [r[metric] for r in rows], "o-", label=run)
             for r in rows:
                 ax.annotate(
                     ", ".join(
@@ -198,13 +227,17 @@ def plot_frontier(result: dict, path: Path) -> None:
                         for key, label in (("cont_steps", "N_cont"), ("disc_steps", "N_disc"))
                         if key in r
                     ),
-                    (r["tokens_per_s"], r[metric]),
+                    (r[x], r[metric]),
                     fontsize=8,
                     textcoords="offset points",
                     xytext=(4, 4),
                 )
         ax.set_xscale("log")
-        ax.set_xlabel("sampling speed (tokens / s, log scale)")
+        ax.set_xlabel(
+            "sampling speed (tokens / s, log scale)"
+            if x == "tokens_per_s"
+            else "backbone GFLOPs per sample (log scale; eval/compute.py)"
+        )
         ax.set_ylabel(
             "MAUVE (higher is better)"
             if metric == "mauve"

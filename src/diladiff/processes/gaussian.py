@@ -20,6 +20,14 @@ beta_t = -d log alpha_t^2 / dt = 2 tan(phi_t) phi'_t. The reverse-time step of a
 (DDPM) sampling is the exact posterior q(z_s | z_t, z_0) (`ddpm_posterior`).
 
 The x0-prediction training objective (LaDiff's) is `x0_prediction_loss`.
+
+LADD's Co-LADD latent uses another VP schedule, "sqrt" (`sqrt_alpha_sigma`), with the
+authors' clamp of alpha_t^2 into [eps, 1 - eps]:
+
+    alpha_t^2 = (1 - 2 eps) sqrt(1 - t) + eps,   sigma_t^2 = 1 - alpha_t^2,
+
+and deterministic DDIM (eta = 0) steps from t to s < t given an x0-estimate z_hat
+(`ddim_step`): z_s = alpha_s z_hat + sigma_s (z_t - alpha_t z_hat) / sigma_t.
 """
 
 from __future__ import annotations
@@ -189,3 +197,38 @@ def x0_prediction_loss(
         with torch.no_grad():
             z_sc = x0_fn(z_t, t).detach()
     return ((x0_fn(z_t, t, z_sc) - z) ** 2).mean()
+
+
+def sqrt_alpha_sigma(
+    t: torch.Tensor | float, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of the "sqrt" VP schedule (LADD, the authors'
+    SqrtContinuousNoiseSampling): alpha_t^2 = (1 - 2 eps) sqrt(1 - t) + eps, sigma_t^2 =
+    1 - alpha_t^2. The clamp keeps alpha_t^2 in [eps, 1 - eps], so sigma_t > 0 at t = 0 and
+    alpha_t > 0 at t = 1. A float t gives float64 tensors."""
+    t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t
+    a2 = (1 - 2 * eps) * torch.sqrt((1 - t).clamp(min=0)) + eps
+    return a2.sqrt(), (1 - a2).sqrt()
+
+
+def ddim_step(
+    z_t: torch.Tensor,
+    z_hat: torch.Tensor,
+    alpha_t: torch.Tensor | float,
+    sigma_t: torch.Tensor | float,
+    alpha_s: torch.Tensor | float,
+    sigma_s: torch.Tensor | float,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from t to s with an x0-estimate z_hat: keep the implied
+    noise eps_hat = (z_t - alpha_t z_hat) / sigma_t and re-noise to s,
+
+        z_s = alpha_s z_hat + sigma_s eps_hat.
+
+    Coefficients are floats, 0-d tensors or (B,) tensors (broadcast over z_t's trailing dims).
+    With (alpha_s, sigma_s) = (1, 0) it returns z_hat; on the path z_t = alpha_t z0 + sigma_t
+    eps with z_hat = z0 it lands on alpha_s z0 + sigma_s eps."""
+    a_t, s_t, a_s, s_s = (
+        _bcast(c, z_t) if isinstance(c, torch.Tensor) and c.dim() > 0 else c
+        for c in (alpha_t, sigma_t, alpha_s, sigma_s)
+    )
+    return a_s * z_hat + s_s * (z_t - a_t * z_hat) / s_t

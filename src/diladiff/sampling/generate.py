@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from diladiff.config import ConfigError, SampleConfig
 from diladiff.runtime import autocast, synchronize
+from diladiff.sampling.joint import JointSettings, sample_joint
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings, sample_masked
 from diladiff.sampling.uniform import sample_uniform
@@ -49,14 +50,17 @@ def latent_settings(sc: SampleConfig, stage_sampler: str = "") -> LatentSettings
 class GenerationSettings:
     tokens: SamplerSettings
     latent: LatentSettings | None = None  # None: the stage has no latent
+    joint: JointSettings | None = None  # a stage sampling tokens and latent together (LADD)
 
 
 def generation_settings(sc: SampleConfig, stage) -> GenerationSettings:
     """Everything one generation of `stage` needs, resolved from `sc` once."""
-    latent = None
+    latent = joint = None
     if isinstance(stage, LatentStage):
         latent = latent_settings(sc, stage.latent_sampler)
-    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent)
+    if stage.generation == "joint":
+        joint = JointSettings(sc.inference, sc.cont_steps or stage.cfg.ladd.latent_steps)
+    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent, joint)
 
 
 @torch.no_grad()
@@ -133,6 +137,7 @@ GENERATIONS = {
     "uniform": lambda stage, batch, settings, *args: sample_uniform(
         stage, batch, settings.tokens, *args
     ),
+    "joint": sample_joint,
 }
 
 

@@ -16,6 +16,7 @@ from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import STAGES, Stage, register_stage, stage_order
 from diladiff.stages.diladiff import DiLaDiff
 from diladiff.stages.duo import DUO
+from diladiff.stages.ladd import CoLADD, DiLADD
 from diladiff.stages.ladiff import LaDiff
 from diladiff.stages.latent import LatentStage
 from diladiff.stages.ldlm import LDLM
@@ -36,6 +37,8 @@ def load_plugins() -> list[str]:
 
 
 __all__ = [
+    "CoLADD",
+    "DiLADD",
     "DUO",
     "LDLM",
     "MDLM",

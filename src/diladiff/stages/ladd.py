@@ -1,0 +1,357 @@
+"""LADD ("Latent-Augmented Discrete Diffusion Models", Shariatian et al. 2025; spec:
+SIBLINGS.md section 2): masked diffusion over the augmented state (tokens x, latent z), with z
+from a frozen pooled-embedding encoder and one two-stream MM-DiT denoising both channels.
+
+    z0 = encoder(x0)                 frozen; chunk-mean pooled to N_z vectors, clipped to d_z
+    x_t = mask(x0, t_x)              linear alpha = 1 - t
+    Co-LADD: z0 L2-normalised per vector; z_t = a_t z0 + s_t eps, VP "sqrt" schedule
+             a_t^2 = sqrt(1 - t); shared time t_z = t_x; latent dropout p_tau (per row: z_t and
+             z0 set to 0, the row left out of L_z)
+    Di-LADD: codes = VQ(z0) (cosine, EMA codebook; nets/vq.py), masked like tokens with their
+             own mask code, independent t_z; the network reads codebook vectors (z_mask where
+             masked)
+    logits_x, out_z = MMDiT(x_t, z_in, t_z)
+    L = L_x + lambda_z L_z (+ L_VQ),   L_x = (1/BL) sum_masked -log p(x0 | x_t, z_t)  (w = 1),
+    Co: L_z = mean (z_hat - z0)^2 over kept rows;  Di: L_z = (1/B N_z) sum_masked CE over codes.
+
+Di-LADD's two-stage recipe is `ladd.stage1_steps` (lambda_z = 0 before that step). Generation
+(sampling/joint.py): "joint" (one network call updates both channels; DDIM for Co-LADD's latent)
+or "sequential" (the latent first with the tokens all masked, then the tokens with the latent
+fixed), `sample.inference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from diladiff.config import Config, ConfigError, preset_base, register_section
+from diladiff.data.tokenizer import check_same_tokenizer
+from diladiff.features import PooledLatentEncoder, input_dropout_rows
+from diladiff.nets.mmdit import MMDiT
+from diladiff.processes.gaussian import sqrt_alpha_sigma
+from diladiff.processes.masking import mask_tokens, sample_times, subs_logits
+from diladiff.stages.base import Stage, register_stage
+
+INFERENCES = ("joint", "sequential")
+
+
+def _ladd_preset(preset: str) -> LADDConfig:
+    """The paper's OpenWebText-like networks at `paper` (Qwen3 encoder); CPU- and
+    one-GPU-sized ones reading the presets' tokenizer's encoder (minilm-l6) otherwise."""
+    base = preset_base(preset)
+    if base == "paper":
+        return LADDConfig()
+    if base == "small":
+        return LADDConfig(encoder="minilm-l6", width=512, depth=8, heads=8)
+    return LADDConfig(encoder="minilm-l6", width=128, depth=3, heads=4, cond_dim=64, num_codes=257)
+
+
+@register_section("ladd", _ladd_preset)
+@dataclass
+class LADDConfig:
+    """LADD's encoder, latent, MM-DiT and recipe (SIBLINGS.md 2.1-2.5; [P] stated, [C] code)."""
+
+    # The frozen encoder: hub name, path or alias; it must use data.tokenizer's vocabulary
+    # [P: Qwen3-Embedding-0.6B; offline stand-in minilm-l6]. Last hidden layer [C].
+    encoder: str = "Qwen/Qwen3-Embedding-0.6B"
+    encoder_layer: int = -1
+    encoder_precision: str = "auto"
+    num_latents: int = 16  # N_z [P: 16, 64 on OWT; 32, 128 on LM1B]
+    latent_dim: int = 32  # d_z: the first d_z dimensions (Matryoshka clip) [C]
+    # Encoder-input dropout: p_r ~ U[0, input_dropout_max] per row, one coin per row blanks
+    # the encoder's input embedding at every position masked in x_t [C]; 0 = off.
+    input_dropout_max: float = 0.9
+    # Co-LADD latent dropout p_tau [C: 0.15].
+    latent_dropout: float = 0.15
+    # Co-LADD: t_z = t_x [P] unless True (then the MM-DiT also sees (t_x, t_z) pairs that
+    # sequential inference visits). Di-LADD always draws them independently [P].
+    independent_times: bool = False
+    lambda_z: float = 1.0  # [P/C]
+    # Di-LADD: K codes including the mask code (VQ codebook K - 1) [C: 512-8192].
+    num_codes: int = 8192
+    # Di-LADD two-stage training: lambda_z = 0 before this step [C: 50k on OWT]; 0 = none.
+    stage1_steps: int = 0
+    # Sequential inference: latent steps N_y when sample.cont_steps is 0 [C: 8].
+    latent_steps: int = 8
+    # MM-DiT [P/C: 768 x 12, 12 heads, cond 128, dropout 0.1].
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    cond_dim: int = 128
+    dropout: float = 0.1
+    t_eps: float = 1e-4  # t ~ low-discrepancy U[t_eps, 1] [C]
+
+
+class LADD(Stage):
+    """What Co-LADD and Di-LADD share: the frozen encoder, the MM-DiT, the token loss."""
+
+    latent_kind: ClassVar[str] = ""  # "continuous" or "discrete"
+    generation = "joint"  # sampling/joint.py
+    eval_samplers = ({"inference": "joint"}, {"inference": "sequential"})
+    optional = True  # a sibling method: the pipeline trains it when asked (--stages co-ladd)
+    budget_share = 0.25
+    demo_steps = 300
+
+    @classmethod
+    def preset_changes(cls, cfg: Config, preset: str) -> None:
+        """The authors' optimiser (AdamW lr 3e-4, wd 0.03, 2.5k warm-up then constant, EMA
+        0.9999 [C]); at `paper` their encoder's tokenizer."""
+        tc = cfg.train
+        tc.weight_decay, tc.schedule = 0.03, "constant"
+        if preset == "paper":
+            cfg.data.tokenizer = cfg.ladd.encoder
+            tc.lr, tc.warmup_steps, tc.total_steps, tc.ema = 3e-4, 2500, 1_000_000, 0.9999
+        elif preset == "tiny":
+            tc.lr, tc.total_steps = 1e-3, 600
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        lc = cfg.ladd
+        if not 0.0 <= lc.input_dropout_max <= 1.0 or not 0.0 <= lc.latent_dropout < 1.0:
+            raise ConfigError("ladd.input_dropout_max must be in [0, 1], latent_dropout in [0, 1)")
+        self.seq_len = cfg.data.seq_len
+        vocab = int(tokenizer_identity["vocab_size"])
+        mask_id = tokenizer_identity.get("mask_id")
+        # A tokenizer without a mask token gets one extra id, as the authors do for Qwen3.
+        self.mask_id = vocab if mask_id is None else int(mask_id)
+        self.vocab_size = max(vocab, self.mask_id + 1)
+        self.encoder = PooledLatentEncoder(
+            lc.encoder,
+            lc.encoder_layer,
+            lc.encoder_precision,
+            num_latents=lc.num_latents,
+            latent_dim=lc.latent_dim,
+            normalize=self.latent_kind == "continuous",
+        )
+        check_same_tokenizer(
+            tokenizer_identity,
+            self.encoder.features.tokenizer_identity(),
+            f"ladd.encoder {lc.encoder!r} vs data.tokenizer {cfg.data.tokenizer!r}",
+        )
+        self.latent_shape = (lc.num_latents, lc.latent_dim)
+        self.step = 0  # set by on_step (Di-LADD's stage switch depends on it: exact resume)
+
+    # ------------------------------------------------------------------ shared pieces
+    def on_step(self, step: int) -> None:
+        self.step = step
+
+    def summary(self) -> str:
+        m = matched_mdlm(self.cfg)
+        return (
+            f"a size-matched MDLM: model.depth={m['depth']} model.width={m['width']} "
+            f"model.heads={m['heads']}"
+        )
+
+    def network_dims(self) -> dict:
+        """What the compute accounting needs: blocks, width, L and N_z."""
+        lc = self.cfg.ladd
+        return {
+            "blocks": lc.depth,
+            "width": lc.width,
+            "seq_len": self.seq_len,
+            "num_latents": lc.num_latents,
+        }
+
+    def encode(self, x0: torch.Tensor, x_t: torch.Tensor | None, generator) -> torch.Tensor:
+        """z0 of clean rows; while training, the encoder-input dropout blanks the positions
+        masked in x_t of the rows its coin picks."""
+        blank = None
+        if self.training and x_t is not None and self.cfg.ladd.input_dropout_max > 0:
+            rows = input_dropout_rows(
+                x0.shape[0], self.cfg.ladd.input_dropout_max, generator, x0.device
+            )
+            blank = (x_t == self.mask_id) & rows.unsqueeze(1)
+        return self.encoder(x0, blank)
+
+    def token_loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """L_x = (1 / B L) sum over masked positions of -log p(x0 | x_t, z) (weight 1), SUBS."""
+        sel = x_t == self.mask_id
+        nll = F.cross_entropy(subs_logits(logits[sel], self.mask_id), x0[sel], reduction="sum")
+        return nll / x0.numel()
+
+    def times(self, n: int, generator, device) -> torch.Tensor:
+        return sample_times(n, generator, True, self.cfg.ladd.t_eps, device)
+
+    @torch.no_grad()
+    def evaluate(self, batches, generator):
+        """Held-out: the training losses, and the token channel's bound conditioned on the
+        encoder latent of the row itself (SIBLINGS.md 2.8's data Val PPL: not a likelihood of the
+        generative model)."""
+        sums: dict[str, float] = {}
+        n = 0
+        for x0 in batches:
+            _, metrics = self(x0, generator)
+            for k, v in metrics.items():
+                sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) * len(x0)
+            n += len(x0)
+        return {k: v / n for k, v in sums.items()}
+
+
+@register_stage("co-ladd")
+class CoLADD(LADD):
+    latent_kind = "continuous"
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        lc = cfg.ladd
+        d_z = lc.latent_dim
+        self.net = MMDiT(
+            self.vocab_size,
+            self.seq_len,
+            lc.num_latents,
+            d_z,
+            d_z,
+            lc.width,
+            lc.depth,
+            lc.heads,
+            lc.cond_dim,
+            cfg.model.mlp_ratio,
+            lc.dropout,
+            cfg.model.attention,
+        )
+
+    def summary(self) -> str:
+        n = sum(p.numel() for p in self.net.parameters())
+        lc = self.cfg.ladd
+        return (
+            f"co-ladd: MM-DiT {n / 1e6:.2f}M parameters; latent {lc.num_latents} x {lc.latent_dim} "
+            f"from {lc.encoder!r} (L2-normalised), sqrt schedule, "
+            f"{'independent' if lc.independent_times else 'shared'} times; {super().summary()}"
+        )
+
+    def latent_times(self, t: torch.Tensor, generator) -> torch.Tensor:
+        return self.times(t.shape[0], generator, t.device) if self.cfg.ladd.independent_times else t
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator):
+        """One micro-batch of Co-LADD (module docstring). Draws, in order: t, the token mask,
+        the input-dropout coins, [t_z], eps, the latent-dropout coins."""
+        lc = self.cfg.ladd
+        x0 = batch
+        t = self.times(x0.shape[0], generator, x0.device)
+        x_t = mask_tokens(x0, t, self.mask_id, generator)
+        with torch.no_grad():
+            z0 = self.encode(x0, x_t, generator)
+        t_z = self.latent_times(t, generator)
+        a, s = sqrt_alpha_sigma(t_z, lc.t_eps)
+        eps = torch.randn(z0.shape, generator=generator, device=z0.device)
+        z_t = a.view(-1, 1, 1) * z0 + s.view(-1, 1, 1) * eps
+        drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < lc.latent_dropout
+        if not self.training:
+            drop = torch.zeros_like(drop)
+        keep = (~drop).view(-1, 1, 1).to(z0.dtype)
+        z_t, z0 = z_t * keep, z0 * keep
+        logits, z_hat = self.net(x_t, z_t, t_z)
+        loss_x = self.token_loss(logits, x0, x_t)
+        kept = ~drop
+        loss_z = ((z_hat[kept].float() - z0[kept]) ** 2).mean() if kept.any() else z_hat.sum() * 0
+        loss = loss_x + lc.lambda_z * loss_z
+        return loss, {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_z": loss_z.detach()}
+
+
+@register_stage("di-ladd")
+class DiLADD(LADD):
+    latent_kind = "discrete"
+
+    def __init__(self, cfg: Config, tokenizer_identity: dict):
+        super().__init__(cfg, tokenizer_identity)
+        from diladiff.nets.vq import CodeQuantizer
+
+        lc = cfg.ladd
+        if lc.num_codes < 3:
+            raise ConfigError(
+                f"ladd.num_codes must be >= 3 (codes + the mask code), got {lc.num_codes}"
+            )
+        self.vq = CodeQuantizer(lc.latent_dim, lc.num_codes)
+        self.net = MMDiT(
+            self.vocab_size,
+            self.seq_len,
+            lc.num_latents,
+            lc.latent_dim,
+            lc.num_codes,
+            lc.width,
+            lc.depth,
+            lc.heads,
+            lc.cond_dim,
+            cfg.model.mlp_ratio,
+            lc.dropout,
+            cfg.model.attention,
+        )
+
+    def summary(self) -> str:
+        n = sum(p.numel() for p in self.net.parameters())
+        lc = self.cfg.ladd
+        return (
+            f"di-ladd: MM-DiT {n / 1e6:.2f}M parameters; {lc.num_latents} codes of "
+            f"{lc.num_codes - 1} (+ mask), dim {lc.latent_dim}, from {lc.encoder!r}; "
+            f"stage 1 (lambda_z = 0) for {lc.stage1_steps} steps; {super().summary()}"
+        )
+
+    @property
+    def code_mask_id(self) -> int:
+        return self.vq.mask_id
+
+    def lambda_z(self) -> float:
+        lc = self.cfg.ladd
+        return 0.0 if self.training and self.step < lc.stage1_steps else lc.lambda_z
+
+    def code_loss(self, logits_z: torch.Tensor, codes: torch.Tensor, codes_t: torch.Tensor):
+        """L_z = (1 / B N_z) sum over masked codes of -log p(code | x_t, z_t) (SUBS on codes)."""
+        sel = codes_t == self.code_mask_id
+        nll = F.cross_entropy(
+            subs_logits(logits_z[sel], self.code_mask_id), codes[sel], reduction="sum"
+        )
+        return nll / codes.numel()
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator):
+        """One micro-batch of Di-LADD (module docstring). Draws, in order: t_x, the token mask,
+        the input-dropout coins, the VQ's seed, t_z, the code mask."""
+        x0 = batch
+        t_x = self.times(x0.shape[0], generator, x0.device)
+        x_t = mask_tokens(x0, t_x, self.mask_id, generator)
+        with torch.no_grad():
+            z_e = self.encode(x0, x_t, generator)
+        z_q, codes, vq_loss = self.vq.quantize(z_e, generator)
+        t_z = self.times(x0.shape[0], generator, x0.device)
+        codes_t = mask_tokens(codes, t_z, self.code_mask_id, generator)
+        # the quantised vectors of this call (the codebook before its EMA update), as the authors
+        logits_x, logits_z = self.net(x_t, self.vq.embed(codes_t, z_q), None)
+        loss_x = self.token_loss(logits_x, x0, x_t)
+        loss_z = self.code_loss(logits_z, codes, codes_t)
+        loss = loss_x + self.lambda_z() * loss_z + vq_loss
+        metrics = {
+            "loss": loss.detach(),
+            "loss_x": loss_x.detach(),
+            "loss_z": loss_z.detach(),
+            "vq_loss": vq_loss.detach(),
+            "codes_used": torch.tensor(float(codes.unique().numel())),
+        }
+        return loss, metrics
+
+
+def matched_mdlm(cfg: Config) -> dict[str, int]:
+    """The MDLM transformer (model.depth, model.width, model.heads) whose blocks hold as many
+    parameters as this LADD's MM-DiT blocks, one block deeper (head width 64; 32 or 16 below width
+    512): the paper's size matching (a 768 x 12 MM-DiT, 184M in its blocks, against an MDLM of
+    1024 x 13 [P]). Counted on the meta device: nothing is allocated."""
+    from diladiff.nets.transformer import Block
+
+    lc = cfg.ladd
+    with torch.device("meta"):
+        net = MMDiT(8, 8, 1, 1, 1, lc.width, lc.depth, lc.heads, lc.cond_dim, cfg.model.mlp_ratio)
+        target = net.parameter_count(blocks_only=True)
+        depth = lc.depth + 1
+
+        def heads(width: int) -> int:  # head width 64; 32 (or 16) in small networks
+            return width // 64 if width >= 512 else width // (32 if width % 32 == 0 else 16)
+
+        def blocks(width: int) -> int:
+            block = Block(width, heads(width), cfg.model.mlp_ratio, 0, cfg.model.qk_norm)
+            return depth * sum(p.numel() for p in block.parameters())
+
+        widths = [*range(16, 512, 16), *range(512, 8193, 64)]
+        width = min(widths, key=lambda w: abs(blocks(w) - target))
+    return {"depth": depth, "width": width, "heads": heads(width)}

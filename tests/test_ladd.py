@@ -1,0 +1,182 @@
+"""LADD: the joint and sequential samplers on a known network (reveal probabilities, call
+counts, which channel moves when), and Co-LADD / Di-LADD training, resume, DDP and sampling."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+
+from diladiff.cli import main
+from diladiff.sampling.generate import GenerationSettings
+from diladiff.sampling.joint import JointSettings, reveal, sample_joint
+from diladiff.sampling.masked import SamplerSettings
+from diladiff.train.checkpoint import latest_checkpoint
+
+V, L, NZ, DZ, MASK = 6, 8, 2, 3, 5
+PROBS = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25, 0.0])  # the mask id never drawn (SUBS)
+
+
+def settings(steps, strategy="ancestral", temperature=1.0):
+    return SamplerSettings(steps=steps, strategy=strategy, temperature=temperature, top_p=1.0)
+
+
+def test_reveal_unmasks_with_the_posterior_probability_and_draws_from_the_softmax():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((4000, L), MASK)
+    logits = PROBS.clamp(min=1e-9).log().expand(4000, L, V).clone()
+    out = reveal(x, logits, MASK, 1.0, 0.75, settings(4), gen)  # (t - s) / t = 1/4
+    revealed = out != MASK
+    assert revealed.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    freq = torch.bincount(out[revealed], minlength=V).float() / revealed.sum()
+    assert torch.allclose(freq, PROBS, atol=0.01)
+    again = reveal(out, logits, MASK, 0.75, 0.0, settings(4), gen)  # s = 0: everything
+    assert (again != MASK).all() and torch.equal(again[revealed], out[revealed])
+
+
+class FakeNet:
+    """A known network: constant token logits, a fixed clean-latent guess; records its calls."""
+
+    def __init__(self, discrete: bool):
+        self.discrete, self.calls = discrete, []
+
+    def __call__(self, x, z_in, t_z):
+        self.calls.append((x.clone(), z_in.clone(), None if t_z is None else t_z.clone()))
+        logits = PROBS.clamp(min=1e-9).log().expand(*x.shape, V).clone()
+        if self.discrete:
+            return logits, torch.zeros(*z_in.shape[:2], 4)  # 3 codes + the mask code (id 3)
+        return logits, torch.full_like(z_in, 0.5)
+
+
+def fake_stage(discrete: bool):
+    stage = SimpleNamespace(
+        seq_len=L,
+        mask_id=MASK,
+        latent_shape=(NZ, DZ),
+        latent_kind="discrete" if discrete else "continuous",
+        cfg=SimpleNamespace(ladd=SimpleNamespace(t_eps=1e-4)),
+        net=FakeNet(discrete),
+    )
+    if discrete:
+        stage.code_mask_id = 3
+        stage.vq = SimpleNamespace(embed=lambda c: torch.nn.functional.one_hot(c, 4).float())
+    return stage
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("inference", ["joint", "sequential"])
+def test_joint_and_sequential_samplers_call_the_network_as_documented(discrete, inference):
+    stage = fake_stage(discrete)
+    gs = GenerationSettings(settings(4), joint=JointSettings(inference, latent_steps=3))
+    ids, stats = sample_joint(stage, 2000, gs, torch.Generator().manual_seed(1), "cpu")
+    latent = 3 if inference == "sequential" else 0
+    assert stats["disc_nfe"] == 4 + 1 + latent and stats["cont_nfe"] == latent
+    assert len(stage.net.calls) == stats["disc_nfe"]
+    assert (ids != MASK).all()
+    freq = torch.bincount(ids.flatten(), minlength=V).float() / ids.numel()
+    assert torch.allclose(freq, PROBS, atol=0.01)  # every token from the model's distribution
+    token_calls = stage.net.calls[latent:]
+    if inference == "sequential":
+        # phase A: tokens all masked while the latent moves; phase B: the latent fixed
+        assert all((x == MASK).all() for x, _, _ in stage.net.calls[:latent])
+        z_fixed = token_calls[0][1]
+        assert all(torch.equal(z, z_fixed) for _, z, _ in token_calls)
+        if not discrete:
+            assert all((t == 0).all() for _, _, t in token_calls)  # a clean latent
+            assert torch.allclose(z_fixed, torch.full_like(z_fixed, 0.5), atol=0.1)
+        else:
+            assert (z_fixed.argmax(-1) != 3).all()  # every code revealed before the tokens
+    else:
+        zs = [z for _, z, _ in token_calls]
+        assert not torch.equal(zs[0], zs[-1])  # both channels move in the same calls
+        assert (token_calls[0][0] == MASK).all() and not (token_calls[-1][0] == MASK).all()
+
+
+SMALL = [
+    "ladd.width=32",
+    "ladd.depth=1",
+    "ladd.heads=2",
+    "ladd.cond_dim=16",
+    "ladd.num_latents=4",
+    "ladd.latent_dim=8",
+    "ladd.num_codes=17",
+]
+
+
+def train(kind, run, *overrides):
+    argv = ["train", kind, "--preset", "tiny", "--run-dir", str(run), *TINY, *SMALL]
+    return main(argv + list(overrides))
+
+
+@pytest.mark.parametrize("kind", ["co-ladd", "di-ladd"])
+def test_ladd_resumes_exactly_and_samples_both_ways(tmp_path, kind):
+    extra = ["ladd.stage1_steps=3"] if kind == "di-ladd" else []
+    assert train(kind, tmp_path / "a", "train.max_steps=2", *extra) == 0
+    assert train(kind, tmp_path / "a", "train.max_steps=5") == 0
+    assert train(kind, tmp_path / "b", "train.max_steps=5", *extra) == 0
+    for which in ("model", "ema"):
+        a = load_file(latest_checkpoint(tmp_path / "a") / f"{which}.safetensors")
+        b = load_file(latest_checkpoint(tmp_path / "b") / f"{which}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+    for inference in ("joint", "sequential"):
+        out = tmp_path / f"{inference}.jsonl"
+        argv = ["sample", str(tmp_path / "b"), "--out", str(out), "--disc-steps", "4"]
+        assert main(argv + ["--inference", inference, "--cont-steps", "2"]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+        assert len(rows) == 4 and all(len(r["ids"]) == 32 for r in rows)
+        assert meta["inference"] == inference
+        assert meta["cont_nfe"] == (2 if inference == "sequential" else 0)
+
+
+def test_di_ladd_trains_the_code_channel_only_after_stage_one():
+    from diladiff.config import build_config
+    from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
+    from diladiff.stages.ladd import DiLADD
+
+    cfg = build_config("tiny", TINY + SMALL + ["ladd.stage1_steps=10"], "di-ladd")
+    stage = DiLADD(cfg, tokenizer_identity(load_tokenizer(cfg.data.tokenizer)))
+    stage.train()
+    stage.on_step(9)
+    assert stage.lambda_z() == 0.0
+    stage.on_step(10)
+    assert stage.lambda_z() == 1.0
+    stage.eval()
+    stage.on_step(0)
+    assert stage.lambda_z() == 1.0  # validation always reports the full loss
+
+
+def test_two_process_torchrun_keeps_di_ladd_replicas_identical(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--master_port=29521", "-m", "diladiff", "train", "di-ladd", "--preset", "tiny"]
+    cmd += ["--run-dir", str(tmp_path / "ddp"), *TINY, *SMALL]
+    cmd += ["train.max_steps=4", "train.micro_batch_size=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    digests = next(r for r in log if r.get("event") == "end")["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # the VQ codebook included
+
+
+@pytest.mark.parametrize("preset", ["paper", "tiny"])
+def test_matched_mdlm_has_as_many_block_parameters_as_the_mm_dit(preset):
+    from diladiff.config import build_config
+    from diladiff.nets.mmdit import MMDiT
+    from diladiff.nets.token_denoiser import TokenDenoiser
+    from diladiff.stages.ladd import matched_mdlm
+
+    cfg = build_config(preset, [], "co-ladd")
+    m = matched_mdlm(cfg)
+    lc = cfg.ladd
+    with torch.device("meta"):
+        ladd = MMDiT(8, 8, 1, 1, 1, lc.width, lc.depth, lc.heads, lc.cond_dim)
+        cfg.model.depth, cfg.model.width, cfg.model.heads = m["depth"], m["width"], m["heads"]
+        mdlm = TokenDenoiser(cfg.model, 8, 8)
+    target = ladd.parameter_count(blocks_only=True)
+    got = sum(p.numel() for p in mdlm.backbone.blocks.parameters())
+    assert m["depth"] == lc.depth + 1 and abs(got - target) / target < 0.05
