@@ -146,6 +146,25 @@ class LADD(Stage):
             f"model.heads={m['heads']}"
         )
 
+    def mm_dit(self, latent_in: int, latent_out: int) -> MMDiT:
+        """The two-stream denoiser: latent vectors of width latent_in in, latent_out per
+        latent position out (d_z for Co-LADD's x0-prediction, K code logits for Di-LADD)."""
+        lc, mc = self.cfg.ladd, self.cfg.model
+        return MMDiT(
+            self.vocab_size,
+            self.seq_len,
+            lc.num_latents,
+            latent_in,
+            latent_out,
+            lc.width,
+            lc.depth,
+            lc.heads,
+            lc.cond_dim,
+            mc.mlp_ratio,
+            lc.dropout,
+            mc.attention,
+        )
+
     def network_dims(self) -> dict:
         """What the compute accounting needs: blocks, width, L and N_z."""
         lc = self.cfg.ladd
@@ -197,22 +216,7 @@ class CoLADD(LADD):
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
-        lc = cfg.ladd
-        d_z = lc.latent_dim
-        self.net = MMDiT(
-            self.vocab_size,
-            self.seq_len,
-            lc.num_latents,
-            d_z,
-            d_z,
-            lc.width,
-            lc.depth,
-            lc.heads,
-            lc.cond_dim,
-            cfg.model.mlp_ratio,
-            lc.dropout,
-            cfg.model.attention,
-        )
+        self.net = self.mm_dit(cfg.ladd.latent_dim, cfg.ladd.latent_dim)
 
     def summary(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())
@@ -266,20 +270,7 @@ class DiLADD(LADD):
                 f"ladd.num_codes must be >= 3 (codes + the mask code), got {lc.num_codes}"
             )
         self.vq = CodeQuantizer(lc.latent_dim, lc.num_codes)
-        self.net = MMDiT(
-            self.vocab_size,
-            self.seq_len,
-            lc.num_latents,
-            lc.latent_dim,
-            lc.num_codes,
-            lc.width,
-            lc.depth,
-            lc.heads,
-            lc.cond_dim,
-            cfg.model.mlp_ratio,
-            lc.dropout,
-            cfg.model.attention,
-        )
+        self.net = self.mm_dit(lc.latent_dim, lc.num_codes)
 
     def summary(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())

@@ -100,20 +100,24 @@ class LatentStage(Stage):
         """Estimate the prior-space standardisation m, s from the frozen encoder's latents
         z_ae of `diffusion.latent_stats_rows` clean training rows (drawn with the run's seed;
         all rows if there are fewer)."""
-        rows = data.train
-        n = self.cfg.diffusion.latent_stats_rows
-        n = len(rows) if n <= 0 else min(n, len(rows))
-        rng = np.random.default_rng([self.cfg.train.seed, 0x5747])
-        idx = np.sort(rng.choice(len(rows), size=n, replace=False))
-        batch = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
         self.to(device)
         if self.frozen_autoencoder:
             self.ae.eval()  # clean rows: no feature augmentation
-        chunks = (
-            torch.from_numpy(np.asarray(rows[idx[i : i + batch]], dtype=np.int64)).to(device)
+        chunks = self.clean_row_batches(data, self.cfg.diffusion.latent_stats_rows, 0x5747, device)
+        self.prior_norm.fit(self.encode_clean(x0) for x0 in chunks)
+
+    def clean_row_batches(self, data: PackedData, rows: int, salt: int, device):
+        """Batches (micro-batch size) of `rows` clean training rows drawn without replacement
+        with the run's seed and `salt`, in index order; rows <= 0 or more than there are: all."""
+        train = data.train
+        n = len(train) if rows <= 0 else min(rows, len(train))
+        rng = np.random.default_rng([self.cfg.train.seed, salt])
+        idx = np.sort(rng.choice(len(train), size=n, replace=False))
+        batch = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+        return (
+            torch.from_numpy(np.asarray(train[idx[i : i + batch]], dtype=np.int64)).to(device)
             for i in range(0, n, batch)
         )
-        self.prior_norm.fit(self.encode_clean(x0) for x0 in chunks)
 
     def to_prior_space(self, z_ae: torch.Tensor) -> torch.Tensor:
         """z = (z_ae - m) / s (the identity without `standardised_prior`)."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -245,17 +244,8 @@ class LDLM(LatentStage):
     def prepare(self, data: PackedData, device) -> None:
         """A new run: the features' per-coordinate mean and std over `feature_stats_rows`
         clean training rows (drawn with the run's seed)."""
-        rows = data.train
-        n = self.cfg.ldlm.feature_stats_rows
-        n = len(rows) if n <= 0 else min(n, len(rows))
-        rng = np.random.default_rng([self.cfg.train.seed, 0x1D1E])
-        idx = np.sort(rng.choice(len(rows), size=n, replace=False))
-        batch = self.cfg.train.micro_batch_size or self.cfg.train.batch_size
         self.to(device)
-        chunks = (
-            torch.from_numpy(np.asarray(rows[idx[i : i + batch]], dtype=np.int64)).to(device)
-            for i in range(0, n, batch)
-        )
+        chunks = self.clean_row_batches(data, self.cfg.ldlm.feature_stats_rows, 0x1D1E, device)
         self.feat_norm.fit(self.features(x0) for x0 in chunks)
 
     # ------------------------------------------------------------------ the auto-encoder
