@@ -180,3 +180,27 @@ def test_matched_mdlm_has_as_many_block_parameters_as_the_mm_dit(preset):
     target = ladd.parameter_count(blocks_only=True)
     got = sum(p.numel() for p in mdlm.backbone.blocks.parameters())
     assert m["depth"] == lc.depth + 1 and abs(got - target) / target < 0.05
+
+
+def test_sibling_methods_run_through_the_pipeline_beside_each_other(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from test_ldlm import SMALL as LDLM_SMALL
+    from test_plugins import SMALL_PLAN
+
+    from diladiff import pipeline
+
+    plan = replace(SMALL_PLAN, latent_samples=8, latent_train_rows=12)
+    monkeypatch.setitem(pipeline.EVAL_PLANS, "tiny", plan)
+    root = tmp_path / "pipe"
+    overrides = [*TINY, *SMALL, *LDLM_SMALL, "train.max_steps=2", "ldlm.encoder_warmup_steps=2"]
+    args = ["--preset", "tiny", "--run-dir", str(root), "--device", "cpu"]
+    assert main(["pipeline", "--stages", "ldlm,co-ladd", *args, *overrides]) == 0
+    assert not (root / "mdlm").exists()  # neither method has a parent run
+    report = (root / "report.md").read_text()
+    rows = ["ldlm_cont32", "ldlm_cont128", "co-ladd_joint_disc4", "co-ladd_sequential_disc32"]
+    assert all(f"| {row} |" in report for row in rows), report
+    bench = json.loads((root / "eval" / "bench.json").read_text())
+    assert {r["stage"] for r in bench} == {"ldlm", "co-ladd"}
+    latent = json.loads((root / "eval" / "latent.json").read_text())  # LDLM's prior diagnostics
+    assert "ldlm" in json.dumps(latent)
