@@ -243,24 +243,15 @@ def euler_maruyama_sample(
     z_1 ~ N(0, I) (module docstring); returns (z_hat, network calls). x0_fn(z_t, t, z_sc) ->
     z_hat, t of shape (B,); beta is evaluated at min(t, beta_clip). `grid`: steps + 1
     decreasing times (default uniform 1 -> 0)."""
-    if steps < 1:
-        raise ValueError(f"cont_steps must be >= 1, got {steps}")
-    times = time_grid(steps, grid).tolist()
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    z_sc = torch.zeros_like(z)
-    for i in range(steps):
-        z_hat = _predict(x0_fn, z, times[i], z_sc if self_condition else None)
-        z_sc = z_hat
-        if i == steps - 1:
-            break
-        u = torch.tensor(times[i], dtype=torch.float64)
+
+    def step(z, z_hat, t, s):
+        u = torch.tensor(t, dtype=torch.float64)
         alpha, sigma = (float(x) for x in alpha_sigma(u, d))
         beta = float(drift_rate(u.clamp(max=beta_clip), d))
-        delta = times[i] - times[i + 1]
         score = -(z - alpha * z_hat) / sigma**2
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        z = z + delta * (0.5 * beta * z + beta * score) + (beta * delta) ** 0.5 * noise
-    return z_hat, steps
+        return z + (t - s) * (0.5 * beta * z + beta * score), (beta * (t - s)) ** 0.5
+
+    return _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step)
 
 
 @torch.no_grad()
@@ -278,6 +269,17 @@ def ddpm_sample(
     """The last x0-prediction of `steps` ancestral steps z_{t_{i+1}} ~ q(. | z_{t_i},
     z_0 = z_hat_i) from z_1 ~ N(0, I); returns (z_hat, network calls). x0_fn as in
     euler_maruyama_sample; `grid`: steps + 1 decreasing times (default uniform 1 -> 0)."""
+
+    def step(z, z_hat, t, s):
+        return ddpm_posterior(z, z_hat, t, s, d)
+
+    return _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step)
+
+
+def _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step):
+    """The loop the stochastic samplers share: from z_1 ~ N(0, I), at each time t_i the
+    self-conditioned prediction z_hat_i, then z <- mean + std * noise with (mean, std) =
+    step(z, z_hat_i, t_i, t_{i+1}); returns (the last z_hat, network calls)."""
     if steps < 1:
         raise ValueError(f"cont_steps must be >= 1, got {steps}")
     times = time_grid(steps, grid).tolist()
@@ -288,7 +290,7 @@ def ddpm_sample(
         z_sc = z_hat
         if i == steps - 1:
             break
-        mean, std = ddpm_posterior(z, z_hat, times[i], times[i + 1], d)
+        mean, std = step(z, z_hat, times[i], times[i + 1])
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = mean + std * noise
     return z_hat, steps
