@@ -57,3 +57,49 @@ def test_save_load_roundtrip(tmp_path):
     cfg = build_config("small", ["train.lr=1e-3", "sample.strategy=topk"])
     cfg.save(tmp_path / "c.json")
     assert Config.load(tmp_path / "c.json") == cfg
+
+
+def test_config_file_values_apply_before_the_command_line(tmp_path, capsys):
+    """--config FILE (TOML nested or JSON dotted): its values, then key=value on top; the
+    file's preset unless --preset is given; a run's resolved config.json reproduces itself."""
+    import json
+
+    from diladiff.cli import main
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "tiny"\n[train]\nlr = 3e-4\nprogress = false\n[model]\ndepth = 3\n')
+    assert main(["config", "--config", str(toml), "model.depth=5"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["preset"] == "tiny" and cfg["train"]["lr"] == 3e-4
+    assert cfg["train"]["progress"] is False and cfg["model"]["depth"] == 5
+    dotted = tmp_path / "d.json"
+    dotted.write_text(json.dumps({"data.seq_len": 48, "sample.top_p": 0.9, "preset": "tiny"}))
+    assert main(["config", "--preset", "small", "--config", str(dotted)]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["preset"] == "small" and cfg["data"]["seq_len"] == 48
+    assert cfg["sample"]["top_p"] == 0.9
+    resolved = build_config("tiny", ["train.lr=1e-3", "meanflow.time_grid=uniform"])
+    resolved.save(tmp_path / "config.json")
+    assert main(["config", "--config", str(tmp_path / "config.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == resolved.to_dict()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "does not exist"),
+        ("{not json", "is not valid JSON"),
+        ('{"train": {"lrr": 1}}', "unknown config key 'train.lrr'"),
+        ('{"train": {"lr": [1, 2]}}', "train.lr has a list value"),
+        ("[1, 2]", "must hold a table"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, match):
+    from diladiff.cli import main
+
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1

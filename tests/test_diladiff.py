@@ -12,9 +12,10 @@ from diladiff.config import PRESETS, ConfigError, build_config, check_warmups
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
 from diladiff.demo import demo_steps
 from diladiff.processes import meanflow
-from diladiff.processes.gaussian import velocity_from_x0, x0_from_velocity
+from diladiff.processes.gaussian import angle_time_grid, velocity_from_x0, x0_from_velocity
 from diladiff.processes.meanflow import directional_derivative, sample_t_r
 from diladiff.runs import load_run
+from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.stages import STAGES
 from diladiff.stages.diladiff import DiLaDiff
 
@@ -178,6 +179,48 @@ def test_sampling_step_self_conditions_the_jump_on_the_zero_input_pass(stage):
     expect = x0_from_velocity(z_t, stage.average_velocity(z_t, t, t), t, stage.cfg.diffusion.d)
     assert torch.allclose(sc1, expect)
     assert torch.allclose(u, stage.average_velocity(z_t, t, r, expect))
+
+
+def test_the_meanflow_sampler_jumps_along_the_configured_time_grid(stage):
+    """meanflow.time_grid: "angle" (default) = processes.gaussian.angle_time_grid, "uniform" =
+    evenly spaced in t; the sampler's jumps (t, r) follow it; an unknown name is a ConfigError."""
+    jumps = []
+    u = stage.self_conditioned_u
+
+    def spy(z_t, t, r):
+        jumps.append((float(t[0]), float(r[0])))
+        return u(z_t, t, r)
+
+    settings = LatentSettings("meanflow", 5)
+    stage.self_conditioned_u = spy
+    try:
+        for name, expect in [
+            ("angle", angle_time_grid(5, stage.cfg.diffusion.d)),
+            ("uniform", torch.linspace(1, 0, 6, dtype=torch.float64)),
+        ]:
+            jumps.clear()
+            stage.cfg.meanflow.time_grid = name
+            sample_latent(stage, 2, settings, torch.Generator().manual_seed(0), "cpu")
+            got = torch.tensor([jumps[0][0]] + [r for _, r in jumps], dtype=torch.float64)
+            assert torch.allclose(got, expect, atol=1e-6), name
+    finally:
+        del stage.self_conditioned_u
+        stage.cfg.meanflow.time_grid = "angle"
+    cfg = build_config(
+        "tiny", [*TINY, *AE_SMALL, *PRIOR_SMALL, "meanflow.time_grid=even"], stage="diladiff"
+    )
+    with pytest.raises(ConfigError, match="meanflow.time_grid"):
+        DiLaDiff(cfg, tokenizer_identity(load_tokenizer("minilm-l6")))
+
+
+def test_new_students_embed_the_interval_at_scale_1_old_runs_load_as_trained():
+    from diladiff.config import Config
+
+    cfg = build_config("tiny", [], stage="diladiff")
+    assert cfg.meanflow.interval_scale == 1.0 and cfg.meanflow.time_grid == "angle"
+    saved = cfg.to_dict()
+    del saved["meanflow"]["interval_scale"]  # a run saved before the key existed
+    assert Config.from_dict(saved).meanflow.interval_scale == 1000.0
 
 
 def test_t_r_sampling():

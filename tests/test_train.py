@@ -36,6 +36,36 @@ def test_resume_20_plus_20_equals_40_uninterrupted(tmp_path):
     assert any(r.get("event") == "eval" and r["val_ppl_bound"] > 1 for r in log)
 
 
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 13 (a real signal to this process): the step finishes, a checkpoint
+    is saved at 13 (ckpt_every is 1000), the CLI exits 143 and says how to resume; resuming to
+    40 gives the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from diladiff.train.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 12:  # during the 13th step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert train(tmp_path / "a", "train.max_steps=40") == 143
+    assert "terminated (SIGTERM) at step 13" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "a").name == "step_00000013"
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "end" and log[-1]["stopped"] == "sigterm"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert train(tmp_path / "a", "train.max_steps=40") == 0
+    assert train(tmp_path / "b", "train.max_steps=40") == 0
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_run_folder_holds_config_log_and_checkpoints(tmp_path):
     assert train(tmp_path / "r", "train.max_steps=3", "train.lr=1e-3") == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
@@ -43,6 +73,7 @@ def test_run_folder_holds_config_log_and_checkpoints(tmp_path):
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["stage"] == "mdlm" and info["tokenizer_identity"]["vocab_size"] == 30522
     assert (tmp_path / "r" / "log.jsonl").is_file()
+    assert (tmp_path / "r" / "curve.png").stat().st_size > 0  # the training curve
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from diladiff.config import PRESETS, ConfigError
+from diladiff.config import PRESETS, ConfigError, overrides_from_file
 from diladiff.stages import STAGES, stage_order
 
 
@@ -251,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default="paper")
+    for name in OVERRIDABLE:
+        sub.choices[name].add_argument(
+            "--config",
+            dest="config_file",
+            type=Path,
+            metavar="FILE",
+            help="JSON or TOML config values (nested sections or dotted keys; a run's "
+            "config.json works), applied before the key=value overrides; its preset is used "
+            "when --preset is not given",
+        )
     return parser
 
 
@@ -619,8 +629,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diladiff.errors import DiladiffError
+    from diladiff.errors import DiladiffError, Terminated
 
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value words anywhere on the line are config overrides (train, demo, config).
@@ -629,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     args.overrides = extra
     try:
+        if getattr(args, "config_file", None):
+            preset, from_file = overrides_from_file(args.config_file)
+            args.overrides = from_file + extra
+            given = any(a == "--preset" or a.startswith("--preset=") for a in argv)
+            if preset and hasattr(args, "preset") and not given:
+                args.preset = preset
         return COMMANDS[args.command](args)
     except (DiladiffError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -636,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; saved checkpoints are intact", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + 15
 
 
 if __name__ == "__main__":

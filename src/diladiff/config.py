@@ -3,7 +3,9 @@
     cfg = build_config("tiny", ["model.depth=4", "train.lr=2e-4"])
 
 Every field has a type; an override is parsed to that type and an unknown key is an error
-that names the closest valid keys. A resolved config is saved as JSON in every run folder.
+that names the closest valid keys. A file of values (`--config FILE`: JSON or TOML, nested
+sections or dotted keys; a run's config.json works) becomes overrides (`overrides_from_file`)
+applied before the command line's. A resolved config is saved as JSON in every run folder.
 
 The core sections (model, data, train, sample, prior) live here. A method owns its own
 sections: it declares them with `register_section(name, cls, presets)` next to its stage (e.g.
@@ -428,6 +430,38 @@ def _coerce(key: str, value: Any, hint: Any, from_string: bool) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {value!r}") from None
     raise ConfigError(f"config key {key!r} has unsupported type {hint}")
+
+
+def overrides_from_file(path: str | Path) -> tuple[str | None, list[str]]:
+    """(preset or None, key=value overrides) from a JSON or TOML file (by suffix) of nested
+    sections ({"train": {"lr": 2e-4}}) or dotted keys ({"train.lr": 2e-4}). The keys are
+    checked when the overrides are applied; the file's "preset" is returned on its own."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSON/TOML errors are ValueErrors
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a table of keys, not a {type(data).__name__}"
+        )
+    preset, overrides = None, []
+    for key, value in _flatten(data):
+        if key == "preset":
+            preset = str(value)
+        elif key in REMOVED_KEYS:  # an older run's config.json
+            continue
+        elif isinstance(value, bool | int | float | str):
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, bool) else value}")
+        else:
+            raise ConfigError(f"config file {path}: {key} has a {type(value).__name__} value")
+    return preset, overrides
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> typing.Iterator[tuple[str, Any]]:

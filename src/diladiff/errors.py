@@ -15,3 +15,15 @@ class CheckpointError(DiladiffError):
 
 class TrainingError(DiladiffError):
     """Training cannot continue (non-finite loss, bad batch)."""
+
+
+class Terminated(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint (a scheduler's pre-emption).
+    Not a DiladiffError: the CLI exits with 128 + 15 and says how to resume."""
+
+    def __init__(self, run_dir, step: int):
+        super().__init__(
+            f"terminated (SIGTERM) at step {step}; checkpoint saved in {run_dir}: "
+            "rerun the same command to resume"
+        )
+        self.step = step

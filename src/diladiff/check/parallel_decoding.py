@@ -649,7 +649,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from diladiff.eval.plots import pyplot, save
+    from diladiff.plotting import pyplot, save
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -26,8 +26,8 @@ from diladiff.eval.latent_cache import (
     generate_from_cache,
     rng_meta,
 )
-from diladiff.eval.plots import pyplot, save
 from diladiff.eval.protocol import device_record
+from diladiff.plotting import pyplot, save
 from diladiff.runs import load_run, run_kind
 from diladiff.sampling.generate import generate, write_samples
 from diladiff.stages import STAGES, LatentStage

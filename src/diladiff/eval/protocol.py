@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from diladiff.errors import DataError
 from diladiff.eval.genppl import BOOTSTRAP_DESCRIPTION
 
 PROTOCOL_VERSION = "diladiff-eval-v1"
@@ -60,4 +61,14 @@ def write_result(path: Path | str, record: dict) -> None:
 
 
 def read_result(path: Path | str) -> dict:
-    return json.loads(Path(path).read_text())
+    """A result JSON file (eval --json, eval-recon, ...); DataError when missing or not one."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"result file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, IsADirectoryError) as exc:
+        raise DataError(f"{path} is not a result JSON file ({type(exc).__name__})") from None
+    if not isinstance(result, dict):
+        raise DataError(f"{path} is not a result JSON file (a {type(result).__name__})")
+    return result

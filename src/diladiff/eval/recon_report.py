@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from diladiff.data.packing import prepare_data
-from diladiff.eval.plots import pyplot, save
 from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
+from diladiff.plotting import pyplot, save
 from diladiff.runs import load_run, run_parents
 
 

@@ -25,12 +25,15 @@ class LatentDenoiser(nn.Module):
         cfg: PriorConfig,
         attention: str = "sdpa",
         with_interval: bool = False,
+        interval_scale: float = 1000.0,
     ):
         super().__init__()
         w = cfg.width
         self.inp = nn.Linear(2 * latent_dim, w)
         self.t_embed = TimeEmbedding(w)
-        self.dt_embed = TimeEmbedding(w, zero_out=True) if with_interval else None
+        self.dt_embed = (
+            TimeEmbedding(w, zero_out=True, scale=interval_scale) if with_interval else None
+        )
         self.backbone = Backbone(
             w,
             cfg.depth,

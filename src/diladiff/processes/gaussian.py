@@ -105,6 +105,22 @@ def x0_from_velocity(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, d: flo
     return (s * v - ds * z_t) / (da * s - ds * a)
 
 
+def angle_time_grid(steps: int, d: float) -> torch.Tensor:
+    """steps + 1 decreasing times evenly spaced in the schedule's angle phi_t (float64):
+
+        phi_{t_i} = (pi / 2) (1 - i / steps),  i.e.  t_i = (2 / pi) atan(tan(phi_{t_i}) / d).
+
+    Each step then turns the same angle between noise and signal (alpha = cos phi). The uniform
+    grid in t does not: at d = 10 its last of 5 steps, 0.2 -> 0, turns 81% of the whole angle
+    (phi_0.2 = atan(10 tan(0.1 pi)) = 72.9 deg of 90)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    phi = 0.5 * math.pi * torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    t = 2.0 / math.pi * torch.atan2(torch.sin(phi), d * torch.cos(phi))  # atan(tan(phi) / d)
+    t[0], t[-1] = 1.0, 0.0  # cos(pi / 2) is 6e-17, not 0: the end points exactly
+    return t
+
+
 def gamma_jump_time(r: float, gamma: float) -> float:
     """The time s <= r that gamma-sampling (CTM) jumps to before re-noising back to r:
     nsr(s) = sqrt(1 - gamma^2) nsr(r), i.e. s = (2/pi) atan(sqrt(1 - gamma^2) tan(pi r / 2)).

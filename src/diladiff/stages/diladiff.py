@@ -24,7 +24,8 @@ z_psi(z_t, t, z_psi(z_t, t, 0)). The student's self-conditioning input is, per e
 where X(u) = (sigma_t u - sigma'_t z_t) / (alpha'_t sigma_t - sigma'_t alpha_t) is the clean
 estimate implied by a velocity (processes.gaussian.x0_from_velocity). Sampling runs the same two
 passes per step (the "meanflow" latent sampler: the r = t pass with z_sc = 0, then the jump
-self-conditioned on its X).
+self-conditioned on its X), on the grid of `meanflow.time_grid` (default evenly spaced in the
+schedule's angle, `time_grid`).
 The latents are the teacher's prior-space latents (its standardisation is copied with it).
 """
 
@@ -34,9 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from diladiff.config import Config, register_section
+from diladiff.config import Config, ConfigError, register_section
 from diladiff.nets.latent_denoiser import LatentDenoiser
-from diladiff.processes.gaussian import diffuse, velocity_from_x0, x0_from_velocity
+from diladiff.processes.gaussian import (
+    angle_time_grid,
+    diffuse,
+    velocity_from_x0,
+    x0_from_velocity,
+)
 from diladiff.processes.meanflow import meanflow_loss, sample_t_r
 from diladiff.stages.base import Stage, register_stage
 from diladiff.stages.latent import LatentStage
@@ -60,6 +66,15 @@ class MeanFlowConfig:
     # the time embedding's 1000 t scale makes t-derivatives steep: keep fd_eps small).
     derivative: str = "jvp"
     fd_eps: float = 1e-4
+    # The sampler's N_cont + 1 times: "angle" (evenly spaced in the schedule angle,
+    # processes.gaussian.angle_time_grid) or "uniform" in t. The paper does not say; uniform in
+    # t leaves 81% of the denoising to the last of 5 jumps at d = 10 (RESULTS.md, issue 11).
+    time_grid: str = "angle"
+    # Sinusoidal scale of the (t - r) embedding. New runs: 1 (py-meanflow embeds t - r as is;
+    # at 1000, the teacher's scale for t, the jvp's d/dt through it is ~40x the true value and
+    # the student fits the MeanFlow identity 4x worse: RESULTS.md, issue 11). 1000 is the
+    # default only so that runs saved before this key existed load as they were trained.
+    interval_scale: float = 1000.0
 
 
 @register_stage("diladiff")
@@ -75,9 +90,11 @@ class DiLaDiff(LatentStage):
 
     @classmethod
     def preset_changes(cls, cfg: Config, preset: str) -> None:
-        """The paper's learning rate; this project's schedule lengths; 5 MeanFlow jumps."""
+        """The paper's learning rate; this project's schedule lengths; 5 MeanFlow jumps; the
+        (t - r) embedding at scale 1."""
         tc, mf = cfg.train, cfg.meanflow
         cfg.sample.latent_sampler, cfg.sample.cont_steps = cls.latent_sampler, 5
+        mf.interval_scale = 1.0
         if preset == "paper":
             tc.lr, tc.total_steps, tc.warmup_steps = 5e-5, 100_000, 1000
         elif preset == "small":
@@ -93,8 +110,15 @@ class DiLaDiff(LatentStage):
         self.teacher.requires_grad_(False)
         # The student differentiates through forward-mode AD: explicit attention when jvp.
         backend = "math" if cfg.meanflow.derivative == "jvp" else cfg.model.attention
-        self.student = LatentDenoiser(*self.latent_shape, cfg.prior, backend, with_interval=True)
+        self.student = LatentDenoiser(
+            *self.latent_shape,
+            cfg.prior,
+            backend,
+            with_interval=True,
+            interval_scale=cfg.meanflow.interval_scale,
+        )
         self.tangent_weight = 1.0  # set by on_step during training
+        self.time_grid(1)  # an unknown meanflow.time_grid fails here, before training
 
     def init_from_parents(self, parents: dict[str, Stage]) -> None:
         """Auto-encoder, prior-space map and teacher from the LaDiff run; the student starts
@@ -209,6 +233,15 @@ class DiLaDiff(LatentStage):
         return {"val_mse": total / n, "val_flow_matching_mse": fm / n}
 
     # ------------------------------------------------------------------ sampling
+    def time_grid(self, steps: int) -> torch.Tensor | None:
+        """The jumps' times (sampling.latent.model_time_grid): meanflow.time_grid."""
+        grid = self.cfg.meanflow.time_grid
+        if grid == "angle":
+            return angle_time_grid(steps, self.cfg.diffusion.d)
+        if grid == "uniform":
+            return None
+        raise ConfigError(f"meanflow.time_grid must be 'angle' or 'uniform', not {grid!r}")
+
     def self_conditioned_u(self, z_t, t, r):
         """u(z_t, t, r) as at sampling, two calls: the r = t pass gives the clean estimate used
         as self-conditioning (the "meanflow" latent sampler's model)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from diladiff.config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -37,7 +39,7 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
         )
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available here")
     return device
 
 

@@ -2,9 +2,10 @@
 
 AdamW, warm-up + cosine (per-group warm-ups), gradient accumulation and clipping, EMA, bf16
 autocast on CUDA, DDP through torchrun, periodic evaluation on EMA weights, atomic checkpoints
-and exact resume. Every random draw of step k comes from a generator seeded by
-(seed, k, micro-batch, rank), and the data position is a function of k, so a resumed run
-continues bit-for-bit where an uninterrupted one would be.
+and exact resume. Every random draw of step k comes from a generator seeded by (seed, k,
+micro-batch, rank), and the data position is a function of k, so a resumed run continues
+bit-for-bit where an uninterrupted one would be. SIGTERM (a scheduler's pre-emption) finishes
+the current step, saves a checkpoint and raises errors.Terminated, every rank at the same step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import copy
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +28,10 @@ from tqdm.auto import tqdm
 from diladiff.config import Config
 from diladiff.data.batches import RowSampler, validation_batches
 from diladiff.data.packing import PackedData
-from diladiff.errors import TrainingError
+from diladiff.errors import Terminated, TrainingError
 from diladiff.runtime import PRECISIONS, autocast
 from diladiff.train import checkpoint as ckpt
+from diladiff.train.curve import write_training_curve
 from diladiff.train.distributed import DistEnv, all_mean, barrier, replica_digests
 from diladiff.train.ema import EMA
 from diladiff.train.schedule import lr_factor
@@ -57,6 +61,36 @@ def batch_layout(batch_size: int, micro: int, world: int) -> tuple[int, int]:
             f"train.micro_batch_size={micro}"
         )
     return micro, batch_size // world // micro
+
+
+class SigtermFlag:
+    """While active (a context manager), SIGTERM sets `requested` instead of killing the
+    process, so the loop can save first. Only the main thread can install signal handlers;
+    elsewhere (a training thread in a notebook) it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is true on any (so all ranks stop at the same step)."""
+    if not env.enabled:
+        return flag
+    return bool(all_mean(torch.tensor(float(flag), device=env.device), env).item() > 0)
 
 
 class Trainer:
@@ -227,41 +261,44 @@ class Trainer:
         metrics: dict = {}
         stopped = "max_steps"
         self.model.train()
-        while self.step < max_steps:
-            loss, grad_norm, extra = self.train_step()
-            bar.update(1)
-            if self.step % tc.log_every == 0 or self.step == max_steps:
-                now = time.perf_counter()
-                tps = tokens_per_step * (self.step - last_step) / max(now - last_t, 1e-9)
-                last_t, last_step = now, self.step
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-                self.log(
-                    {
-                        "step": self.step,
-                        "loss": loss,
-                        "grad_norm": grad_norm,
-                        "lr": self.opt.param_groups[0]["lr"],
-                        "tokens_per_s": tps,
-                        "elapsed_s": now - start,
-                        **extra,
-                    }
-                )
-            limit_hit = (
-                tc.time_limit_minutes > 0
-                and (time.perf_counter() - start) > 60 * tc.time_limit_minutes
-            )
-            if self.step % tc.eval_every == 0 or self.step == max_steps or limit_hit:
-                metrics = self.evaluate()
-                if metrics and env.is_main:
-                    bar.write(
-                        f"step {self.step}: "
-                        + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        with SigtermFlag() as sigterm:
+            while self.step < max_steps:
+                loss, grad_norm, extra = self.train_step()
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == max_steps:
+                    now = time.perf_counter()
+                    tps = tokens_per_step * (self.step - last_step) / max(now - last_t, 1e-9)
+                    last_t, last_step = now, self.step
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                    self.log(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "grad_norm": grad_norm,
+                            "lr": self.opt.param_groups[0]["lr"],
+                            "tokens_per_s": tps,
+                            "elapsed_s": now - start,
+                            **extra,
+                        }
                     )
-            if self.step % tc.ckpt_every == 0 or self.step == max_steps or limit_hit:
-                self.save()
-            if limit_hit:
-                stopped = "time_limit"
-                break
+                if any_rank(sigterm.requested, env):
+                    stopped = "sigterm"  # save now, skip the evaluation: the clock is running
+                elif tc.time_limit_minutes > 0 and (
+                    time.perf_counter() - start > 60 * tc.time_limit_minutes
+                ):
+                    stopped = "time_limit"
+                last = self.step == max_steps
+                if self.step % tc.eval_every == 0 or last or stopped == "time_limit":
+                    metrics = self.evaluate()
+                    if metrics and env.is_main:
+                        bar.write(
+                            f"step {self.step}: "
+                            + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                        )
+                if self.step % tc.ckpt_every == 0 or last or stopped != "max_steps":
+                    self.save()
+                if stopped != "max_steps":
+                    break
         bar.close()
         digests = replica_digests(self.model, env)
         elapsed = time.perf_counter() - start
@@ -275,4 +312,8 @@ class Trainer:
                 "elapsed_s": elapsed,
             }
         )
+        if env.is_main:
+            write_training_curve(self.run_dir)
+        if stopped == "sigterm":
+            raise Terminated(self.run_dir, self.step)
         return {"step": self.step, "stopped": stopped, **metrics}
