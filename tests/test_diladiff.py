@@ -269,6 +269,22 @@ def test_train_and_sample_diladiff_run(chain, tmp_path, capsys):
     assert student.prior_norm.fitted
     for k, v in teacher.prior_norm.state_dict().items():
         assert torch.equal(student.prior_norm.state_dict()[k], v)
+    # The EMA file leaves out the frozen teacher and auto-encoder (they never change); the
+    # loaded EMA weights take them from the model file and equal the LaDiff run's.
+    from safetensors.torch import load_file
+
+    from diladiff.train.checkpoint import latest_checkpoint
+
+    ema = load_file(latest_checkpoint(run) / "ema.safetensors")
+    frozen = {
+        k
+        for k, p in DiLaDiff(student.cfg, student.tokenizer_identity).named_parameters()
+        if not p.requires_grad
+    }
+    assert {k.split(".")[0] for k in frozen} == {"teacher", "ae"} and not frozen & ema.keys()
+    assert any(k.startswith("student.") for k in ema)
+    for k, v in teacher.prior.state_dict().items():
+        assert torch.equal(student.teacher.state_dict()[k], v)
 
 
 def test_training_short_of_a_warmup_warns_and_a_schedule_short_of_one_is_an_error(
@@ -313,7 +329,17 @@ def test_the_demo_runs_every_stage_past_its_warmups(kind):
         assert cfg.train.max_steps > cfg.meanflow.tangent_warmup_steps
 
 
-def test_diladiff_under_two_process_torchrun_keeps_replicas_identical(chain, tmp_path):
+@pytest.mark.parametrize(
+    "kind, parent_flag, parent",
+    [
+        ("autoencoder", "--init-from", "mdlm"),
+        ("ladiff", "--autoencoder", "ae"),
+        ("diladiff", "--teacher", "ladiff"),
+    ],
+)
+def test_two_process_torchrun_keeps_replicas_identical(chain, tmp_path, kind, parent_flag, parent):
+    """Every state_dict entry agrees across the 2 ranks at the end, buffers included: the
+    auto-encoder's running feature and latent statistics fold in both ranks' batches."""
     cmd = [
         sys.executable,
         "-m",
@@ -323,13 +349,14 @@ def test_diladiff_under_two_process_torchrun_keeps_replicas_identical(chain, tmp
         "-m",
         "diladiff",
         "train",
-        "diladiff",
+        kind,
         "--preset",
         "tiny",
         "--run-dir",
         str(tmp_path / "ddp"),
-        "--teacher",
-        str(chain["ladiff"]),
+        parent_flag,
+        str(chain[parent]),
+        *({"autoencoder": AE_SMALL, "ladiff": PRIOR_SMALL}.get(kind, [])),
         "train.max_steps=3",
         "train.progress=false",
         "train.batch_size=4",

@@ -15,7 +15,7 @@ from diladiff.sampling.generate import GenerationSettings
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings
 from diladiff.stages import LaDiff
-from diladiff.train.checkpoint import latest_checkpoint
+from diladiff.train.checkpoint import latest_checkpoint, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_ladiff_run_resumes_exactly(chain, tmp_path):
     b = load_file(latest_checkpoint(tmp_path / "b") / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the auto-encoder inside stayed frozen: identical to the parent's EMA weights
-    parent = load_file(latest_checkpoint(ae) / "ema.safetensors")
+    parent, _ = load_weights(ae, "ema")
     assert all(torch.equal(a[f"ae.{k}"], parent[k].to(a[f"ae.{k}"].dtype)) for k in parent)
 
 
@@ -170,7 +170,7 @@ def test_latent_spaces_round_trip_and_sampling_decodes_in_decoder_space(chain, m
 
 def test_checkpoint_without_prior_standardisation_loads_as_the_identity(chain):
     """Runs written before the prior had its own standardisation trained on ae.encode(x0)."""
-    weights = load_file(latest_checkpoint(chain["ladiff"]) / "ema.safetensors")
+    weights, _ = load_weights(chain["ladiff"], "ema")
     old = {k: v for k, v in weights.items() if not k.startswith("prior_norm.")}
     stage, _ = load_run(chain["ladiff"])
     fresh = LaDiff(stage.cfg, stage.tokenizer_identity)

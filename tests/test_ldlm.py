@@ -14,7 +14,7 @@ from diladiff.cli import main
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
 from diladiff.stages.ldlm import LDLM, ldlm_losses
-from diladiff.train.checkpoint import latest_checkpoint
+from diladiff.train.checkpoint import latest_checkpoint, load_weights
 
 SMALL = [
     "ldlm.latent_dim=8",
@@ -205,7 +205,7 @@ def test_post_trained_decoder_trains_alone_on_the_frozen_ldlm(tmp_path):
     argv = ["train", "ldlm_decoder", "--preset", "tiny", "--run-dir", str(tmp_path / "dec")]
     argv += ["--init-from", str(tmp_path / "ldlm"), *TINY, "train.max_steps=3"]
     assert main(argv + ["ldlm_decoder.layers=1"]) == 0
-    parent = load_file(latest_checkpoint(tmp_path / "ldlm") / "ema.safetensors")
+    parent, _ = load_weights(tmp_path / "ldlm", "ema")
     child = load_file(latest_checkpoint(tmp_path / "dec") / "model.safetensors")
     assert any(k.startswith("post_decoder.") for k in child)
     shared = [k for k in parent if k in child]

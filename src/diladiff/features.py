@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -251,7 +252,9 @@ def export_feature_model(name: str, out_dir: str | Path, dtype: str = "fp16") ->
 
 class RunningStandardizer(nn.Module):
     """(x - mean) / sqrt(var + eps) per coordinate, with mean and variance aggregated over all
-    training batches seen (Chan et al.'s parallel update) and stored as buffers."""
+    training batches seen (Chan et al.'s parallel update) and stored as buffers. Under
+    torch.distributed, `update(x, across_ranks=True)` folds in every rank's batch, so the
+    replicas keep identical statistics (every rank must then call it)."""
 
     def __init__(self, shape: tuple[int, ...], eps: float = 1e-5):
         super().__init__()
@@ -261,12 +264,21 @@ class RunningStandardizer(nn.Module):
         self.register_buffer("m2", torch.zeros(shape, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Fold a batch x (..., *shape) into the statistics."""
+    def update(self, x: torch.Tensor, across_ranks: bool = False) -> None:
+        """Fold a batch x (..., *shape) into the statistics; with `across_ranks` (and a
+        process group) the union of every rank's batch, combined with the same parallel
+        update: n = sum n_k, mean_b = sum n_k mean_k / n, m2_b = sum (m2_k + n_k mean_k^2) -
+        n mean_b^2."""
         x = x.detach().double().reshape(-1, *self.mean.shape)
         n = x.shape[0]
         mean_b = x.mean(0)
         m2_b = ((x - mean_b) ** 2).sum(0)
+        if across_ranks and dist.is_available() and dist.is_initialized():
+            n_mean = torch.stack([torch.full_like(mean_b, n), n * mean_b, m2_b + n * mean_b**2])
+            dist.all_reduce(n_mean, op=dist.ReduceOp.SUM)
+            n = float(n_mean[0].flatten()[0])
+            mean_b = n_mean[1] / n
+            m2_b = (n_mean[2] - n * mean_b**2).clamp(min=0)
         total = self.count + n
         delta = mean_b - self.mean
         self.mean += delta * n / total

@@ -244,13 +244,13 @@ class Autoencoder(MaskedDiffusionStage):
         ac = self.cfg.autoencoder
         h = self.features(x0)
         if train and self.training:
-            self.feat_norm.update(h)
+            self.feat_norm.update(h, across_ranks=True)
         h = self.feat_norm(h)
         if train:
             h = augment_features(h, self.h_mask, ac.p_mask_h, ac.sigma_h, generator)
         z = self.encoder(h)
         if train and self.training:
-            self.z_norm.update(z)
+            self.z_norm.update(z, across_ranks=True)
         return self.z_norm(z)
 
     def condition(self, x0, generator, train):

@@ -95,11 +95,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_weights(run_dir: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], int]:
-    """The newest checkpoint's weights ('ema' or 'model') and its step."""
+    """The newest checkpoint's weights ('ema' or 'model') and its step. The EMA file holds the
+    trained parameters and buffers only (train/ema.py): the frozen ones come from the model's."""
+    from diladiff.train.ema import ema_weights
+
     path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    return load_file(path / f"{which}.safetensors"), int(path.name.split("_")[1])
+    weights = load_file(path / "model.safetensors")
+    if which == "ema":
+        weights = ema_weights(weights, load_file(path / "ema.safetensors"))
+    return weights, int(path.name.split("_")[1])
 
 
 def load_trainer_state(path: Path) -> dict:
