@@ -1,6 +1,7 @@
 """The Python API: diladiff.load(run).generate(...) with keyword settings, no config mutation."""
 
 import pytest
+import torch
 from conftest import TINY
 
 import diladiff
@@ -32,3 +33,41 @@ def test_version_flag(capsys):
         exc.value.code == 0
         and capsys.readouterr().out.strip() == f"diladiff {diladiff.__version__}"
     )
+
+
+def test_export_from_pretrained_generates_the_run_folders_ids(tmp_path, capsys):
+    """diladiff export -> a folder with config, weights, tokenizer and card ->
+    ExportedModel.from_pretrained / diladiff.load / diladiff sample: the same ids as the run
+    folder for the same seed; a frozen feature model is referenced by name, not copied."""
+    import json
+
+    from diladiff.hub import ExportedModel
+
+    run = tmp_path / "m"
+    argv = ["train", "mdlm", "--preset", "tiny", "--run-dir", str(run), *TINY, "train.max_steps=2"]
+    assert main(argv) == 0
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= files
+    config = json.loads((out / "config.json").read_text())
+    assert config["stage"] == "mdlm" and config["settings"]["data"]["seq_len"] == 32
+    assert "training data" in (out / "README.md").read_text()
+    exported = ExportedModel.from_pretrained(out)
+    original = diladiff.load(run, device="cpu")
+    for k, v in original.stage.state_dict().items():
+        assert torch.equal(exported.stage.state_dict()[k], v)
+    a = original.generate(num_samples=2, disc_steps=4, seed=3)
+    b = diladiff.load(out, device="cpu").generate(num_samples=2, disc_steps=4, seed=3)
+    assert a.ids == b.ids and a.texts == b.texts
+    assert main(["sample", str(out), "--num-samples", "2", "--disc-steps", "4", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert all(text in printed for text in a.texts)
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "nowhere" / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a diladiff run folder" in err
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -367,3 +367,19 @@ def test_two_process_torchrun_keeps_replicas_identical(chain, tmp_path, kind, pa
     (end,) = [r for r in log if r.get("event") == "end"]
     assert end["step"] == 3 and len(set(end["replica_digests"])) == 1
     assert len(end["replica_digests"]) == 2
+
+
+def test_exported_latent_run_generates_the_same_ids(chain, tmp_path):
+    """A LaDiff run (frozen auto-encoder inside; its MiniLM feature model referenced by name)
+    exported and loaded back: same weights, same samples for the same seed."""
+    import diladiff
+    from diladiff.hub import export_run
+
+    out = export_run(chain["ladiff"], tmp_path / "exported")
+    card = (out / "README.md").read_text()
+    assert "frozen feature model | `minilm-l6`" in card and "autoencoder" in card
+    a = diladiff.load(chain["ladiff"], device="cpu")
+    b = diladiff.load(out, device="cpu")
+    assert a.kind == b.kind == "ladiff"
+    kw = dict(num_samples=2, disc_steps=4, cont_steps=3, seed=5)
+    assert a.generate(**kw).ids == b.generate(**kw).ids

@@ -2,6 +2,7 @@
 
     import diladiff
     model = diladiff.load("runs/dl")                      # any stage's run folder
+    model = diladiff.load("exported/dl")                  # or `diladiff export`'s folder / hub id
     out = model.generate(num_samples=8, disc_steps=16, cont_steps=5, seed=0)
     out.texts, out.ids
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diladiff.config import ConfigError, SampleConfig
-from diladiff.runs import load_run
+from diladiff.hub import load_any
 from diladiff.sampling.generate import Generation, generate
 from diladiff.train.distributed import pick_device
 
@@ -69,8 +70,10 @@ class Model:
         return generate(self.stage, self.tokenizer, sc, self.device, progress=progress)
 
 
-def load(run_dir: str | Path, device: str = "auto", weights: str = "ema") -> Model:
-    """The trained stage of a run folder (EMA weights by default) on `device`."""
+def load(name_or_path: str | Path, device: str = "auto", weights: str = "ema") -> Model:
+    """The trained stage of a run folder (its EMA weights by default), of a folder written by
+    `diladiff export`, or of such a folder on the Hugging Face hub (by repository id), on
+    `device`."""
     dev = pick_device(device)
-    stage, tok = load_run(run_dir, which=weights, device=dev)
+    stage, tok = load_any(name_or_path, which=weights, device=dev)
     return Model(stage, tok, dev)

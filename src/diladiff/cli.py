@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
 
+    p = sub.add_parser(
+        "export", help="write a run as a folder loadable with from_pretrained / the hub"
+    )
+    p.add_argument("run_dir", type=Path, help="a trained run folder")
+    p.add_argument("out_dir", type=Path, help="the folder to write (config, weights, tokenizer)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="(default: ema)")
+
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default="paper")
     for name in OVERRIDABLE:
@@ -290,11 +297,11 @@ def _sample_config(args, cfg):
 
 
 def _load(args):
-    from diladiff.runs import load_run
+    from diladiff.hub import load_any
     from diladiff.train.distributed import pick_device
 
     device = pick_device(args.device)
-    stage, tok = load_run(args.run_dir, which=args.weights, device=device)
+    stage, tok = load_any(args.run_dir, which=args.weights, device=device)
     return stage, tok, device
 
 
@@ -602,6 +609,14 @@ def cmd_export_features(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from diladiff.hub import export_run
+
+    out = export_run(args.run_dir, args.out_dir, args.weights)
+    print(f"wrote {out}: load it with diladiff.load({str(out)!r}) or diladiff sample {out}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from diladiff.config import build_config
 
@@ -619,6 +634,7 @@ COMMANDS = {
     "prepare-data": cmd_prepare_data,
     "export-features": cmd_export_features,
     "config": cmd_config,
+    "export": cmd_export,
     "eval": cmd_eval,
     "eval-recon": cmd_eval_recon,
     "eval-latent": cmd_eval_latent,
