@@ -35,6 +35,22 @@ def _choices() -> dict[str, list[str]]:
     }
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 0, got {text!r}")
+    return value
+
+
 def _parent_flags() -> dict[str, list[str]]:
     """Every parent role of a registered stage (the --ROLE flag) -> the stages that take it."""
     flags: dict[str, list[str]] = {}
@@ -48,9 +64,9 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     choices = _choices()
     p.add_argument("run_dir", type=Path)
     p.add_argument(
-        "--disc-steps", type=int, help="N_disc (default: the run's sample.disc_steps or L)"
+        "--disc-steps", type=non_negative, help="N_disc (default: the run's sample.disc_steps or L)"
     )
-    p.add_argument("--cont-steps", type=int, help="N_cont of the latent sampler (latent stages)")
+    p.add_argument("--cont-steps", type=positive, help="N_cont of a latent stage's sampler")
     p.add_argument(
         "--latent-sampler",
         choices=choices["latent_sampler"],
@@ -78,7 +94,7 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="diladiff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     from diladiff.version import __version__
@@ -97,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     _common_sampling_args(p)
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-samples", type=positive)
+    p.add_argument("--batch-size", type=positive)
     p.add_argument("--out", type=Path, help="write JSONL (ids and text) here instead of printing")
 
     p = sub.add_parser("bench", help="speed benchmarks")
@@ -106,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("sample", help="sampling wall time and tokens/s per batch size")
     _common_sampling_args(b)
     b.add_argument("--batch-sizes", default="1,8,32")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=positive, default=3)
     b.add_argument("--json", type=Path, help="also write the rows as JSON here")
     b.add_argument(
         "--compare-reference",
@@ -119,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="gpt2-large", help="causal LM name/path or smollm2-135m")
     p.add_argument("--reference", help="run folder (its held-out split) or JSONL for MAUVE")
     p.add_argument("--mauve-seed", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, help="write the result (metrics + protocol) here")
 
     p = sub.add_parser("eval-recon", help="perplexity bound and token recovery on held-out data")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--sequences", type=int, default=64, help="held-out sequences")
-    p.add_argument("--mc-samples", type=int, default=128, help="Monte Carlo draws per sequence")
+    p.add_argument("--sequences", type=positive, default=64, help="held-out sequences")
+    p.add_argument("--mc-samples", type=positive, default=128, help="Monte Carlo draws / sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -135,11 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-latent", help="latent-prior diagnostics of a LaDiff/DiLaDiff run")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--num-samples", type=int, default=256, help="prior samples = held-out rows")
-    p.add_argument("--train-rows", type=int, default=1024, help="nearest-neighbour reference")
+    p.add_argument("--num-samples", type=positive, default=256, help="prior samples, held-out rows")
+    p.add_argument("--train-rows", type=positive, default=1024, help="nearest-neighbour reference")
     p.add_argument("--cont-steps", default="", help="N_cont list (default ladiff 200,5; dila. 5)")
     p.add_argument("--gamma", default="", help="diladiff gamma list (default 0 and the run's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -155,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disc-steps", default="4,8,16,32,64")
     p.add_argument("--cont-steps", default="", help="latent runs: N_cont values, e.g. 5,50,200")
     p.add_argument("--temperatures", default="", help="e.g. 0.7,0.8,0.9,1.0 (empty: no sweep)")
-    p.add_argument("--temperature-steps", type=int, help="N_disc of the temperature sweep")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--temperature-steps", type=positive, help="N_disc of the temperature sweep")
+    p.add_argument("--num-samples", type=positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--scorer", default="gpt2-large")
     p.add_argument("--reference", help="for MAUVE (default: the first run's held-out split)")
     p.add_argument("--no-mauve", action="store_true")
@@ -192,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--run-dir", type=Path, required=True)
     c.add_argument("--data", help="where the K rows come from (default: the preset's source)")
-    c.add_argument("--num-sequences", type=int, default=256, help="K distinct rows")
+    c.add_argument("--num-sequences", type=positive, default=256, help="K distinct rows")
     c.add_argument("--preset", default="tiny")
-    c.add_argument("--num-samples", type=int, default=512, help="rows per generator and N_disc")
+    c.add_argument("--num-samples", type=positive, default=512, help="rows per generator, N_disc")
     c.add_argument("--gamma", type=float, default=0.2, help="DiLaDiff's gamma-sampling row")
     c.add_argument(
         "--steps",
@@ -271,6 +287,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def number_list(text: str, option: str, kind=int, minimum=None) -> list:
+    """A comma-separated option value as numbers (empty items skipped); ConfigError names the
+    option when an item is not a number of `kind` or is below `minimum`."""
+    try:
+        values = [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes comma-separated {kind.__name__}s, got {text!r}"
+        ) from None
+    if minimum is not None and any(v < minimum for v in values):
+        raise ConfigError(f"{option} values must be >= {minimum}, got {text!r}")
+    return values
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error: ...` line (exit code 2), like every other
+    user error; --help still prints the usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _sample_config(args, cfg):
     sc = cfg.sample
     keys = (
@@ -339,7 +377,7 @@ def cmd_bench(args) -> int:
 
     stage, _, device = _load(args)
     settings = generation_settings(_sample_config(args, stage.cfg), stage)
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    sizes = number_list(args.batch_sizes, "--batch-sizes", minimum=1)
     if args.compare_reference:
         rows = compare_samplers(stage, settings, sizes, args.repeats, device)
     else:
@@ -465,8 +503,8 @@ def cmd_eval_latent(args) -> int:
     stage, tok, device = _load(args)
     if not isinstance(stage, LatentStage):
         raise ConfigError(f"{args.run_dir} is a {stage.kind} run; eval-latent needs a latent prior")
-    conts = [int(c) for c in args.cont_steps.split(",") if c] or None
-    gammas = [float(g) for g in args.gamma.split(",") if g] or None
+    conts = number_list(args.cont_steps, "--cont-steps", minimum=1) or None
+    gammas = number_list(args.gamma, "--gamma", float, minimum=0.0) or None
     try:
         samplers = sampler_grid(stage, conts, gammas)
     except ValueError as exc:
@@ -503,10 +541,10 @@ def cmd_frontier(args) -> int:
     from diladiff.train.distributed import pick_device
 
     reference = None if args.no_mauve else (args.reference or str(args.run_dirs[0]))
-    temps = [float(t) for t in args.temperatures.split(",") if t]
+    temps = number_list(args.temperatures, "--temperatures", float)
     res = frontier(
         args.run_dirs,
-        [int(n) for n in args.disc_steps.split(",")],
+        number_list(args.disc_steps, "--disc-steps", minimum=0),
         args.num_samples,
         args.scorer,
         args.out,
@@ -516,7 +554,7 @@ def cmd_frontier(args) -> int:
         pick_device(args.device),
         args.seed,
         args.batch_size,
-        cont_steps=[int(n) for n in args.cont_steps.split(",") if n],
+        cont_steps=number_list(args.cont_steps, "--cont-steps", minimum=1),
     )
     cols = ["run", "cont_steps", "disc_steps", "tokens_per_s", "gen_ppl", "entropy", "mauve"]
     print(format_table(res["points"], [c for c in cols if c in res["points"][0]]))
@@ -665,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (DiladiffError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)  # a path the user gave
         return 2
     except KeyboardInterrupt:
         print("interrupted; saved checkpoints are intact", file=sys.stderr)

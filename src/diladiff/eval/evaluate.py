@@ -22,14 +22,18 @@ def read_samples(path: Path | str) -> tuple[list[list[int]], list[str], dict]:
     if not path.is_file():
         raise DataError(f"samples file {path} does not exist")
     ids, texts = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise DataError(f"{path}:{lineno}: not valid JSON") from None
-        if "text" not in row:
+        if not isinstance(row, dict) or "text" not in row:
             raise DataError(f"{path}:{lineno}: a sample needs a 'text' field")
         texts.append(row["text"])
         ids.append(row.get("ids") or [])

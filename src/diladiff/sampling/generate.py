@@ -25,16 +25,20 @@ from diladiff.stages.masked import MaskedDiffusionStage
 
 
 def sampler_settings(sc: SampleConfig, seq_len: int) -> SamplerSettings:
-    """Masked-diffusion decoding settings; disc_steps 0 means N_disc = L."""
-    return SamplerSettings(
-        steps=sc.disc_steps or seq_len,
-        strategy=sc.strategy,
-        temperature=sc.temperature,
-        top_p=sc.top_p,
-        float64_gumbel=sc.float64_gumbel,
-        cache=sc.cache,
-        sampler=sc.sampler,
-    )
+    """Masked-diffusion decoding settings; disc_steps 0 means N_disc = L. Out-of-range values
+    are a ConfigError (a user's setting), not SamplerSettings' ValueError."""
+    try:
+        return SamplerSettings(
+            steps=sc.disc_steps or seq_len,
+            strategy=sc.strategy,
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            float64_gumbel=sc.float64_gumbel,
+            cache=sc.cache,
+            sampler=sc.sampler,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def latent_settings(sc: SampleConfig, stage_sampler: str = "") -> LatentSettings:

@@ -102,10 +102,22 @@ def load_weights(run_dir: Path, which: str = "ema") -> tuple[dict[str, torch.Ten
     path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint")
-    weights = load_file(path / "model.safetensors")
+    weights = read_safetensors(path / "model.safetensors")
     if which == "ema":
-        weights = ema_weights(weights, load_file(path / "ema.safetensors"))
+        weights = ema_weights(weights, read_safetensors(path / "ema.safetensors"))
     return weights, int(path.name.split("_")[1])
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors; CheckpointError when it is missing or damaged."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is damaged ({exc})") from None
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -141,13 +141,13 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        from safetensors.torch import load_file
 
-        self.model.load_state_dict(load_file(path / "model.safetensors"))
+        self.model.load_state_dict(ckpt.read_safetensors(path / "model.safetensors"))
         state = ckpt.load_trainer_state(path)
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(path / "ema.safetensors"), state["ema_updates"])
+            ema = ckpt.read_safetensors(path / "ema.safetensors")
+            self.ema.load_state_dict(ema, state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         return True
