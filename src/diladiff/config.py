@@ -100,6 +100,9 @@ class TrainConfig:
     # Stop after this many minutes (0 = no limit); a checkpoint is written first.
     time_limit_minutes: float = 0.0
     progress: bool = True
+    # "tensorboard": also write every logged value to RUN/tensorboard (the `tensorboard` extra;
+    # `tensorboard --logdir runs/`); "none": log.jsonl and curve.png only.
+    logger: str = "none"
 
 
 @dataclass

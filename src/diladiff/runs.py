@@ -18,7 +18,7 @@ from diladiff.errors import CheckpointError
 from diladiff.stages import STAGES, Stage
 from diladiff.train import checkpoint as ckpt
 from diladiff.train.distributed import barrier, setup, teardown
-from diladiff.train.trainer import Trainer
+from diladiff.train.trainer import LOGGERS, Trainer
 from diladiff.version import __version__
 
 
@@ -82,6 +82,8 @@ def train_run(
         raise ConfigError(f"unknown stage {kind!r}; choose one of {sorted(STAGES)}")
     run_dir = Path(run_dir)
     cfg, resumed, parents = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
+    if cfg.train.logger not in LOGGERS:  # before anything is written
+        raise ConfigError(f"train.logger must be one of {LOGGERS}, not {cfg.train.logger!r}")
     warmup_warnings = check_warmups(cfg.train, STAGES[kind].warmups(cfg))
     env = setup(cfg.train.device)
     try:

@@ -63,6 +63,26 @@ def batch_layout(batch_size: int, micro: int, world: int) -> tuple[int, int]:
     return micro, batch_size // world // micro
 
 
+LOGGERS = ("none", "tensorboard")
+
+
+def experiment_logger(name: str, run_dir: Path):
+    """The optional experiment logger: None, or a TensorBoard SummaryWriter on
+    run_dir/tensorboard (imported lazily; the `tensorboard` extra)."""
+    if name not in LOGGERS:
+        raise TrainingError(f"train.logger must be one of {LOGGERS}, not {name!r}")
+    if name == "none":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError(
+            "train.logger=tensorboard needs the tensorboard package "
+            "(pip install 'diladiff[tensorboard]')"
+        ) from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
 class SigtermFlag:
     """While active (a context manager), SIGTERM sets `requested` instead of killing the
     process, so the loop can save first. Only the main thread can install signal handlers;
@@ -134,6 +154,7 @@ class Trainer:
         self.val = validation_batches(data.val, self.micro, tc.eval_batches)
         self.step = 0
         self._eval_model: nn.Module | None = None
+        self.writer = experiment_logger(tc.logger, self.run_dir) if env.is_main else None
 
     # ------------------------------------------------------------------ state
     def resume(self) -> bool:
@@ -177,6 +198,12 @@ class Trainer:
         if self.env.is_main:
             with open(self.run_dir / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                prefix = "eval/" if record.get("event") == "eval" else "train/"
+                for k, v in record.items():
+                    if k not in ("step", "event") and isinstance(v, int | float):
+                        self.writer.add_scalar(prefix + k, v, record["step"])
+                self.writer.flush()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -314,6 +341,8 @@ class Trainer:
         )
         if env.is_main:
             write_training_curve(self.run_dir)
+            if self.writer is not None:
+                self.writer.close()
         if stopped == "sigterm":
             raise Terminated(self.run_dir, self.step)
         return {"step": self.step, "stopped": stopped, **metrics}
