@@ -383,3 +383,40 @@ def test_exported_latent_run_generates_the_same_ids(chain, tmp_path):
     assert a.kind == b.kind == "ladiff"
     kw = dict(num_samples=2, disc_steps=4, cont_steps=3, seed=5)
     assert a.generate(**kw).ids == b.generate(**kw).ids
+
+
+@pytest.mark.parametrize("strategy", ["ancestral", "topk"])
+def test_prompts_suffixes_and_infilling_keep_the_given_tokens(chain, tmp_path, strategy):
+    """MDLM, LaDiff and DiLaDiff: a prompt + suffix, or infilling [MASK] spans, generates every
+    other position and never changes a given token; a reference text's latent replaces the
+    prior sample (no latent steps) in the latent stages."""
+    import diladiff
+    from diladiff.sampling.conditioning import make_condition
+
+    dl = tmp_path / "dl"
+    assert train("diladiff", dl, "--teacher", chain["ladiff"], "train.max_steps=2") == 0
+    for run in (chain["mdlm"], chain["ladiff"], dl):
+        model = diladiff.load(run, device="cpu")
+        tok, L, mask = model.tokenizer, model.stage.seq_len, model.stage.mask_id
+        kw = dict(num_samples=3, disc_steps=4, cont_steps=2, strategy=strategy, seed=0)
+        cases = [
+            {"prompt": "the history of the city", "suffix": "in the north ."},
+            {"infill": "the [MASK] [MASK] of the [MASK] river is long"},
+        ]
+        for texts in cases:
+            canvas = make_condition(tok, L, mask, **texts).canvas
+            given = [i for i, t in enumerate(canvas) if t != mask]
+            assert 0 < len(given) < L
+            out = model.generate(**kw, **texts)
+            for row in out.ids:
+                assert [row[i] for i in given] == [canvas[i] for i in given]
+                assert mask not in row  # every other position generated
+            assert out.ids == model.generate(**kw, **texts).ids  # reproducible
+        if model.kind != "mdlm":
+            ref = model.generate(**kw, latent_from="a river flows to the sea")
+            assert ref.stats["cont_nfe"] == 0
+        else:
+            with pytest.raises(ConfigError, match="no latent"):
+                model.generate(**kw, latent_from="a river")
+    with pytest.raises(ConfigError, match="leave at least one"):
+        model.generate(num_samples=1, prompt="word " * L)

@@ -273,6 +273,33 @@ def test_topk_unmasks_exactly_k_per_step(sampler):
     assert revealed == [[L // 4] * 3] * 4
 
 
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_a_canvas_keeps_its_tokens_and_spreads_its_masked_positions_over_the_steps(sampler):
+    """From a canvas with M = 8 of L = 12 positions masked, top-k reveals M / N_disc per step
+    (the time grid runs from M / L), ancestral reveals them all; given tokens never change."""
+    canvas = torch.tensor([0, 1, MASK, MASK, MASK, MASK, 2, MASK, MASK, MASK, MASK, 3])
+    given = canvas != MASK
+    decoder, calls = make_decoder()
+    settings = SamplerSettings(steps=4, strategy="topk", cache=False, sampler=sampler)
+    g = torch.Generator().manual_seed(0)
+    x, stats = sample_masked(decoder, 3, L, MASK, settings, g, canvas=canvas)
+    masks = [(s == MASK).sum(1) for s in [*calls["states"], x]]
+    assert [(a - b).tolist() for a, b in zip(masks, masks[1:], strict=False)] == [[2] * 3] * 4
+    assert (x[:, given] == canvas[given]).all() and not (x == MASK).any()
+    for strategy in ("ancestral", "topk"):
+        settings = SamplerSettings(steps=3, strategy=strategy, sampler=sampler)
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            x, _ = sample_masked(decoder, 4, L, MASK, settings, g, canvas=canvas)
+            assert (x[:, given] == canvas[given]).all() and not (x == MASK).any()
+    full = torch.full((L,), MASK)  # an all-masked canvas is the unconditional sampler
+    a = sample_masked(decoder, 2, L, MASK, settings, torch.Generator().manual_seed(1))[0]
+    b = sample_masked(decoder, 2, L, MASK, settings, torch.Generator().manual_seed(1), canvas=full)[
+        0
+    ]
+    assert torch.equal(a, b)
+
+
 def test_topk_reveals_the_most_confident_positions():
     logits = torch.full((1, 4, V + 1), -math.inf)
     logits[0, :, 0] = 0.0  # certain at every position ...

@@ -18,6 +18,7 @@ import torch
 
 from diladiff.config import ConfigError, SampleConfig
 from diladiff.hub import load_any
+from diladiff.sampling.conditioning import make_condition
 from diladiff.sampling.generate import Generation, generate
 from diladiff.train.distributed import pick_device
 
@@ -53,9 +54,16 @@ class Model:
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        prompt: str | None = None,
+        suffix: str | None = None,
+        infill: str | None = None,
+        latent_from: str | None = None,
     ) -> Generation:
         """`num_samples` texts and their ids (reproducible from `seed`); disc_steps = N_disc
-        (default: the run's, 0 = L), cont_steps = N_cont of a latent stage."""
+        (default: the run's, 0 = L), cont_steps = N_cont of a latent stage. `prompt` /
+        `suffix`: text the samples start / end with; `infill`: a text whose [MASK] tokens are
+        generated; `latent_from`: a reference text whose encoder latent replaces the prior
+        sample (latent stages). Given tokens are never changed."""
         sc = self.settings(
             num_samples=num_samples,
             disc_steps=disc_steps,
@@ -67,7 +75,16 @@ class Model:
             seed=seed,
             batch_size=batch_size or min(num_samples, self.stage.cfg.sample.batch_size),
         )
-        return generate(self.stage, self.tokenizer, sc, self.device, progress=progress)
+        condition = make_condition(
+            self.tokenizer,
+            self.stage.seq_len,
+            self.stage.tokenizer_identity.get("mask_id"),
+            prompt,
+            suffix,
+            infill,
+            latent_from,
+        )
+        return generate(self.stage, self.tokenizer, sc, self.device, progress, condition)
 
 
 def load(name_or_path: str | Path, device: str = "auto", weights: str = "ema") -> Model:

@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     _common_sampling_args(p)
+    p.add_argument("--prompt", help="text the samples start with (its tokens are kept)")
+    p.add_argument("--suffix", help="text the samples end with (its tokens are kept)")
+    p.add_argument(
+        "--infill",
+        help="a text whose [MASK] tokens are generated (the positions after it too)",
+    )
+    p.add_argument(
+        "--latent-from",
+        help="latent stages: decode the encoder latent of this reference text instead of a "
+        "prior sample (paraphrase-style)",
+    )
     p.add_argument("--num-samples", type=positive)
     p.add_argument("--batch-size", type=positive)
     p.add_argument("--out", type=Path, help="write JSONL (ids and text) here instead of printing")
@@ -353,17 +364,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from diladiff.sampling.conditioning import make_condition
     from diladiff.sampling.generate import generate, write_samples
 
     stage, tok, device = _load(args)
     sc = _sample_config(args, stage.cfg)
-    out = generate(stage, tok, sc, device)
+    texts = {k: getattr(args, k) for k in ("prompt", "suffix", "infill", "latent_from")}
+    mask_id = stage.tokenizer_identity.get("mask_id")
+    condition = make_condition(tok, stage.seq_len, mask_id, **texts)
+    out = generate(stage, tok, sc, device, condition=condition)
     if args.out:
-        write_samples(
-            args.out,
-            out,
-            {"run": str(args.run_dir), "stage": stage.kind, "weights": args.weights, **vars(sc)},
-        )
+        given = {k: v for k, v in texts.items() if v is not None}
+        meta = {"run": str(args.run_dir), "stage": stage.kind, "weights": args.weights}
+        write_samples(args.out, out, {**meta, **vars(sc), **given})
         print(f"wrote {len(out.ids)} samples to {args.out} ({out.seconds:.1f} s)")
     else:
         for i, text in enumerate(out.texts):

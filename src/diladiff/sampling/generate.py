@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from diladiff.config import ConfigError, SampleConfig
 from diladiff.runtime import autocast, synchronize
+from diladiff.sampling.conditioning import UNCONDITIONAL, Condition
 from diladiff.sampling.joint import JointSettings, sample_joint
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings, sample_masked
@@ -55,16 +56,26 @@ class GenerationSettings:
     tokens: SamplerSettings
     latent: LatentSettings | None = None  # None: the stage has no latent
     joint: JointSettings | None = None  # a stage sampling tokens and latent together (LADD)
+    condition: Condition = UNCONDITIONAL  # prompt / suffix / infill canvas, reference latent
 
 
-def generation_settings(sc: SampleConfig, stage) -> GenerationSettings:
+def generation_settings(
+    sc: SampleConfig, stage, condition: Condition = UNCONDITIONAL
+) -> GenerationSettings:
     """Everything one generation of `stage` needs, resolved from `sc` once."""
     latent = joint = None
     if isinstance(stage, LatentStage):
         latent = latent_settings(sc, stage.latent_sampler)
+    elif condition.latent_ids is not None:
+        raise ConfigError(f"a {stage.kind} run has no latent to take from a reference text")
     if stage.generation == "joint":
         joint = JointSettings(sc.inference, sc.cont_steps or stage.cfg.ladd.latent_steps)
-    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent, joint)
+    if condition.canvas is not None and stage.generation not in CONDITIONABLE:
+        raise ConfigError(
+            f"prompts and infilling are implemented for {sorted(CONDITIONABLE)} generation, "
+            f"not {stage.kind}'s {stage.generation!r}"
+        )
+    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent, joint, condition)
 
 
 @torch.no_grad()
@@ -76,9 +87,11 @@ def decode_tokens(
     device,
     progress: bool = False,
     cond=None,
+    canvas: torch.Tensor | None = None,
 ):
-    """`batch` rows decoded from all-masked input in N_disc = settings.steps steps by the
-    masked stage's denoiser conditioned on `cond` (None for the MDLM); (ids, stats)."""
+    """`batch` rows decoded from all-masked input (or from `canvas`: given tokens kept) in
+    N_disc = settings.steps steps by the masked stage's denoiser conditioned on `cond` (None
+    for the MDLM); (ids, stats)."""
     ids, stats = sample_masked(
         stage.token_decoder(cond),
         batch,
@@ -88,6 +101,7 @@ def decode_tokens(
         generator,
         device,
         progress,
+        canvas,
     )
     return ids, {"disc_nfe": stats.nfe, "disc_steps_taken": stats.steps}
 
@@ -100,19 +114,24 @@ def decode_latent(
     generator,
     device,
     progress=False,
+    canvas: torch.Tensor | None = None,
 ):
     """Tokens decoded from decoder-space latents z_ae (B, N_z, d_z) as the stage's
     `latent_decoding` says: "masked", N_disc steps of its masked decoder conditioned on z_ae
-    (`settings`); "direct", one call of `stage.decode(z_ae)` (settings unused). Stats:
+    (`settings`) from all-masked rows or `canvas`; "direct", one call of `stage.decode(z_ae)`
+    (settings unused; a canvas's given tokens then overwrite the decoded ones). Stats:
     disc_nfe, disc_steps_taken, decode_s."""
     z = z_ae.to(device)
     synchronize(device)
     t1 = time.perf_counter()
     if stage.latent_decoding == "direct":
         ids, stats = stage.decode(z), {"disc_nfe": 1, "disc_steps_taken": 1}
+        if canvas is not None:
+            given = canvas.to(ids.device) != stage.mask_id
+            ids = torch.where(given, canvas.to(ids.device), ids)
     else:
         ids, stats = decode_tokens(
-            stage.decoder_stage, z.shape[0], settings, generator, device, progress, cond=z
+            stage.decoder_stage, z.shape[0], settings, generator, device, progress, z, canvas
         )
     synchronize(device)
     return ids, {**stats, "decode_s": time.perf_counter() - t1}
@@ -123,19 +142,31 @@ def _generate_latent(stage, batch, settings: GenerationSettings, generator, devi
     stats split the time between the two (latent overhead)."""
     synchronize(device)
     t0 = time.perf_counter()
-    z, cont_nfe = sample_latent(stage, batch, settings.latent, generator, device)
-    z_ae = stage.to_decoder_space(z)
+    reference = settings.condition.latent_ids
+    if reference is None:
+        z, cont_nfe = sample_latent(stage, batch, settings.latent, generator, device)
+        z_ae = stage.to_decoder_space(z)
+    else:  # the encoder's latent of the reference text, for every row
+        x_ref = torch.tensor(reference, dtype=torch.long, device=device)
+        z_ae, cont_nfe = stage.encode_clean(x_ref[None]).expand(batch, -1, -1), 0
     synchronize(device)
     t1 = time.perf_counter()
-    ids, st = decode_latent(stage, z_ae, settings.tokens, generator, device, progress)
+    canvas = settings.condition.canvas_tensor()
+    ids, st = decode_latent(stage, z_ae, settings.tokens, generator, device, progress, canvas)
     return ids, {**st, "cont_nfe": cont_nfe, "latent_s": t1 - t0}
 
 
 # How each kind of stage generates (Stage.generation names one): fn(stage, batch, settings,
 # generator, device, progress) -> (ids, stats).
 GENERATIONS = {
-    "masked": lambda stage, batch, settings, *args: decode_tokens(
-        stage, batch, settings.tokens, *args
+    "masked": lambda stage, batch, settings, generator, device, progress: decode_tokens(
+        stage,
+        batch,
+        settings.tokens,
+        generator,
+        device,
+        progress,
+        canvas=settings.condition.canvas_tensor(),
     ),
     "latent": _generate_latent,
     "uniform": lambda stage, batch, settings, *args: sample_uniform(
@@ -143,6 +174,9 @@ GENERATIONS = {
     ),
     "joint": sample_joint,
 }
+# The generations that take a canvas (prompt, suffix, infill); DUO's uniform-state sampler and
+# LADD's joint sampler do not yet.
+CONDITIONABLE = ("masked", "latent")
 
 
 @torch.no_grad()
@@ -163,11 +197,17 @@ class Generation:
 
 @torch.no_grad()
 def generate(
-    stage, tok, sc: SampleConfig, device: torch.device | str = "cpu", progress: bool = True
+    stage,
+    tok,
+    sc: SampleConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    condition: Condition = UNCONDITIONAL,
 ) -> Generation:
-    """`sc.num_samples` samples in batches of `sc.batch_size`, reproducible from `sc.seed`."""
+    """`sc.num_samples` samples in batches of `sc.batch_size`, reproducible from `sc.seed`;
+    `condition`: a prompt / suffix / infill canvas, a reference text's latent."""
     device = torch.device(device)
-    settings = generation_settings(sc, stage)
+    settings = generation_settings(sc, stage, condition)
     gen = torch.Generator(device).manual_seed(sc.seed)
     ids: list[list[int]] = []
     stats: dict = {}

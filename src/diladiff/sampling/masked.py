@@ -287,13 +287,26 @@ def sample_masked(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    canvas: torch.Tensor | None = None,
 ):
-    """Generate (batch, seq_len) token ids from all-masked input; returns (ids, SamplerStats).
-    `mask_id` must be the decoder's (kept in the signature for the callers' sake)."""
+    """Generate (batch, seq_len) token ids from all-masked input, or from `canvas` (seq_len,):
+    given tokens and mask_id where tokens are to be generated (a prompt, a suffix, infilling);
+    returns (ids, SamplerStats). Given tokens never change. With M of the L positions masked,
+    the time grid runs from M / L to 0 (the masked share), so the strategies reveal the M
+    positions over the N_disc steps as they reveal L from an all-masked row. `mask_id` must be
+    the decoder's (kept in the signature for the callers' sake)."""
     if mask_id != decoder.mask_id:
         raise ValueError(f"mask_id {mask_id} differs from the decoder's {decoder.mask_id}")
-    x = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
-    grid = [1.0 - i / settings.steps for i in range(settings.steps + 1)]
+    if canvas is None:
+        x = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
+    else:
+        if canvas.shape != (seq_len,):
+            raise ValueError(f"a canvas has {seq_len} positions, got {tuple(canvas.shape)}")
+        x = canvas.to(device=device, dtype=torch.long).expand(batch, seq_len).clone()
+    share = float((x[0] == mask_id).sum()) / seq_len
+    # t * share: the linear schedule's unmask probability (t - s) / t does not change, and
+    # top-k keeps round(L * s * share) = round(M * s) positions masked.
+    grid = [share * (1.0 - i / settings.steps) for i in range(settings.steps + 1)]
     reveal_fn = STRATEGIES[settings.strategy]
     stats = SamplerStats()
     sampler = SAMPLERS[settings.sampler](decoder, settings, generator, stats)
