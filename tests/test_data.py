@@ -121,3 +121,40 @@ def test_long_documents_are_neither_truncated_nor_padded(tmp_path, tok):
     cfg = DataConfig(source=str(path), tokenizer="minilm-l6", seq_len=8, heldout_docs=1)
     data = prepare_data(cfg, tok, progress=False)
     assert data.manifest["train_tokens"] == (700 + 1 + 2 + 1) // 8 * 8
+
+
+class _FakeHub:
+    """A stand-in for the `datasets` package (no hub here): load_dataset records its
+    arguments and returns the records of DOCS, as a list or, when streamed, a generator."""
+
+    def __init__(self):
+        self.calls = []
+
+    def load_dataset(self, name, config=None, split="train", revision=None, streaming=False):
+        self.calls.append((name, config, split, revision, streaming))
+        records = [{"text": d, "id": i} for i, d in enumerate(DOCS)]
+        return (r for r in records) if streaming else records
+
+
+def test_hub_source_passes_config_revision_split_and_streams(tmp_path, tok, monkeypatch):
+    import sys
+
+    hub = _FakeHub()
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    base = dict(source="someone/corpus", tokenizer="minilm-l6", seq_len=16, heldout_docs=10)
+    base["cache_dir"] = str(tmp_path / "cache")
+    cfg = DataConfig(**base, hub_config="en", hub_revision="refs/convert/parquet")
+    full = prepare_data(cfg, tok, progress=False)
+    assert hub.calls[-1] == ("someone/corpus", "en", "train", "refs/convert/parquet", False)
+    streamed = prepare_data(
+        DataConfig(**base, hub_split="validation", streaming=True, max_docs=60), tok, False
+    )
+    assert hub.calls[-1] == ("someone/corpus", None, "validation", None, True)
+    assert streamed.folder != full.folder  # another split and revision: another cache entry
+    assert np.array_equal(np.asarray(streamed.train), np.asarray(full.train))
+    with pytest.raises(DataError, match="needs data.max_docs"):
+        prepare_data(DataConfig(**base, streaming=True, hub_split="x"), tok, False)
+    with pytest.raises(DataError, match="ended after 60 documents"):
+        prepare_data(DataConfig(**base, streaming=True, max_docs=80, hub_split="y"), tok, False)
+    with pytest.raises(DataError, match="has no field 'body'"):
+        prepare_data(DataConfig(**base, text_field="body", hub_split="z"), tok, False)

@@ -52,6 +52,13 @@ class DataConfig:
     # A Hugging Face dataset name ("openwebtext"), a local .txt/.jsonl/.jsonl.gz file or a
     # folder of them, or a built-in corpus ("wiki-vital", "austen", "linux-docs").
     source: str = "openwebtext"
+    # Hub datasets only: the dataset's config name, a git revision (branch, tag, commit or
+    # "refs/convert/parquet"), the split, and streaming (no full download; needs
+    # data.max_docs > 0: the documents taken from the stream, the last heldout_docs held out).
+    hub_config: str = ""
+    hub_revision: str = ""
+    hub_split: str = "train"
+    streaming: bool = False
     # Tokenizer: hub name, local path, or the alias "minilm-l6" (offline bert-base-uncased).
     tokenizer: str = "bert-base-uncased"
     seq_len: int = 128

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diladiff.config import DataConfig
-from diladiff.data.sources import DocumentSource, open_source
+from diladiff.data.sources import DocumentSource, source_from_config
 from diladiff.data.tokenizer import separator_id, tokenizer_identity
 from diladiff.errors import DataError
 from diladiff.runtime import cache_root
@@ -105,13 +105,18 @@ def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
     packed = Path(cfg.source).expanduser()
     if (packed / "manifest.json").is_file():
         return open_packed(packed, cfg, tok_id)
-    source = open_source(cfg.source, cfg.text_field, cfg.txt_split)
+    source = source_from_config(cfg)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "data"
     folder = root / _cache_key(source, tok_id, cfg)
     if (folder / "manifest.json").is_file():
         return _open(folder)
 
-    n_docs = len(source) if cfg.max_docs <= 0 else min(cfg.max_docs, len(source))
+    if cfg.streaming and cfg.max_docs <= 0:
+        raise DataError("data.streaming=true needs data.max_docs > 0 (documents to take)")
+    if cfg.streaming:  # a stream's length is unknown: take max_docs, checked below
+        n_docs = cfg.max_docs
+    else:
+        n_docs = len(source) if cfg.max_docs <= 0 else min(cfg.max_docs, len(source))
     if n_docs == 0:
         raise DataError(f"data source {cfg.source!r} contains no documents")
     if cfg.heldout_docs >= n_docs:
@@ -140,8 +145,9 @@ def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
             bar.update(len(batch))
             batch.clear()
 
-        batch_start = 0
+        batch_start, seen = 0, 0
         for index, text in enumerate(itertools.islice(source.documents(), n_docs)):
+            seen = index + 1
             if not batch:
                 batch_start = index
             batch.append(text)
@@ -150,6 +156,11 @@ def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
         if batch:
             flush(batch_start)
         bar.close()
+        if seen < n_docs:  # a stream that ended early
+            raise DataError(
+                f"data source {cfg.source!r} ended after {seen} documents; "
+                f"set data.max_docs <= {seen}"
+            )
         for fh in files.values():
             fh.close()
 

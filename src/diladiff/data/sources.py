@@ -185,34 +185,64 @@ def builtin_source(name: str, text_field: str = "text") -> DocumentSource:
 
 @dataclass
 class HubSource(DocumentSource):
-    """A Hugging Face dataset's train split (imported lazily; needs `pip install datasets`)."""
+    """A split of a Hugging Face dataset, at a config and revision, downloaded or streamed
+    (`datasets` imported lazily: `pip install 'diladiff[datasets]'`, datasets 4.x, which loads
+    data files only, no dataset scripts)."""
 
     name: str
     text_field: str = "text"
+    config: str = ""
+    revision: str = ""
+    split: str = "train"
+    streaming: bool = False
 
     def _dataset(self):
+        if getattr(self, "_loaded", None) is not None:
+            return self._loaded
         try:
             import datasets
         except ImportError:
             raise DataError(
                 f"data.source={self.name!r} is not a local path or built-in corpus; loading it "
-                "from the Hugging Face hub needs `pip install datasets`"
+                "from the Hugging Face hub needs `pip install 'diladiff[datasets]'`"
             ) from None
         try:
-            return datasets.load_dataset(self.name, split="train")
+            self._loaded = datasets.load_dataset(
+                self.name,
+                self.config or None,
+                split=self.split,
+                revision=self.revision or None,
+                streaming=self.streaming,
+            )
         except Exception as exc:  # the hub raises many kinds; all mean "cannot load"
-            raise DataError(
-                f"cannot load dataset {self.name!r}: {str(exc).splitlines()[0]}"
-            ) from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"cannot load dataset {self.describe()}: {first}") from None
+        return self._loaded
+
+    def describe(self) -> str:
+        extra = [f"config {self.config!r}"] * bool(self.config)
+        extra += [f"revision {self.revision!r}"] * bool(self.revision)
+        return f"{self.name!r} ({', '.join([*extra, f'split {self.split!r}'])})"
 
     def documents(self) -> Iterator[str]:
         for record in self._dataset():
+            if self.text_field not in record:
+                raise DataError(
+                    f"dataset {self.describe()} has no field {self.text_field!r} (it has "
+                    f"{sorted(record)}); set data.text_field"
+                )
             text = record[self.text_field]
             if text and text.strip():
                 yield text
 
+    def __len__(self) -> int:
+        if self.streaming:
+            raise DataError("a streamed dataset has no length: set data.max_docs > 0")
+        return len(self._dataset())
+
     def fingerprint(self) -> str:
-        return f"hub:{self.name}:{self.text_field}"
+        parts = (self.name, self.config, self.revision, self.split, self.text_field)
+        return "hub:" + ":".join(parts)
 
 
 # --------------------------------------------------------------------------- composition
@@ -232,11 +262,12 @@ class ConcatSource(DocumentSource):
 
 
 def open_source(
-    spec: str, text_field: str = "text", txt_split: str = "blank_line"
+    spec: str, text_field: str = "text", txt_split: str = "blank_line", **hub
 ) -> DocumentSource:
-    """A source from a `data.source` value; '+' concatenates several."""
+    """A source from a `data.source` value; '+' concatenates several. `hub`: HubSource's
+    config, revision, split and streaming for hub datasets (`source_from_config`)."""
     if "+" in spec and not Path(spec).exists():
-        parts = [open_source(s, text_field, txt_split) for s in spec.split("+")]
+        parts = [open_source(s, text_field, txt_split, **hub) for s in spec.split("+")]
         return ConcatSource(parts, name=spec)
     if spec in BUILTIN_CORPORA:
         return builtin_source(spec)
@@ -245,4 +276,15 @@ def open_source(
         return FileSource(_files_under(path), text_field=text_field, txt_split=txt_split, name=spec)
     if spec.startswith((".", "/", "~")) or spec.endswith(TEXT_SUFFIXES):
         raise DataError(f"data source {spec!r} does not exist")
-    return HubSource(spec, text_field=text_field)
+    return HubSource(spec, text_field=text_field, **hub)
+
+
+def source_from_config(cfg) -> DocumentSource:
+    """The source of a DataConfig (data.source and its hub_* / streaming settings)."""
+    hub = dict(
+        config=cfg.hub_config,
+        revision=cfg.hub_revision,
+        split=cfg.hub_split,
+        streaming=cfg.streaming,
+    )
+    return open_source(cfg.source, cfg.text_field, cfg.txt_split, **hub)
