@@ -9,6 +9,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from diladiff.runtime import autocast, synchronize
 from diladiff.sampling.generate import sample_batch
@@ -27,7 +28,7 @@ def bench_sampling(
     Latent stages add latent_s, decode_s and latent_overhead = latent_s / decode_s."""
     device = torch.device(device)
     rows = []
-    for batch in batch_sizes:
+    for batch in tqdm(batch_sizes, desc="bench", unit="batch size", leave=False):
         gen = torch.Generator(device).manual_seed(seed)
         with autocast(device):
             sample_batch(stage, batch, settings, gen, device)  # warm-up (allocations, kernels)
@@ -56,7 +57,7 @@ def compare_samplers(
     `speedup` = the first sampler's median wall time / this sampler's."""
     device = torch.device(device)
     rows = []
-    for batch in batch_sizes:
+    for batch in tqdm(batch_sizes, desc="bench", unit="batch size", leave=False):
         variants = {
             name: dataclasses.replace(
                 settings, tokens=dataclasses.replace(settings.tokens, sampler=name)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from diladiff.processes.masking import mask_exactly
 
@@ -41,7 +42,7 @@ def discrete_ratio_bound(
         cond = cond.repeat_interleave(samples, dim=0)
     total_terms, total_correct, total_masked = 0.0, 0, 0
     bins = [{"terms": 0.0, "draws": 0, "correct": 0, "masked": 0} for _ in range(ratio_bins)]
-    for i in range(0, len(rows), batch_size):
+    for i in tqdm(range(0, len(rows), batch_size), desc="recon bound", unit="batch", leave=False):
         x = rows[i : i + batch_size]
         counts = torch.randint(1, length + 1, (len(x),), generator=generator, device="cpu").to(
             x.device

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from diladiff.data.tokenizer import resolve_model_name
 from diladiff.errors import DataError
@@ -72,7 +73,8 @@ class Scorer:
         seqs = self.encode(texts)
         nlls: list[torch.Tensor] = []
         feats: list[torch.Tensor] = []
-        for i in range(0, len(seqs), batch_size):
+        steps = range(0, len(seqs), batch_size)
+        for i in tqdm(steps, desc=f"scoring ({self.name})", unit="batch", leave=False):
             chunk = seqs[i : i + batch_size]
             ids, att = self._padded(chunk)
             with autocast(self.device):
