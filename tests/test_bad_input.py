@@ -64,7 +64,7 @@ CASES = [
     (["train", "mdlm", "--run-dir", "{run}", "--preset", "small"], "preset"),
     (["pipeline", "--run-dir", "{root}/p", "--stages", "nonsense"], "unknown stage"),
     (["prepare-data", "--preset", "tiny", "data.source={root}/missing.jsonl"], "does not exist"),
-    (["config", "--preset", "huge"], "unknown preset"),
+    (["config", "--preset", "huge"], "invalid choice: 'huge'"),
     (["export", "{root}", "{root}/out"], "not a diladiff run folder"),
     (["export", "{run}", "{root}/binary.txt/out"], "Not a directory"),
 ]

@@ -107,11 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     for role, takers in _parent_flags().items():
         flag = "--" + role.replace("_", "-")
         p.add_argument(flag, dest=role, type=Path, help="the parent run of " + ", ".join(takers))
-    p.add_argument("--preset", help=f"{', '.join(PRESETS)} (default: paper; resume: the run's)")
-    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument(
+        "--preset",
+        choices=preset_choices(),
+        help="the preset of a new run (default: paper; resume: the run's)",
+    )
+    p.add_argument("--run-dir", type=Path, required=True, help="the run folder (new or resumed)")
     p.epilog = "Any further key=value arguments are dotted config overrides, e.g. train.lr=2e-4."
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a trained run",
+        description="Options left unset take the run's own sample.* settings.",
+    )
     _common_sampling_args(p)
     p.add_argument("--prompt", help="text the samples start with (its tokens are kept)")
     p.add_argument("--suffix", help="text the samples end with (its tokens are kept)")
@@ -199,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(stage_order(optional=True))} (their parents "
         f"are added; default: {','.join(stage_order())}, i.e. all but optional baselines)",
     )
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--preset", default="tiny", choices=preset_choices())
+    p.add_argument("--run-dir", type=Path, required=True, help="one run folder per stage inside")
     p.add_argument("--data", help="data.source for every stage (default: the preset's)")
     p.add_argument(
         "--budget-minutes",
@@ -217,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel-decoding",
         help="train the chain on K memorisable rows; validity vs N_disc per generator",
     )
-    c.add_argument("--run-dir", type=Path, required=True)
+    c.add_argument("--run-dir", type=Path, required=True, help="the stages' run folders inside")
     c.add_argument("--data", help="where the K rows come from (default: the preset's source)")
     c.add_argument("--num-sequences", type=positive, default=256, help="K distinct rows")
-    c.add_argument("--preset", default="tiny")
+    c.add_argument("--preset", default="tiny", choices=preset_choices())
     c.add_argument("--num-samples", type=positive, default=512, help="rows per generator, N_disc")
     c.add_argument("--gamma", type=float, default=0.2, help="DiLaDiff's gamma-sampling row")
     c.add_argument(
@@ -258,14 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.epilog = "Further key=value arguments are config overrides applied to every stage."
 
     p = sub.add_parser("demo", help="the pipeline: tiny preset, built-in corpus, CPU")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="the demo's folder")
+    p.epilog = "Further key=value arguments are config overrides applied to every stage."
 
     p = sub.add_parser(
         "prepare-data",
         help="tokenise and pack a preset's corpus into the cache (or data.cache_dir); prints "
         "the packed folder, usable as data.source without the corpus",
     )
-    p.add_argument("--preset", default="paper")
+    p.add_argument("--preset", default="paper", choices=preset_choices())
     p.epilog = "Further key=value arguments are config overrides (data.*)."
 
     p = sub.add_parser(
@@ -284,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="(default: ema)")
 
     p = sub.add_parser("config", help="print a resolved config")
-    p.add_argument("--preset", default="paper")
+    p.add_argument("--preset", default="paper", choices=preset_choices())
+    p.epilog = "Further key=value arguments are config overrides, e.g. train.lr=2e-4."
     for name in OVERRIDABLE:
         sub.choices[name].add_argument(
             "--config",
@@ -295,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
             "config.json works), applied before the key=value overrides; its preset is used "
             "when --preset is not given",
         )
+    document_options(parser)
     return parser
 
 
@@ -310,6 +321,72 @@ def number_list(text: str, option: str, kind=int, minimum=None) -> list:
     if minimum is not None and any(v < minimum for v in values):
         raise ConfigError(f"{option} values must be >= {minimum}, got {text!r}")
     return values
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default, unless the help
+    already says what the default is or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# Help for the options that many commands share (any option left without help gets it here).
+COMMON_HELP = {
+    "run_dir": "a run folder (or, where a model is loaded, an exported folder or hub id)",
+    "device": "auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...",
+    "seed": "random seed (the same seed gives the same samples)",
+    "weights": "which weights of the newest checkpoint: the EMA average or the raw model",
+    "json": "also write the result as JSON here",
+    "out": "where to write the output",
+    "strategy": "which masked positions each step reveals (ancestral, topk, ...)",
+    "temperature": "divides the logits before every token draw",
+    "top_p": "nucleus sampling: keep the smallest set of tokens with this probability mass",
+    "num_samples": "how many rows to generate",
+    "batch_size": "rows per forward pass",
+    "batch_sizes": "comma-separated batch sizes to time",
+    "repeats": "timed batches per batch size (after one warm-up batch)",
+    "mauve_seed": "seed of MAUVE's k-means quantisation",
+    "results": "result JSON files (from eval --json, eval-recon --json, ...)",
+    "title": "the Markdown table's heading",
+    "disc_steps": "comma-separated N_disc values to sweep",
+    "scorer": "causal LM for GenPPL and MAUVE features: hub name, path or smollm2-135m",
+    "no_mauve": "skip MAUVE (no reference texts needed)",
+    "preset": "tiny, small or paper (optionally with -4x: 4x latent compression)",
+    "run_dirs": "run folders to sweep",
+    "samples": "a samples JSONL file",
+    "stage": "the stage to train",
+    "model": "hub name, path or alias of the feature model",
+    "out_dir": "the folder to write",
+    "dtype": "floating-point format of the written weights",
+}
+
+
+def document_options(parser: argparse.ArgumentParser) -> None:
+    """Give every option of every (sub)command a help text (COMMON_HELP by destination) and
+    the defaults-showing formatter."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                document_options(sub)
+        elif action.help is None and action.dest in COMMON_HELP:
+            action.help = COMMON_HELP[action.dest]
+
+
+def preset_choices() -> list[str]:
+    """Every preset name --preset accepts, with the latent-compression suffixes."""
+    from diladiff.config import PRESET_SUFFIXES
+
+    return [*PRESETS, *(f"{p}{s}" for p in PRESETS for s in PRESET_SUFFIXES)]
 
 
 class OneLineParser(argparse.ArgumentParser):
