@@ -71,3 +71,23 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: ") and "not a diladiff run folder" in err
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_score_is_a_perplexity_bound_that_prefers_the_training_text(tmp_path):
+    """model.score(texts): the discrete-ratio bound over the packed texts, reproducible from
+    the seed; a model trained on a repeated sentence scores it far better than words it never saw."""
+    run = tmp_path / "m"
+    text = "the river flows through the old town and into the sea ."
+    (tmp_path / "c.txt").write_text("\n\n".join([text] * 400))
+    argv = ["train", "mdlm", "--preset", "tiny", "--run-dir", str(run), *TINY]
+    argv += [f"data.source={tmp_path / 'c.txt'}", "train.max_steps=150", "train.lr=3e-3"]
+    assert main(argv) == 0
+    model = diladiff.load(run, device="cpu")
+    unseen = "quantum zebra violin harbour algebra copper lantern meadow orbit tulip saga"
+    good = model.score([text] * 8, mc_samples=8)
+    bad = model.score([unseen] * 8, mc_samples=8)
+    assert good["tokens"] % 32 == 0 and not good["conditional"]
+    assert good == model.score([text] * 8, mc_samples=8)
+    assert 1.0 < good["ppl_bound"] < bad["ppl_bound"] / 3
+    with pytest.raises(ConfigError, match="one row needs"):
+        model.score(["short"])

@@ -87,6 +87,37 @@ class Model:
         return generate(self.stage, self.tokenizer, sc, self.device, progress, condition)
 
 
+    @torch.no_grad()
+    def score(self, texts: list[str], mc_samples: int = 128, seed: int = 0) -> dict:
+        """An upper bound on the perplexity of `texts` (the eval-recon estimator, eval/recon.py):
+        the texts are tokenised and packed as training data is (each followed by the
+        separator) into rows of L tokens (a last partial row is dropped), and the
+        discrete-ratio bound on -log p(row) is estimated with `mc_samples` draws per row.
+        Masked-diffusion stages (MDLM); for the auto-encoder the bound is conditional on the
+        encoder's latent of the text (`conditional: True`), not a bound on p(text)."""
+        from diladiff.data.tokenizer import separator_id
+        from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
+
+        if self.stage.generation != "masked":
+            raise ConfigError(
+                f"score is defined for masked-diffusion stages; a {self.kind} run has no "
+                "likelihood bound here yet"
+            )
+        sep, L = separator_id(self.tokenizer), self.stage.seq_len
+        stream = []
+        for text in texts:
+            stream += self.tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
+        if len(stream) < L:
+            raise ConfigError(f"the texts hold {len(stream)} tokens; one row needs L = {L}")
+        rows = torch.tensor(stream[: len(stream) // L * L]).view(-1, L).to(self.device)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        log_probs, condition = stage_denoiser(self.stage)
+        out = discrete_ratio_bound(
+            log_probs, rows, self.stage.mask_id, mc_samples, gen, condition=condition
+        )
+        return {**out, "tokens": rows.numel(), "conditional": condition is not None}
+
+
 def load(name_or_path: str | Path, device: str = "auto", weights: str = "ema") -> Model:
     """The trained stage of a run folder (its EMA weights by default), of a folder written by
     `diladiff export`, or of such a folder on the Hugging Face hub (by repository id), on
