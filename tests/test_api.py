@@ -75,7 +75,7 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
 
 def test_score_is_a_perplexity_bound_that_prefers_the_training_text(tmp_path):
     """model.score(texts): the discrete-ratio bound over the packed texts, reproducible from
-    the seed; a model trained on a repeated sentence scores it far better than words it never saw."""
+    the seed; a model trained on a repeated sentence scores it far better than unseen words."""
     run = tmp_path / "m"
     text = "the river flows through the old town and into the sea ."
     (tmp_path / "c.txt").write_text("\n\n".join([text] * 400))

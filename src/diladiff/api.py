@@ -86,7 +86,6 @@ class Model:
         )
         return generate(self.stage, self.tokenizer, sc, self.device, progress, condition)
 
-
     @torch.no_grad()
     def score(self, texts: list[str], mc_samples: int = 128, seed: int = 0) -> dict:
         """An upper bound on the perplexity of `texts` (the eval-recon estimator, eval/recon.py):
