@@ -420,3 +420,17 @@ def test_prompts_suffixes_and_infilling_keep_the_given_tokens(chain, tmp_path, s
                 model.generate(**kw, latent_from="a river")
     with pytest.raises(ConfigError, match="leave at least one"):
         model.generate(num_samples=1, prompt="word " * L)
+
+
+def test_the_readme_python_example_runs(chain, tmp_path, monkeypatch):
+    """The README's ```python block, run as written with runs/m and runs/dl made real."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    dl = tmp_path / "runs" / "dl"
+    assert train("diladiff", dl, "--teacher", chain["ladiff"], "train.max_steps=2") == 0
+    (tmp_path / "runs" / "m").symlink_to(chain["mdlm"])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
