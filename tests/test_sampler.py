@@ -15,6 +15,7 @@ from diladiff.sampling.masked import (
     gumbel_argmax,
     gumbel_argmax_,
     reveal_ancestral,
+    reveal_threshold,
     reveal_topk,
     sample_masked,
     sampling_logits,
@@ -59,6 +60,8 @@ SETTINGS = [
     {"strategy": "topk"},
     {"strategy": "topk", "temperature": 1.3, "top_p": 0.9},
     {"strategy": "topk", "steps": 3},  # L / N_disc not an integer
+    {"strategy": "threshold"},
+    {"strategy": "threshold", "threshold": 0.3, "temperature": 0.5},
 ]
 
 
@@ -298,6 +301,32 @@ def test_a_canvas_keeps_its_tokens_and_spreads_its_masked_positions_over_the_ste
         0
     ]
     assert torch.equal(a, b)
+
+
+def test_threshold_reveals_exactly_the_tokens_above_it():
+    """Confidences given by hand: positions above 0.6 are revealed; a row with none above it
+    reveals its single most confident position; a row without masks reveals nothing; the last
+    step (s = 0) reveals every masked position."""
+    masked = torch.tensor(
+        [[True, True, True, False], [True, True, False, False], [False, False, False, False]]
+    )
+    conf = torch.tensor([[0.9, 0.2, 0.7, 0.99], [0.3, 0.5, 0.95, 0.1], [0.9, 0.9, 0.9, 0.9]])
+
+    def draw(sel, with_confidence=False):
+        return torch.arange(1, int(sel.sum()) + 1), conf.double()[sel]
+
+    settings = SamplerSettings(steps=4, strategy="threshold", threshold=0.6)
+    reveal, tokens = reveal_threshold(draw, masked, 0.5, 0.25, settings, None)
+    assert reveal.tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],  # none above 0.6: the most confident masked one
+        [False, False, False, False],
+    ]
+    assert tokens[masked].tolist() == [1, 2, 3, 4, 5]
+    reveal, _ = reveal_threshold(draw, masked, 0.25, 0.0, settings, None)
+    assert torch.equal(reveal, masked)
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        SamplerSettings(steps=4, strategy="threshold", threshold=0.0)
 
 
 def test_topk_reveals_the_most_confident_positions():

@@ -74,11 +74,22 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gamma", type=float, help="MeanFlow gamma-sampling (0 = deterministic)")
     p.add_argument(
+        "--time-grid",
+        choices=["uniform", "angle"],
+        help="latent stages: the sampler's times, uniform in t or evenly spaced in the schedule "
+        "angle (default: the model's own)",
+    )
+    p.add_argument(
         "--inference",
         choices=choices["inference"],
         help="LADD stages: both channels every step, or the latent first (--cont-steps steps)",
     )
     p.add_argument("--strategy", choices=choices["strategy"])
+    p.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help="the threshold strategy: reveal every token drawn with at least this probability",
+    )
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--no-cache", action="store_true", help="recompute logits every step")
@@ -404,8 +415,10 @@ def _sample_config(args, cfg):
         "cont_steps",
         "latent_sampler",
         "gamma",
+        "time_grid",
         "inference",
         "strategy",
+        "confidence_threshold",
         "temperature",
         "top_p",
         "sampler",

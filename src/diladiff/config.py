@@ -121,9 +121,11 @@ class SampleConfig:
     batch_size: int = 16
     # N_disc; 0 = seq_len.
     disc_steps: int = 0
-    # "ancestral" (random unmasking, exact reverse process) or "topk" (confidence-based:
-    # unmask the k = L / N_disc most confident positions per step).
+    # "ancestral" (random unmasking, exact reverse process), "topk" (confidence-based:
+    # unmask the k = L / N_disc most confident positions per step) or "threshold" (unmask every
+    # position more confident than confidence_threshold, at least one per step).
     strategy: str = "ancestral"
+    confidence_threshold: float = 0.9
     temperature: float = 1.0
     top_p: float = 1.0
     float64_gumbel: bool = True
@@ -141,6 +143,10 @@ class SampleConfig:
     latent_sampler: str = ""
     cont_steps: int = 0
     gamma: float = 0.0
+    # The latent sampler's N_cont + 1 times: "" = the model's own (uniform in t; DiLaDiff:
+    # meanflow.time_grid; LDLM: its adaptive grid), "uniform" in t, or "angle" (evenly spaced
+    # in the schedule angle, where second-order solvers do best).
+    time_grid: str = ""
     # Stages that sample tokens and latent with one network (LADD): "joint" (both channels every
     # step) or "sequential" (the latent first, in cont_steps steps, then the tokens).
     inference: str = "joint"

@@ -37,6 +37,7 @@ def sampler_settings(sc: SampleConfig, seq_len: int) -> SamplerSettings:
             float64_gumbel=sc.float64_gumbel,
             cache=sc.cache,
             sampler=sc.sampler,
+            threshold=sc.confidence_threshold,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -48,7 +49,7 @@ def latent_settings(sc: SampleConfig, stage_sampler: str = "") -> LatentSettings
     sampler = sc.latent_sampler or stage_sampler
     if not sampler:
         raise ConfigError("sample.latent_sampler is not set (this run is not a latent stage?)")
-    return LatentSettings(sampler, sc.cont_steps, sc.gamma)
+    return LatentSettings(sampler, sc.cont_steps, sc.gamma, sc.time_grid)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,22 @@ so that a share gamma^2 of the noise variance sigma_r^2 at r is fresh. gamma = 0
 deterministic jump z_r = z_t - (t - r) u(z_t, t, r); gamma = 1 jumps to clean data (s = 0) and
 re-noises it to r.
 
+Heun (2nd order, one Euler predictor and a trapezoidal corrector per step; the last step, to
+t = 0 where the velocity is undefined (sigma = 0), is Euler, as in EDM): two network calls per
+step but the last,
+
+    v_i = v(z_{t_i}, z_hat_i, t_i),   z' = z_{t_i} + (t_{i+1} - t_i) v_i,
+    z_{t_{i+1}} = z_{t_i} + (t_{i+1} - t_i) (v_i + v(z', z_psi(z', t_{i+1}, z_hat_i), t_{i+1})) / 2.
+
+DPM-Solver++(2M) (Lu et al. 2022), multistep in the data prediction with lambda = log(alpha /
+sigma), h_i = lambda_{t_{i+1}} - lambda_{t_i}, r_i = h_{i-1} / h_i, one call per step:
+
+    D_i = (1 + 1 / (2 r_i)) z_hat_i - z_hat_{i-1} / (2 r_i)   (D_0 = z_hat_0; D = z_hat at
+          the last step, and after an infinite h, i.e. from t = 1),
+    z_{t_{i+1}} = (sigma_{t_{i+1}} / sigma_{t_i}) z_{t_i} - alpha_{t_{i+1}} (e^{-h_i} - 1) D_i,
+
+which at t_N = 0 (sigma = 0, h = infinity) returns D = z_hat_{N-1}.
+
 Euler-Maruyama on the reverse VP SDE (LDLM, SIBLINGS.md 1.7), with the x0-prediction's score,
 Delta_i = t_i - t_{i+1} and xi_i ~ N(0, I):
 
@@ -49,6 +65,7 @@ terms, is skipped; for DDPM with t_N = 0 it is z_hat_{N-1} exactly).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +74,7 @@ import torch
 from diladiff.config import ConfigError
 from diladiff.processes.gaussian import (
     alpha_sigma,
+    angle_time_grid,
     ddpm_posterior,
     drift_rate,
     forward_transition,
@@ -79,6 +97,7 @@ class LatentSettings:
     sampler: str  # a name in LATENT_SAMPLERS
     steps: int  # N_cont
     gamma: float = 0.0  # gamma-sampling of MeanFlow jumps
+    grid: str = ""  # sample.time_grid: "" (the model's), "uniform" or "angle"
 
     def __post_init__(self):
         if self.sampler not in LATENT_SAMPLERS:
@@ -89,6 +108,8 @@ class LatentSettings:
             raise ConfigError(f"cont_steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.grid and self.grid not in TIME_GRIDS:
+            raise ConfigError(f"sample.time_grid must be one of {TIME_GRIDS} or empty")
 
 
 @torch.no_grad()
@@ -98,9 +119,17 @@ def sample_latent(stage, batch: int, settings: LatentSettings, generator, device
     return LATENT_SAMPLERS[settings.sampler](stage, shape, settings, generator, device)
 
 
-def model_time_grid(model, steps: int) -> torch.Tensor | None:
-    """`model.time_grid(steps)` when the model defines its sampling grid (LDLM's adaptive
-    timestep sampler), else None: the uniform grid 1 -> 0."""
+TIME_GRIDS = ("uniform", "angle")
+
+
+def model_time_grid(model, steps: int, name: str = "") -> torch.Tensor | None:
+    """The sampling grid: `name` ("uniform" in t, or "angle": processes.gaussian.
+    angle_time_grid) when given (sample.time_grid), else `model.time_grid(steps)` when the
+    model defines one (DiLaDiff, LDLM's adaptive timestep sampler), else None: uniform."""
+    if name == "angle":
+        return angle_time_grid(steps, model.cfg.diffusion.d)
+    if name == "uniform":
+        return None
     time_grid = getattr(model, "time_grid", None)
     return None if time_grid is None else time_grid(steps)
 
@@ -116,7 +145,7 @@ def ode_euler(model, shape, settings: LatentSettings, generator, device):
     one network call per step."""
     _without_gamma(settings, "ode_euler")
     d = model.cfg.diffusion.d
-    grid = model_time_grid(model, settings.steps)
+    grid = model_time_grid(model, settings.steps, settings.grid)
     return euler_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
 
 
@@ -133,9 +162,27 @@ def meanflow(model, shape, settings: LatentSettings, generator, device):
         generator,
         device,
         settings.gamma,
-        grid=model_time_grid(model, settings.steps),
+        grid=model_time_grid(model, settings.steps, settings.grid),
     )
     return z, 2 * calls
+
+
+@register_latent_sampler("heun")
+def heun(model, shape, settings: LatentSettings, generator, device):
+    """Heun's method on the probability-flow ODE (Euler for the last step); 2N - 1 calls."""
+    _without_gamma(settings, "heun")
+    d = model.cfg.diffusion.d
+    grid = model_time_grid(model, settings.steps, settings.grid)
+    return heun_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
+
+
+@register_latent_sampler("dpm_solver_2m")
+def dpm_solver_2m(model, shape, settings: LatentSettings, generator, device):
+    """DPM-Solver++(2M) on the probability-flow ODE; one call per step."""
+    _without_gamma(settings, "dpm_solver_2m")
+    d = model.cfg.diffusion.d
+    grid = model_time_grid(model, settings.steps, settings.grid)
+    return dpm_solver_2m_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
 
 
 @register_latent_sampler("sde_euler")
@@ -144,7 +191,7 @@ def sde_euler(model, shape, settings: LatentSettings, generator, device):
     one network call per step. Returns the last x0-prediction."""
     _without_gamma(settings, "sde_euler")
     d = model.cfg.diffusion.d
-    grid = model_time_grid(model, settings.steps)
+    grid = model_time_grid(model, settings.steps, settings.grid)
     return euler_maruyama_sample(model.x0, shape, settings.steps, d, generator, device, grid)
 
 
@@ -154,7 +201,7 @@ def ddpm(model, shape, settings: LatentSettings, generator, device):
     x0-prediction; one network call per step. Returns the last x0-prediction."""
     _without_gamma(settings, "ddpm")
     d = model.cfg.diffusion.d
-    grid = model_time_grid(model, settings.steps)
+    grid = model_time_grid(model, settings.steps, settings.grid)
     return ddpm_sample(model.x0, shape, settings.steps, d, generator, device, grid)
 
 
@@ -197,6 +244,83 @@ def euler_ode_sample(
         v = velocity_from_x0(z, z_hat, t, d)
         z = z + float(grid[i + 1] - grid[i]) * v
         z_sc = z_hat
+    return z, steps
+
+
+@torch.no_grad()
+def heun_ode_sample(
+    x0_fn: Callable,
+    shape: tuple[int, ...],
+    steps: int,
+    d: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    self_condition: bool = True,
+    dtype=torch.float32,
+    grid=None,
+) -> tuple[torch.Tensor, int]:
+    """z_0 from z_1 ~ N(0, I) by `steps` Heun steps of the PF-ODE (module docstring); returns
+    (z_0, network calls). Arguments as euler_ode_sample's."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    grid = time_grid(steps, grid, device)
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z_sc, calls = torch.zeros_like(z), 0
+
+    def predict(z_t, t, sc):
+        tt = t.expand(shape[0]).to(dtype)
+        return tt, x0_fn(z_t, tt, sc if self_condition else None).to(dtype)
+
+    for i in range(steps):
+        t, s = grid[i], grid[i + 1]
+        tt, z_hat = predict(z, t, z_sc)
+        v = velocity_from_x0(z, z_hat, tt, d)
+        z_euler, z_sc, calls = z + float(s - t) * v, z_hat, calls + 1
+        if s <= 0:  # the velocity at t = 0 divides by sigma_0 = 0
+            z = z_euler
+            break
+        ss, z_hat2 = predict(z_euler, s, z_hat)
+        z = z + float(s - t) * 0.5 * (v + velocity_from_x0(z_euler, z_hat2, ss, d))
+        z_sc, calls = z_hat2, calls + 1
+    return z, calls
+
+
+@torch.no_grad()
+def dpm_solver_2m_sample(
+    x0_fn: Callable,
+    shape: tuple[int, ...],
+    steps: int,
+    d: float,
+    generator: torch.Generator | None,
+    device="cpu",
+    self_condition: bool = True,
+    dtype=torch.float32,
+    grid=None,
+) -> tuple[torch.Tensor, int]:
+    """z_0 from z_1 ~ N(0, I) by `steps` DPM-Solver++(2M) steps (module docstring); returns
+    (z_0, network calls). Arguments as euler_ode_sample's."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    grid = time_grid(steps, grid, device)
+    alpha, sigma = (x.tolist() for x in alpha_sigma(grid.double().cpu(), d))
+    lam = [
+        math.log(a / s) if a > 0 and s > 0 else (math.inf if s == 0 else -math.inf)
+        for a, s in zip(alpha, sigma, strict=True)
+    ]
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z_sc = torch.zeros_like(z)
+    previous, h_previous = None, math.inf
+    for i in range(steps):
+        tt = grid[i].expand(shape[0]).to(dtype)
+        z_hat = x0_fn(z, tt, z_sc if self_condition else None).to(dtype)
+        h = lam[i + 1] - lam[i]
+        if previous is None or not math.isfinite(h) or not math.isfinite(h_previous):
+            data = z_hat  # first order: the first step, the step from t = 1, the last step
+        else:
+            r = h_previous / h
+            data = (1 + 0.5 / r) * z_hat - (0.5 / r) * previous
+        z = (sigma[i + 1] / sigma[i]) * z - alpha[i + 1] * math.expm1(-h) * data
+        previous, h_previous, z_sc = z_hat, h, z_hat
     return z, steps
 
 

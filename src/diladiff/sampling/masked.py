@@ -10,6 +10,9 @@ from p_theta(. | x_t) (tempered, nucleus-filtered, Gumbel-max in float64):
 - "topk": draw a token at every masked position and reveal the most confident ones
   (confidence = probability of the drawn token), with k chosen so that round(L * s) positions
   stay masked (k = L / N_disc when it divides).
+- "threshold" (the paper's App. D.2): draw a token at every masked position and reveal every
+  one whose confidence exceeds `sample.confidence_threshold`, at least the most confident one
+  per row; the last step reveals all. N_disc is then a maximum: rows stop when done.
 
 Two samplers run the same strategies and consume the generator identically, so they return the
 same tokens for the same seed:
@@ -66,6 +69,7 @@ class SamplerSettings:
     cache: bool = True
     # "fast" (head on drawn rows only) or "reference" (the previous full-vocabulary sampler).
     sampler: str = "fast"
+    threshold: float = 0.9  # the "threshold" strategy's confidence threshold
 
     def __post_init__(self):
         if self.steps < 1:
@@ -80,6 +84,8 @@ class SamplerSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"confidence_threshold must be in (0, 1], got {self.threshold}")
 
 
 @dataclass
@@ -211,6 +217,21 @@ def reveal_topk(draw: Draw, masked, t, s, settings, generator):
     k = (masked.sum(dim=1) - keep_masked).clamp(min=0)
     rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     return masked & (rank < k.unsqueeze(1)), tokens
+
+
+@register_strategy("threshold")
+def reveal_threshold(draw: Draw, masked, t, s, settings, generator):
+    """Draw a token everywhere masked; reveal those with confidence > settings.threshold, and
+    each row's most confident one if none is; everything at the last step (s = 0)."""
+    tokens = torch.zeros_like(masked, dtype=torch.long)
+    drawn, conf_drawn = draw(masked, True)
+    tokens[masked] = drawn
+    if s <= 0:
+        return masked, tokens
+    conf = torch.full(masked.shape, -1.0, device=masked.device, dtype=torch.float64)
+    conf[masked] = conf_drawn
+    best = torch.zeros_like(masked).scatter_(1, conf.argmax(dim=1, keepdim=True), True)
+    return masked & ((conf > settings.threshold) | best), tokens
 
 
 # --------------------------------------------------------------------------- samplers
