@@ -179,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path, help="curve plot (default RUN/recon.png)")
 
+    p = sub.add_parser(
+        "eval-ppl",
+        help="perplexity bound on any corpus: MDLM, auto-encoder (conditional), LaDiff",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", help="data.source of the rows (default: the run's own held-out)")
+    p.add_argument("--heldout-docs", type=positive, help="documents held out of --data")
+    p.add_argument("--sequences", type=positive, default=64, help="held-out rows")
+    p.add_argument("--mc-samples", type=positive, default=32, help="Monte Carlo draws / row")
+    p.add_argument("--probes", type=positive, default=1, help="LaDiff: Hutchinson probes")
+    p.add_argument(
+        "--t0",
+        default="0.01,0.05,0.1,0.2,0.4",
+        help="LaDiff: times of q(z | x) to try (the tightest)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--json", type=Path)
+
     p = sub.add_parser("eval-latent", help="latent-prior diagnostics of a LaDiff/DiLaDiff run")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--num-samples", type=positive, default=256, help="prior samples, held-out rows")
@@ -590,6 +610,27 @@ def cmd_eval_recon(args) -> int:
     return 0
 
 
+def cmd_eval_ppl(args) -> int:
+    from diladiff.eval.ppl import eval_ppl
+    from diladiff.eval.protocol import write_result
+    from diladiff.train.distributed import pick_device
+
+    device = pick_device(args.device)
+    kw = dict(heldout_docs=args.heldout_docs, probes=args.probes, weights=args.weights)
+    kw["t0s"] = tuple(number_list(args.t0, "--t0", float, minimum=1e-6))
+    res = eval_ppl(
+        args.run_dir, args.data, args.sequences, args.mc_samples, args.seed, device, **kw
+    )
+    terms = [k for k in res if k.endswith("_per_token")] + ["t0"] * ("t0" in res)
+    print(
+        f"{res['stage']} on {res['data']}: {res['bound']} <= {res['nll_bound']:.4f} nats/token, "
+        f"perplexity <= {res['ppl_bound']:.2f}" + "".join(f"\n  {k} = {res[k]:.4f}" for k in terms)
+    )
+    if args.json:
+        write_result(args.json, res)
+    return 0
+
+
 def cmd_eval_latent(args) -> int:
     from diladiff.eval.bench import format_table
     from diladiff.eval.latent_diag import (
@@ -778,6 +819,7 @@ COMMANDS = {
     "export": cmd_export,
     "eval": cmd_eval,
     "eval-recon": cmd_eval_recon,
+    "eval-ppl": cmd_eval_ppl,
     "eval-latent": cmd_eval_latent,
     "report": cmd_report,
     "frontier": cmd_frontier,
