@@ -1,0 +1,38 @@
+"""What every analysis needs: the decoder with its encoder, held-out rows, and output paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diladiff.config import ConfigError
+from diladiff.eval.ppl import corpus_rows
+from diladiff.runs import load_run
+
+
+def load_autoencoder(run_dir, device):
+    """(the auto-encoder stage inside an auto-encoder, LaDiff or DiLaDiff run, tokenizer)."""
+    stage, tok = load_run(run_dir, device=device)
+    ae = getattr(stage, "decoder_stage", stage)
+    if not (hasattr(ae, "encode") and hasattr(ae, "cross")):
+        raise ConfigError(
+            f"{run_dir} is a {stage.kind} run; the analyses need an auto-encoder, LaDiff or "
+            "DiLaDiff run (an encoder and a latent-conditioned decoder)"
+        )
+    return ae, tok
+
+
+def heldout(ae, tok, source, rows: int, device):
+    """`rows` held-out rows of `source` (default: the run's own data)."""
+    return corpus_rows(ae, tok, source, rows, None, device)
+
+
+def write_outputs(result: dict, out: Path, name: str, fig) -> tuple[Path, Path]:
+    """out/<name>.json and out/<name>.png."""
+    from diladiff.plotting import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    save(fig, png_path)
+    return json_path, png_path
