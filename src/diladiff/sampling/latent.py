@@ -218,6 +218,14 @@ def time_grid(steps: int, grid=None, device="cpu") -> torch.Tensor:
     return g.to(device)
 
 
+def _ode_start(steps, grid, shape, generator, device, dtype):
+    """What the ODE samplers start from: the checked time grid and z_1 ~ N(0, I)."""
+    if steps < 1:
+        raise ValueError(f"cont_steps must be >= 1, got {steps}")
+    grid = time_grid(steps, grid, device)
+    return grid, torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 @torch.no_grad()
 def euler_ode_sample(
     x0_fn: Callable,
@@ -233,10 +241,7 @@ def euler_ode_sample(
     """z_0 from z_1 ~ N(0, I) by `steps` Euler steps of the PF-ODE; returns (z_0, network calls).
     x0_fn(z_t, t, z_sc) -> z_hat, t of shape (B,). `grid`: steps + 1 decreasing times (default
     uniform 1 -> 0)."""
-    if steps < 1:
-        raise ValueError(f"cont_steps must be >= 1, got {steps}")
-    grid = time_grid(steps, grid, device)
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    grid, z = _ode_start(steps, grid, shape, generator, device, dtype)
     z_sc = torch.zeros_like(z)
     for i in range(steps):
         t = grid[i].expand(shape[0]).to(dtype)
@@ -261,10 +266,7 @@ def heun_ode_sample(
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) by `steps` Heun steps of the PF-ODE (module docstring); returns
     (z_0, network calls). Arguments as euler_ode_sample's."""
-    if steps < 1:
-        raise ValueError(f"cont_steps must be >= 1, got {steps}")
-    grid = time_grid(steps, grid, device)
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    grid, z = _ode_start(steps, grid, shape, generator, device, dtype)
     z_sc, calls = torch.zeros_like(z), 0
 
     def predict(z_t, t, sc):
@@ -299,15 +301,12 @@ def dpm_solver_2m_sample(
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) by `steps` DPM-Solver++(2M) steps (module docstring); returns
     (z_0, network calls). Arguments as euler_ode_sample's."""
-    if steps < 1:
-        raise ValueError(f"cont_steps must be >= 1, got {steps}")
-    grid = time_grid(steps, grid, device)
+    grid, z = _ode_start(steps, grid, shape, generator, device, dtype)
     alpha, sigma = (x.tolist() for x in alpha_sigma(grid.double().cpu(), d))
     lam = [
         math.log(a / s) if a > 0 and s > 0 else (math.inf if s == 0 else -math.inf)
         for a, s in zip(alpha, sigma, strict=True)
     ]
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     z_sc = torch.zeros_like(z)
     previous, h_previous = None, math.inf
     for i in range(steps):
