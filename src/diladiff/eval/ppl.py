@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from diladiff.config import ConfigError
 from diladiff.data.packing import prepare_data
+from diladiff.data.sources import source_from_config
 from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
 from diladiff.processes.flow_likelihood import pf_ode_log_likelihood
 from diladiff.processes.gaussian import alpha_sigma
@@ -46,12 +47,17 @@ from diladiff.stages import LatentStage
 def corpus_rows(stage, tok, source: str | None, count: int, heldout_docs: int | None, device):
     """`count` held-out rows of `source` (default: the run's own data), tokenised and packed
     with the run's tokenizer and L; the last `heldout_docs` documents are held out (default:
-    the run's data.heldout_docs)."""
+    the run's data.heldout_docs; for another corpus with no more documents than that, half of
+    its documents: the model saw none of them, the split only picks which to read)."""
     cfg = dataclasses.replace(stage.cfg.data, max_docs=0)
     if source:
         cfg = dataclasses.replace(cfg, source=source)
     if heldout_docs:
         cfg = dataclasses.replace(cfg, heldout_docs=heldout_docs)
+    elif source and source != stage.cfg.data.source and not cfg.streaming:
+        docs = len(source_from_config(cfg))
+        if cfg.heldout_docs >= docs > 1:
+            cfg = dataclasses.replace(cfg, heldout_docs=docs // 2)
     data = prepare_data(cfg, tok, progress=False)
     return torch.from_numpy(np.asarray(data.val[:count], dtype=np.int64)).to(device)
 
