@@ -41,6 +41,17 @@ def test_exact_trace_matches_the_closed_form():
     assert torch.allclose(logp, closed_form(z), atol=2e-3)
 
 
+def test_rademacher_probes_are_exact_for_a_diagonal_prior():
+    """N(mu, diag(s^2)) has a diagonal Jacobian, so eps^T J eps = tr J for every Rademacher eps:
+    one probe gives the exact-trace result and the closed form."""
+    z = points(8, seed=1)
+    g = torch.Generator().manual_seed(0)
+    one, _ = pf_ode_log_likelihood(x0_fn, z, D, T0, g, probes=1, rtol=1e-6, atol=1e-6)
+    exact, _ = pf_ode_log_likelihood(x0_fn, z, D, T0, exact=True, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(one, exact, atol=1e-6)
+    assert torch.allclose(one, closed_form(z), atol=2e-3)
+
+
 COV = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, -0.5], [0.0, -0.5, 1.0]], dtype=torch.float64)
 
 
@@ -87,7 +98,8 @@ def chain(tmp_path_factory):
 
 def test_eval_ppl_end_to_end(chain, tmp_path, capsys):
     """MDLM: the eval-recon bound on the same rows and seed; auto-encoder: flagged
-    conditional; LaDiff: finite terms that add up, one entry per t0, the tightest reported."""
+    conditional; LaDiff: finite terms that add up, one entry per t0 (t_eps first by default),
+    the tightest reported."""
     import json
 
     from diladiff.cli import main
@@ -102,15 +114,43 @@ def test_eval_ppl_end_to_end(chain, tmp_path, capsys):
         lambda x, c: stage.log_probs(x), x0, stage.mask_id, 4, torch.Generator().manual_seed(0)
     )
     assert mdlm["nll_bound"] == pytest.approx(direct["nll_bound"]) and not mdlm["conditional"]
-    assert eval_ppl(chain["ae"], sequences=4, mc_samples=4)["conditional"]
+    assert mdlm["bound"] == "-log p(x)" and mdlm["sequences"] == 4
+    ae = eval_ppl(chain["ae"], sequences=4, mc_samples=4)
+    assert ae["conditional"] and ae["bound"] == "-log p(x | E(x))"
+
     out = tmp_path / "ppl.json"
-    argv = ["eval-ppl", str(chain["ladiff"]), "--sequences", "4", "--mc-samples", "2"]
+    argv = ["eval-ppl", str(chain["ladiff"]), "--num-sequences", "4", "--samples", "2"]
     assert main(argv + ["--t0", "0.1,0.3", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert [r["t0"] for r in res["per_t0"]] == [0.1, 0.3]
+    assert res["construction"] == "reconstructed" and not res["conditional"]
+    assert [r["t0"] for r in res["per_t0"]] == [0.1, 0.3] and res["at_t_eps"] is None
     assert res["nll_bound"] == min(r["nll_bound"] for r in res["per_t0"])
     for r in res["per_t0"]:
         parts = r["decoder_nll_per_token"] + r["prior_nll_per_token"]
-        assert math.isfinite(r["nll_bound"])
+        assert math.isfinite(r["nll_bound"]) and math.isfinite(r["prior_nll_stderr_per_token"])
         assert r["nll_bound"] == pytest.approx(parts - r["posterior_entropy_per_token"])
-    assert "reconstructed LaDiff ELBO" in capsys.readouterr().out
+        assert "no self-conditioning" in r["denoiser"]
+    assert "t0=0.3:" in capsys.readouterr().out
+
+    default = eval_ppl(chain["ladiff"], sequences=2, mc_samples=1)
+    t_eps = default["at_t_eps"]["t0"]
+    assert [r["t0"] for r in default["per_t0"]] == [t_eps, 0.01, 0.1, 0.4, 0.8]
+
+
+def test_eval_ppl_on_a_small_foreign_corpus(chain, tmp_path, capsys):
+    """--data a corpus with fewer documents than the run's data.heldout_docs (40): half of
+    them are read (the model saw none); a bad source is one error line."""
+    from conftest import write_jsonl
+
+    from diladiff.cli import main
+    from diladiff.eval.ppl import eval_ppl
+
+    words = "the cat sat on a mat while it rained and the dog ran home".split()
+    texts = [" ".join(words[i % 5 :] * 4) for i in range(10)]
+    corpus = write_jsonl(tmp_path / "small.jsonl", texts)
+    res = eval_ppl(chain["mdlm"], str(corpus), sequences=3, mc_samples=2)
+    assert res["data"] == str(corpus) and 1 <= res["sequences"] <= 3
+    assert math.isfinite(res["nll_bound"])
+    assert main(["eval-ppl", str(chain["mdlm"]), "--data", str(tmp_path / "none.jsonl")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error")

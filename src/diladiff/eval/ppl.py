@@ -1,28 +1,56 @@
 """`diladiff eval-ppl`: a perplexity bound on any corpus for an MDLM, an auto-encoder or a
-LaDiff run (zero-shot perplexity: e.g. a wiki-vital model on `austen`).
+LaDiff run (zero-shot perplexity: e.g. a wiki-vital model on `austen`). Every figure is an
+upper bound on the negative log-likelihood of L-token rows, in nats per token (divided by L),
+and as a perplexity exp(.).
 
-- MDLM: the discrete-ratio bound on -log p(x) (eval/recon.py).
+- MDLM: the discrete-ratio bound on -log p(x) (eval/recon.py `discrete_ratio_bound`, the
+  estimator eval-recon reports; the same rows, seed and draws give the same number).
 - Auto-encoder: the same bound for its decoder given the encoder's latent of x: a bound on
-  -log p(x | z = E(x)), not on -log p(x) (`conditional: true`).
-- LaDiff (reconstructed; DESIGN.md does not give App. G.2's formula): the encoder is
-  deterministic and has no density, so take the variational posterior q(z | x) = the VP
-  forward kernel at the schedule's smallest time t0 = diffusion.t_eps in prior space,
-  z_t0 = alpha_t0 E_p(x) + sigma_t0 eps, and bound
+  -log p(x | z = E(x)), not on -log p(x) (`conditional: true`; x is seen through its latent).
+- LaDiff: a variational bound, *reconstructed* for this project (DESIGN.md does not give the
+  paper's App. G.2 formula; the JSON says `construction: reconstructed`). Everything lives in
+  the prior's standardised space z = (E(x) - m) / s (stage.prior_latents), so no
+  log-determinant of the standardiser enters: the decoder's conditioning map (decoder space
+  m + s z) is part of p_theta(x | z), a deterministic function of z inside a likelihood.
 
-      -log p(x) <= E_q[-log p_theta(x | z)] + E_q[-log p_psi(z_t0)] - H(q),
-      H(q) = (D / 2) log(2 pi e sigma_t0^2),   D = N_z d_z,
+  The generative model, for a time t0 in (0, 1) (the "model at t0"): z_1 ~ N(0, I), the
+  probability-flow ODE of the prior's x0-denoiser from 1 down to t0 gives z_t0 with density
+  p_psi,t0 (processes.flow_likelihood), then x ~ p_theta(x | g(z_t0)) with the final
+  x0-prediction jump g(z) = z_psi(z, t0) (how the DPM-Solver++ and DDPM samplers end; as
+  t0 -> 0, g -> the identity and the model -> the exact PF-ODE sampler). The encoder is
+  deterministic and has no density, so the variational posterior is the VP forward kernel at
+  t0 around the encoder's latent,
 
-  with -log p_theta(x | z) the decoder's discrete-ratio bound given the decoder-space latent
-  of z_t0 / alpha_t0, and log p_psi(z_t0) the prior's probability-flow ODE log-likelihood
-  (processes.flow_likelihood: RK45 via torchdiffeq, Hutchinson divergence, the denoiser without
-  self-conditioning: the ODE needs one fixed vector field). One draw of eps per row. Every t0
-  gives a valid bound (sigma_t0 is a free parameter of q): the command evaluates a few and
-  reports each and the tightest. At the training t_eps (1e-4) an undertrained prior's
-  denoiser is far from the identity (the ODE's velocity ~ (z - alpha z_hat) / t), and the
-  bound is millions of nats; from t0 ~ 0.05 it is finite and close to the decoder's.
+      q(z_t0 | x) = N(alpha_t0 E_p(x), sigma_t0^2 I),   D = N_z d_z dimensions,
 
-Reported per token (nats, divided by L) and as a perplexity exp(.); the LaDiff terms also
-separately.
+  and Jensen's inequality gives, for any t0,
+
+      -log p(x) <= E_q[-log p_theta(x | g(z_t0))]          (decoder term)
+                 + E_q[-log p_psi,t0(z_t0)]                 (prior term)
+                 - H(q),   H(q) = (D / 2) log(2 pi e sigma_t0^2)   (posterior entropy),
+
+  the decoder term the discrete-ratio bound of the decoder given decoder-space latents of
+  g(z_t0), the prior term by the PF-ODE: log p_psi,t0(z) = log N(z_1; 0, I) + int_{t0}^{1}
+  div v(z_t, t) dt (RK45, Hutchinson divergence). One draw of q per row, shared by both terms
+  (and, with one seed, by every t0: common random numbers across t0).
+
+  The denoiser in the ODE is z_psi(z_t, t) without self-conditioning (z_sc = None): the
+  change of variables needs one vector field of (z, t), and the sampler's self-conditioning
+  (the previous step's prediction) depends on the path, not on (z, t); LaDiff trains the plain
+  call on a 1 - diffusion.self_cond_prob share of its batches (0.5 by default). A run trained
+  with self_cond_prob = 1 never trained that call; it gets the fixed two-pass field
+  z_psi(z, t, z_psi(z, t)) instead, differentiated through both passes (`denoiser` in the
+  JSON says which).
+
+  The command reports the bound at each t0 of a grid (`per_t0`) and the tightest as `nll_bound`.
+  The first grid time is diffusion.t_eps, the schedule's smallest noise level (the model
+  closest to LaDiff's sampler, `at_t_eps`); an undertrained prior's denoiser is far from the
+  identity there (z - z_psi(z, t) ~ 0.2 at t = 0.01 on the demo), the ODE's velocity ~
+  (z - alpha z_hat) / t pushes the encoder's latents far out, and that bound is enormous.
+  Larger t0 give bounds on models that stop the ODE earlier; as t0 -> 1 the prior term -> 0
+  and the bound -> the decoder's given a latent that ignores x. The minimum over t0 is chosen
+  on the evaluated rows (a small optimism with a handful of t0); the per-t0 terms show where
+  the latent pays for its cost.
 """
 
 from __future__ import annotations
@@ -43,6 +71,9 @@ from diladiff.processes.gaussian import alpha_sigma
 from diladiff.runs import load_run
 from diladiff.stages import LatentStage
 
+# later q(z | x) times after diffusion.t_eps (the default grid)
+DEFAULT_T0S = (0.01, 0.1, 0.4, 0.8)
+
 
 def corpus_rows(stage, tok, source: str | None, count: int, heldout_docs: int | None, device):
     """`count` held-out rows of `source` (default: the run's own data), tokenised and packed
@@ -59,7 +90,10 @@ def corpus_rows(stage, tok, source: str | None, count: int, heldout_docs: int | 
         if cfg.heldout_docs >= docs > 1:
             cfg = dataclasses.replace(cfg, heldout_docs=docs // 2)
     data = prepare_data(cfg, tok, progress=False)
-    return torch.from_numpy(np.asarray(data.val[:count], dtype=np.int64)).to(device)
+    rows = torch.from_numpy(np.asarray(data.val[:count], dtype=np.int64)).to(device)
+    if not len(rows):
+        raise ConfigError(f"{cfg.source!r} has no held-out rows of {cfg.seq_len} tokens")
+    return rows
 
 
 def _masked_bound(stage, x0, mc_samples, seed, device, condition=None):
@@ -69,11 +103,21 @@ def _masked_bound(stage, x0, mc_samples, seed, device, condition=None):
     return discrete_ratio_bound(log_probs, x0, stage.mask_id, mc_samples, gen, condition=cond)
 
 
+def prior_denoiser(stage):
+    """(x0_fn(z, t), description): the vector field's denoiser (module docstring)."""
+    if stage.cfg.diffusion.self_cond_prob < 1.0:
+        return (lambda z, t: stage.x0(z, t)), "z_psi(z_t, t) (no self-conditioning)"
+    return (
+        lambda z, t: stage.x0(z, t, stage.x0(z, t)),
+        "z_psi(z_t, t, z_psi(z_t, t)) (two passes: trained only self-conditioned)",
+    )
+
+
 def latent_bound(
-    stage, x0, mc_samples, seed, device, probes=1, t0=None, rtol=1e-4, atol=1e-4
+    stage, x0, mc_samples, seed, device, probes=1, t0=None, rtol=1e-4, atol=1e-4, batch=16
 ) -> dict:
-    """The reconstructed LaDiff bound (module docstring) on rows x0, per token; t0 defaults to
-    diffusion.t_eps."""
+    """The reconstructed LaDiff bound (module docstring) on rows x0 at q's time t0 (default
+    diffusion.t_eps), per token; the PF-ODE in chunks of `batch` rows."""
     dc = stage.cfg.diffusion
     t0 = t0 or dc.t_eps
     a, s = (float(v) for v in alpha_sigma(torch.tensor(t0, dtype=torch.float64), dc.d))
@@ -81,37 +125,54 @@ def latent_bound(
     z_p = stage.prior_latents(x0).float()
     z_t0 = a * z_p + s * torch.randn(z_p.shape, generator=gen, device=z_p.device)
     dims = z_p[0].numel()
-    log_p, nfe = pf_ode_log_likelihood(
-        lambda z, t: stage.x0(z, t), z_t0, dc.d, t0, gen, probes, rtol=rtol, atol=atol
-    )
+    x0_fn, denoiser = prior_denoiser(stage)
+    log_p, nfe = [], 0
+    bar = tqdm(total=len(x0), desc=f"PF-ODE t0={t0:g}", unit="seq", leave=False)
+    for chunk in z_t0.split(batch):
+        lp, calls = pf_ode_log_likelihood(
+            x0_fn, chunk, dc.d, t0, gen, probes, rtol=rtol, atol=atol
+        )
+        log_p.append(lp)
+        nfe += calls
+        bar.update(len(chunk))
+    bar.close()
+    log_p = torch.cat(log_p)
     entropy = 0.5 * dims * math.log(2 * math.pi * math.e * s**2)
-    # discrete_ratio_bound asks for the latents of x0[i : i + batch] in order, once each
-    batch = 64
-    chunks = iter(stage.to_decoder_space(z_t0 / a).split(batch))
-    log_probs = stage.decoder_stage.log_probs
+    # g(z_t0) = z_psi(z_t0, t0): the latent the decoder is given
+    latents = torch.cat(
+        [x0_fn(c, torch.full((len(c),), t0, device=c.device)) for c in z_t0.split(64)]
+    )
+    # discrete_ratio_bound asks for the latents of x0[i : i + 64] in order, once each
+    chunks = iter(stage.to_decoder_space(latents).split(64))
     dec = discrete_ratio_bound(
-        log_probs,
+        stage.decoder_stage.log_probs,
         x0,
         stage.mask_id,
         mc_samples,
         gen,
-        batch_size=batch,
+        batch_size=64,
         condition=lambda rows: next(chunks),
     )
     length = x0.shape[1]
     prior_nll = float(-log_p.mean()) / length
-    kl_part = prior_nll - entropy / length
-    total = dec["nll_bound"] + kl_part
+    spread = float(log_p.std()) / math.sqrt(len(log_p)) / length if len(log_p) > 1 else 0.0
+    total = dec["nll_bound"] + prior_nll - entropy / length
     return {
         "nll_bound": total,
         "ppl_bound": math.exp(min(total, 700.0)),  # capped: an exp(700) bound says enough
         "decoder_nll_per_token": dec["nll_bound"],
         "prior_nll_per_token": prior_nll,
         "posterior_entropy_per_token": entropy / length,
+        "prior_nll_stderr_per_token": spread,  # over rows: data and Hutchinson noise
         "latent_dims": dims,
         "t0": t0,
+        "alpha_t0": a,
+        "sigma_t0": s,
         "ode_function_evals": nfe,
         "probes": probes,
+        "rtol": rtol,
+        "atol": atol,
+        "denoiser": denoiser,
         "recovery": dec["recovery"],
     }
 
@@ -127,29 +188,41 @@ def eval_ppl(
     heldout_docs: int | None = None,
     probes: int = 1,
     weights: str = "ema",
-    t0s: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.4),
+    t0s: tuple[float, ...] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
 ) -> dict:
     """The perplexity bound of a run on `sequences` held-out rows of `source` (LaDiff: at each
-    q(z | x) time in `t0s`, the tightest reported as the bound)."""
+    q(z | x) time in `t0s`, default diffusion.t_eps and DEFAULT_T0S; the tightest reported as
+    the bound, each in `per_t0`)."""
     stage, tok = load_run(run_dir, which=weights, device=device)
+    if isinstance(stage, LatentStage) and (
+        not hasattr(stage, "x0") or stage.latent_decoding != "masked"
+    ):
+        raise ConfigError(
+            f"eval-ppl bounds MDLM, auto-encoder and LaDiff runs; {stage.kind} has no "
+            "x0-prediction prior with a masked decoder (a DiLaDiff run: use its teacher)"
+        )
+    if not isinstance(stage, LatentStage) and stage.generation != "masked":
+        raise ConfigError(f"eval-ppl has no bound for a {stage.kind} run")
     x0 = corpus_rows(stage, tok, source, sequences, heldout_docs, device)
     out = {"run": str(run_dir), "stage": stage.kind, "data": source or stage.cfg.data.source}
     out.update(sequences=len(x0), seq_len=x0.shape[1], mc_samples=mc_samples, seed=seed)
     if isinstance(stage, LatentStage):
-        if not hasattr(stage, "x0") or stage.latent_decoding != "masked":
-            raise ConfigError(
-                f"eval-ppl bounds MDLM, auto-encoder and LaDiff runs; {stage.kind} has no "
-                "x0-prediction prior with a masked decoder (a DiLaDiff run: use its teacher)"
-            )
+        t_eps = stage.cfg.diffusion.t_eps
+        t0s = tuple(t0s) if t0s else (t_eps, *(t for t in DEFAULT_T0S if t > t_eps))
         per_t0 = [
-            latent_bound(stage, x0, mc_samples, seed, device, probes, t0)
-            for t0 in tqdm(t0s, desc="eval-ppl (PF-ODE per t0)", leave=False)
+            latent_bound(stage, x0, mc_samples, seed, device, probes, t0, rtol, atol)
+            for t0 in tqdm(t0s, desc="eval-ppl (per t0)", leave=False)
         ]
         best = min(per_t0, key=lambda r: r["nll_bound"])
-        out.update(bound="reconstructed LaDiff ELBO (tightest t0)", conditional=False)
+        out.update(
+            bound="-log p(x): LaDiff ELBO, tightest t0",
+            construction="reconstructed",
+            conditional=False,
+            at_t_eps=next((r for r in per_t0 if r["t0"] == t_eps), None),
+        )
         return {**out, **best, "per_t0": per_t0}
-    if stage.generation != "masked":
-        raise ConfigError(f"eval-ppl has no bound for a {stage.kind} run")
     bound = _masked_bound(stage, x0, mc_samples, seed, device)
     conditional = hasattr(stage, "encode")
     what = "-log p(x | E(x))" if conditional else "-log p(x)"

@@ -1,16 +1,30 @@
 """The probability-flow ODE log-likelihood of a VP diffusion with an x0-prediction denoiser
 (pure math: the denoiser enters as a callable).
 
-The PF-ODE dz/dt = v(z_t, t) (processes.gaussian.velocity_from_x0) carries the density along by
-the instantaneous change of variables, d log p_t(z_t) / dt = -div v(z_t, t), so
+With the schedule z_t = alpha_t z_0 + sigma_t eps (processes.gaussian, tangent schedule of
+sharpness d) and a denoiser z_hat = x0_fn(z_t, t) ~ E[z_0 | z_t], the PF-ODE is
 
-    log p_{t0}(z_{t0}) = log N(z_1; 0, I) + int_{t0}^{1} div v(z_t, t) dt,
+    dz_t / dt = v(z_t, t) = alpha'_t z_hat + sigma'_t (z_t - alpha_t z_hat) / sigma_t
 
-integrated from t0 (the schedule's t_eps) to 1 together with z_t by an adaptive Runge-Kutta
-method (torchdiffeq's dopri5, i.e. RK45). The divergence is Hutchinson's estimate
-div v ~ eps^T (dv/dz) eps with Rademacher eps, `probes` of them, fixed along the trajectory
-(one vector-Jacobian product each), or the exact trace (`exact=True`: one product per
-dimension; for small latents and tests).
+(processes.gaussian.velocity_from_x0). It carries the density along by the instantaneous change
+of variables, d log p_t(z_t) / dt = -div v(z_t, t), so that integrating the joint state
+
+    d/dt [z_t, delta_t] = [v(z_t, t), div v(z_t, t)],   z_{t0} = z,  delta_{t0} = 0,
+
+from t0 (the schedule's t_eps or any later time) to 1 gives
+
+    log p_{t0}(z) = log N(z_1; 0, I) + delta_1,
+    log N(z_1; 0, I) = -||z_1||^2 / 2 - (D / 2) log(2 pi),   D = dimensions per row,
+
+by an adaptive Runge-Kutta method (torchdiffeq's dopri5, i.e. RK45, with `rtol` / `atol`).
+The divergence is Hutchinson's estimate with K = `probes` Rademacher vectors eps_k (entries
++-1, drawn once per trajectory and fixed along it, so that the integrand is one smooth
+function of t), each by one vector-Jacobian product (torch.autograd.grad):
+
+    div v ~ (1 / K) sum_k eps_k^T (dv / dz) eps_k,
+
+unbiased (E[eps eps^T] = I) and exact for a diagonal Jacobian; or the exact trace
+(`exact=True`: one product per dimension; for small latents and tests).
 """
 
 from __future__ import annotations
