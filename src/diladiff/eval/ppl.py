@@ -129,9 +129,7 @@ def latent_bound(
     log_p, nfe = [], 0
     bar = tqdm(total=len(x0), desc=f"PF-ODE t0={t0:g}", unit="seq", leave=False)
     for chunk in z_t0.split(batch):
-        lp, calls = pf_ode_log_likelihood(
-            x0_fn, chunk, dc.d, t0, gen, probes, rtol=rtol, atol=atol
-        )
+        lp, calls = pf_ode_log_likelihood(x0_fn, chunk, dc.d, t0, gen, probes, rtol=rtol, atol=atol)
         log_p.append(lp)
         nfe += calls
         bar.update(len(chunk))
