@@ -117,7 +117,7 @@ def test_nfe_counts():
 
 
 @pytest.mark.parametrize("sampler", ["fast", "reference"])
-@pytest.mark.parametrize("strategy", ["ancestral", "topk"])
+@pytest.mark.parametrize("strategy", ["ancestral", "topk", "threshold"])
 def test_no_mask_remains_and_revealed_tokens_never_change(strategy, sampler):
     decoder, calls = make_decoder()
     x, stats = sample(decoder, strategy=strategy, sampler=sampler, cache=False)
@@ -130,7 +130,7 @@ def test_no_mask_remains_and_revealed_tokens_never_change(strategy, sampler):
 
 
 @pytest.mark.parametrize("sampler", ["fast", "reference"])
-@pytest.mark.parametrize("strategy", ["ancestral", "topk"])
+@pytest.mark.parametrize("strategy", ["ancestral", "topk", "threshold"])
 def test_cached_and_uncached_sampling_are_identical(strategy, sampler):
     """48 steps for L = 12: most steps reveal nothing (top-k: k = 0), so x_t often repeats."""
     out = {}
@@ -141,9 +141,10 @@ def test_cached_and_uncached_sampling_are_identical(strategy, sampler):
         )
         out[cache] = (x, stats.nfe)
     assert torch.equal(out[True][0], out[False][0])
-    if sampler == "fast" and strategy == "ancestral":
-        # it draws (and runs the trunk) only at steps that reveal, which then change x_t:
-        # each state is seen once, with or without the cache
+    if strategy == "threshold" or (sampler == "fast" and strategy == "ancestral"):
+        # fast ancestral draws (and runs the trunk) only at steps that reveal, which then change
+        # x_t; threshold reveals at least one token per row every step: each state is seen once,
+        # with or without the cache
         assert out[True][1] == out[False][1]
     else:
         assert out[True][1] < out[False][1]
@@ -215,7 +216,7 @@ def _stage(kind, monkeypatch):
     return stage.double().eval()
 
 
-@pytest.mark.parametrize("strategy", ["ancestral", "topk"])
+@pytest.mark.parametrize("strategy", ["ancestral", "topk", "threshold"])
 @pytest.mark.parametrize("kind", ["mdlm", "autoencoder"])
 def test_real_stages_give_identical_samples_in_float64(kind, strategy, monkeypatch):
     stage = _stage(kind, monkeypatch)

@@ -88,7 +88,8 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--confidence-threshold",
         type=float,
-        help="the threshold strategy: reveal every token drawn with at least this probability",
+        help="the threshold strategy: reveal every token drawn with a probability above this, "
+        "at least one per row and step (default: the run's sample.confidence_threshold, 0.9)",
     )
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         if what == "latent":
             a.add_argument("--bertscore-model", help="default: bert-score's English model")
             a.add_argument("--disc-steps", type=non_negative, default=0, help="0: the run's")
+            a.add_argument("--pool-pairs", type=positive, default=1, help="latent pairs A, B")
         if what == "robustness":
             a.add_argument("--mc-samples", type=positive, default=16, help="masks per row")
 
@@ -710,6 +712,10 @@ def cmd_analyze(args) -> int:
 
     device = pick_device(args.device)
     ae, tok = common.load_autoencoder(args.run_dir, device)
+    if args.what == "latent":  # before the data: a model that cannot load fails fast
+        from diladiff.analysis import latent_semantics as mod
+
+        scorer = mod.BertScore(args.bertscore_model, device)
     x0 = common.heldout(ae, tok, args.data, args.num_rows, device)
     title = f"{args.run_dir.name}: {args.what}"
     if args.what == "robustness":
@@ -721,10 +727,9 @@ def cmd_analyze(args) -> int:
 
         result = mod.cross_attention_use(ae, x0, seed=args.seed)
     else:
-        from diladiff.analysis import latent_semantics as mod
-
-        scorer = mod.BertScore(args.bertscore_model, device)
-        result = mod.latent_semantics(ae, tok, x0, scorer, args.disc_steps, args.seed)
+        result = mod.latent_semantics(
+            ae, tok, x0, scorer, args.disc_steps, args.seed, pool_pairs=args.pool_pairs
+        )
     result = {"run": str(args.run_dir), "analysis": args.what, **result}
     out = args.out or args.run_dir / "analysis"
     paths = common.write_outputs(result, out, args.what, mod.plot(result, title))

@@ -6,13 +6,18 @@ self-attention of that block,
 
     contribution = || update || / || residual stream entering the layer ||
 
-(Frobenius norms over the batch's positions): the cross-attention's update is its output minus
-its input (h + W_out Attn(...) - h); the self-attention's is its gated output before it is added
-to the stream."""
+(Frobenius norms over all rows and positions of the batch, masked and unmasked): the
+cross-attention's update is its output minus its input (h + W_out Attn(...) - h, measured
+against the stream h entering it, i.e. leaving block k); the self-attention's is the output of
+block k's attention module, which the block adds to the stream unchanged (the auto-encoder's
+decoder is not time-conditioned, so no adaLN gate), measured against the stream entering
+block k. The latent is the encoder's, clean; the masks are drawn from a generator seeded with
+`seed` (the same rows in every bin)."""
 
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from diladiff.processes.masking import mask_exactly
 
@@ -51,7 +56,7 @@ def cross_attention_use(ae, x0: torch.Tensor, bins: int = 10, seed: int = 0) -> 
         hooks.append(blocks[int(k)].attn.register_forward_hook(post))
     out = []
     try:
-        for b in range(bins):
+        for b in tqdm(range(bins), desc="cross-attention", unit="bin"):
             ratio = (b + 0.5) / bins
             count = max(1, round(ratio * x0.shape[1]))
             counts = torch.full((len(x0),), count, device=x0.device)
@@ -64,7 +69,12 @@ def cross_attention_use(ae, x0: torch.Tensor, bins: int = 10, seed: int = 0) -> 
     finally:
         for h in hooks:
             h.remove()
-    return {"bins": out, "rows": len(x0), "seed": seed}
+    return {
+        "bins": out,
+        "injected_after_blocks": sorted(int(k) for k in ae.cross),
+        "rows": len(x0),
+        "seed": seed,
+    }
 
 
 def plot(result: dict, title: str):
