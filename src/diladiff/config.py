@@ -110,6 +110,18 @@ class TrainConfig:
     # "tensorboard": also write every logged value to RUN/tensorboard (the `tensorboard` extra;
     # `tensorboard --logdir runs/`); "none": log.jsonl and curve.png only.
     logger: str = "none"
+    # Data parallelism under torchrun (more than one process; a single process always trains
+    # the plain module, so the same command and checkpoint work at any world size):
+    # "ddp" (DistributedDataParallel: every process holds the whole model, its gradients and
+    # AdamW state) or "fsdp" (torch's FSDP2 fully_shard: the trainable parameters, gradients
+    # and AdamW state are sharded across processes, gathered per transformer block where the
+    # stage allows it (stages/base.py fsdp_per_block), else once per forward; frozen parts,
+    # e.g. a frozen auto-encoder or teacher, stay replicated; train/sharding.py). Checkpoints
+    # hold full tensors either way: a run can resume under the other one.
+    parallel: str = "ddp"
+
+
+PARALLEL = ("ddp", "fsdp")  # train.parallel
 
 
 @dataclass

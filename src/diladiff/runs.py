@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-from diladiff.config import Config, ConfigError, apply_overrides, build_config, check_warmups
+from diladiff.config import (
+    PARALLEL,
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    check_warmups,
+)
 from diladiff.data.packing import prepare_data
 from diladiff.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_identity
 from diladiff.errors import CheckpointError
@@ -84,6 +91,8 @@ def train_run(
     cfg, resumed, parents = resolve_config(kind, run_dir, preset, list(overrides or []), parents)
     if cfg.train.logger not in LOGGERS:  # before anything is written
         raise ConfigError(f"train.logger must be one of {LOGGERS}, not {cfg.train.logger!r}")
+    if cfg.train.parallel not in PARALLEL:
+        raise ConfigError(f"train.parallel must be one of {PARALLEL}, not {cfg.train.parallel!r}")
     warmup_warnings = check_warmups(cfg.train, STAGES[kind].warmups(cfg))
     env = setup(cfg.train.device)
     try:

@@ -77,6 +77,12 @@ class Stage(nn.Module):
     reports: ClassVar[tuple[str, ...]] = ()
     # How sampling.generate.sample_batch draws from it (a name in GENERATIONS there).
     generation: ClassVar[str] = "masked"
+    # train.parallel=fsdp (train/sharding.py): True when the forward runs the network's blocks
+    # the same number of times in the same order on every rank; then each block is its own FSDP
+    # unit, gathered for its own forward and backward only. FSDP deadlocks when one rank
+    # gathers a block another does not (a pass drawn per rank: the self-conditioning of LaDiff,
+    # LDLM and DiLaDiff), so by default the whole stage is one unit, gathered once per forward.
+    fsdp_per_block: ClassVar[bool] = False
     # An optional baseline: the pipeline trains it only when asked (--stages).
     optional: ClassVar[bool] = False
     # Share of a pipeline --budget-minutes for training this stage.

@@ -69,6 +69,7 @@ class DUO(Stage):
     eval_samplers = ({"strategy": "ancestral"}, {"strategy": "greedy_tail"})
     generation = "uniform"  # sampling/uniform.py
     optional = True  # a baseline: the pipeline trains it only when asked (--stages duo)
+    fsdp_per_block = True  # one network pass per forward, on every rank
     budget_share = 0.25
     demo_steps = 250
 

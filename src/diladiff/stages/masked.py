@@ -73,6 +73,7 @@ class MaskedDiffusionStage(Stage):
 
     mask_id: int
     seq_len: int
+    fsdp_per_block = True  # one condition and one denoiser pass per forward, on every rank
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)

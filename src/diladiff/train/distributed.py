@@ -75,9 +75,14 @@ def all_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in name order (identical replicas, identical digest)."""
+    """SHA-256 of every parameter's bytes, in name order (identical replicas, identical digest).
+    A sharded (FSDP2) parameter is gathered first (a collective: every rank calls this), so the
+    digest is the full model's; the ranks' replicated buffers and frozen parameters still have
+    to agree for the digests to."""
     h = hashlib.sha256()
     for name, p in sorted(module.state_dict().items()):
+        if hasattr(p, "full_tensor"):  # a DTensor
+            p = p.full_tensor()
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

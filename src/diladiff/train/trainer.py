@@ -1,11 +1,12 @@
 """The generic training loop over any stage's loss.
 
 AdamW, warm-up + cosine (per-group warm-ups), gradient accumulation and clipping, EMA, bf16
-autocast on CUDA, DDP through torchrun, periodic evaluation on EMA weights, atomic checkpoints
-and exact resume. Every random draw of step k comes from a generator seeded by (seed, k,
-micro-batch, rank), and the data position is a function of k, so a resumed run continues
-bit-for-bit where an uninterrupted one would be. SIGTERM (a scheduler's pre-emption) finishes
-the current step, saves a checkpoint and raises errors.Terminated, every rank at the same step.
+autocast on CUDA, DDP or FSDP2 (train.parallel; train/sharding.py) through torchrun, periodic
+evaluation on EMA weights, atomic checkpoints and exact resume. Every random draw of step k
+comes from a generator seeded by (seed, k, micro-batch, rank), and the data position is a
+function of k, so a resumed run continues bit-for-bit where an uninterrupted one would be.
+SIGTERM (a scheduler's pre-emption) finishes the current step, saves a checkpoint and raises
+errors.Terminated, every rank at the same step.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from diladiff.config import Config
+from diladiff.config import PARALLEL, Config, ConfigError
 from diladiff.data.batches import RowSampler, validation_batches
 from diladiff.data.packing import PackedData
 from diladiff.errors import Terminated, TrainingError
 from diladiff.runtime import PRECISIONS, autocast
 from diladiff.train import checkpoint as ckpt
+from diladiff.train import sharding
 from diladiff.train.curve import write_training_curve
 from diladiff.train.distributed import DistEnv, all_mean, barrier, replica_digests
-from diladiff.train.ema import EMA
+from diladiff.train.ema import EMA, ema_weights
 from diladiff.train.schedule import lr_factor
 
 
@@ -115,8 +117,9 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
 
 class Trainer:
     """Trains any stage: an nn.Module whose forward(batch, generator) returns (loss, metrics)
-    and that offers evaluate, param_groups, on_step, summary and kind (stages/base.py; the
-    trainer does not import the stages: train and stages are independent layers)."""
+    and that offers evaluate, param_groups, on_step, summary and kind, optionally
+    fsdp_per_block (stages/base.py; the trainer does not import the stages: train and stages
+    are independent layers)."""
 
     def __init__(
         self, cfg: Config, stage: nn.Module, data: PackedData, run_dir: Path, env: DistEnv
@@ -129,14 +132,25 @@ class Trainer:
             env,
         )
         tc = cfg.train
+        if tc.parallel not in PARALLEL:
+            raise ConfigError(f"train.parallel must be one of {PARALLEL}, not {tc.parallel!r}")
+        # fsdp with one process trains the plain module (nothing to shard across).
+        self.fsdp = tc.parallel == "fsdp" and env.enabled
+        # Under fsdp the main rank evaluates a plain copy (kept on the CPU between evaluations).
+        self._eval_model: nn.Module | None = (
+            copy.deepcopy(stage).cpu() if self.fsdp and env.is_main else None
+        )
         self.model = stage.to(env.device)
-        self.ddp = (
-            DistributedDataParallel(
+        if self.fsdp:
+            per_block = getattr(stage, "fsdp_per_block", False)  # see stages/base.py
+            sharding.shard(self.model, env.device, env.world, self.bf16(), per_block)
+            self.ddp = self.model
+        elif env.enabled:
+            self.ddp = DistributedDataParallel(
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
             )
-            if env.enabled
-            else self.model
-        )
+        else:
+            self.ddp = self.model
         self.forward = self.ddp
         if cfg.model.compile:
             self.forward = torch.compile(self.ddp)
@@ -153,32 +167,54 @@ class Trainer:
         self.rows = RowSampler(data.train, tc.seed)
         self.val = validation_batches(data.val, self.micro, tc.eval_batches)
         self.step = 0
-        self._eval_model: nn.Module | None = None
         self.writer = experiment_logger(tc.logger, self.run_dir) if env.is_main else None
+
+    def bf16(self) -> bool:
+        """Whether the forward runs in bf16 (train.precision bf16, or auto on CUDA)."""
+        precision = self.cfg.train.precision
+        return precision == "bf16" or (precision == "auto" and self.env.device.type == "cuda")
 
     # ------------------------------------------------------------------ state
     def resume(self) -> bool:
-        """Load the newest checkpoint of the run folder, if there is one."""
+        """Load the newest checkpoint of the run folder, if there is one (any of ddp, fsdp and
+        single-process runs wrote it: checkpoints hold full tensors in one layout)."""
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return False
 
-        self.model.load_state_dict(ckpt.read_safetensors(path / "model.safetensors"))
+        weights = ckpt.read_safetensors(path / "model.safetensors")
         state = ckpt.load_trainer_state(path)
-        self.opt.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            sharding.load_model_state(self.model, weights)
+            sharding.load_optimizer_state(self.model, self.opt, state["optimizer"])
+        else:
+            self.model.load_state_dict(weights)
+            self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
             ema = ckpt.read_safetensors(path / "ema.safetensors")
+            if self.fsdp:  # the EMA of a sharded parameter is kept as the same shard
+                ema = sharding.distribute_like(ema, self.ema.shadow)
             self.ema.load_state_dict(ema, state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         return True
 
+    def full_states(self) -> tuple[dict, dict, dict]:
+        """(model, EMA, optimizer) state dicts with full tensors; under fsdp gathered to the
+        main rank (a collective; empty dicts on the other ranks)."""
+        if not self.fsdp:
+            model = self.model.state_dict()
+            return model, self.ema.state_dict() if self.ema else model, self.opt.state_dict()
+        model = sharding.model_state(self.model)
+        ema = sharding.full_tensors(self.ema.state_dict(), self.env.is_main) if self.ema else model
+        return model, ema, sharding.optimizer_state(self.model, self.opt)
+
     def save(self) -> None:
+        model_state, ema_state, opt_state = self.full_states()
         if self.env.is_main:
-            ema_state = self.ema.state_dict() if self.ema else self.model.state_dict()
             state = {
                 "step": self.step,
-                "optimizer": self.opt.state_dict(),
+                "optimizer": opt_state,
                 "ema_updates": self.ema.updates if self.ema else 0,
                 "torch_rng": torch.get_rng_state(),
                 "data_position": self.step * self.cfg.train.batch_size,
@@ -187,7 +223,7 @@ class Trainer:
             ckpt.save_checkpoint(
                 self.run_dir,
                 self.step,
-                self.model.state_dict(),
+                model_state,
                 ema_state,
                 state,
                 keep=self.cfg.train.keep_checkpoints,
@@ -208,10 +244,23 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
         metrics: dict = {}
+        full = None
+        if self.fsdp:  # gathered by every rank, evaluated by the main one
+            full = (
+                sharding.full_tensors(self.ema.state_dict(), self.env.is_main)
+                if self.ema is not None
+                else sharding.model_state(self.model)
+            )
         if self.env.is_main:
             if self._eval_model is None:
                 self._eval_model = copy.deepcopy(self.model)
-            if self.ema is not None:
+            self._eval_model.to(self.env.device)
+            if self.step > 0:  # what on_step sets (a function of the step, as resume needs)
+                self._eval_model.on_step(self.step - 1)
+            if full is not None:
+                own = self._eval_model.state_dict()
+                self._eval_model.load_state_dict(ema_weights(own, full, own))
+            elif self.ema is not None:
                 self.ema.copy_to(self._eval_model)
             else:
                 self._eval_model.load_state_dict(self.model.state_dict())
@@ -220,6 +269,8 @@ class Trainer:
             with autocast_for(self.cfg, self.env.device):
                 metrics = self._eval_model.evaluate([b.to(self.env.device) for b in self.val], gen)
             self.log({"step": self.step, "event": "eval", **metrics})
+            if self.fsdp:
+                self._eval_model.cpu()
         barrier(self.env)
         return metrics
 
@@ -241,9 +292,12 @@ class Trainer:
             gen = torch.Generator(env.device).manual_seed(
                 step_seed(tc.seed, self.step, m, env.rank)
             )
+            last = m == self.accum - 1
+            if self.fsdp:  # gradients are reduce-scattered on the last micro-batch only
+                self.model.set_requires_gradient_sync(last)
             sync = (
                 contextlib.nullcontext()
-                if m == self.accum - 1 or not env.enabled
+                if last or not env.enabled or self.fsdp
                 else self.ddp.no_sync()
             )
             with sync:
@@ -260,7 +314,8 @@ class Trainer:
                 f"non-finite loss ({loss_value}) at step {self.step}; stopping without saving. "
                 f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip or float("inf"))
+        clip = sharding.clip_grad_norm if self.fsdp else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(self.params, tc.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise TrainingError(
                 f"non-finite gradient norm at step {self.step}; stopping without saving. "
@@ -335,6 +390,7 @@ class Trainer:
                 "event": "end",
                 "stopped": stopped,
                 "replica_digests": digests,
+                **(sharding.describe(self.model) if self.fsdp else {}),
                 "steps_this_run": self.step - start_step,
                 "elapsed_s": elapsed,
             }
