@@ -9,7 +9,11 @@ Recovery is eval/recon.py's: the share of masked tokens whose argmax prediction 
 token, over the discrete-ratio estimator's masks (l ~ U{1..L} masked tokens per draw, from
 partly masked to all masked). Common random numbers: every level uses the same masks and the
 same noise direction (two generators reseeded per level), so the curve differs between levels
-only by s."""
+only by s.
+
+With a fit, `schedule_override` gives the overrides that train a LaDiff prior on this
+auto-encoder with the fitted time reparameterisation (processes/fitted_schedule.py):
+`diffusion.schedule=fitted diffusion.fitted_tanh=a,b,c,e`."""
 
 from __future__ import annotations
 
@@ -47,9 +51,16 @@ def robustness_curve(ae, x0, noise_levels=NOISE_LEVELS, mc_samples: int = 16, se
         result["tanh_fit"] = curve.to_dict()
         residual = curve(s) - torch.tensor(err, dtype=torch.float64)
         result["tanh_fit_rmse"] = float(residual.pow(2).mean().sqrt())
+        result["schedule_override"] = schedule_override(curve)
     except (RuntimeError, ValueError) as exc:
         result["tanh_fit_error"] = str(exc)
     return result
+
+
+def schedule_override(curve) -> str:
+    """The config overrides of the fitted schedule for a tanh fit."""
+    values = ",".join(f"{v:.8g}" for v in (curve.a, curve.b, curve.c, curve.e))
+    return f"diffusion.schedule=fitted diffusion.fitted_tanh={values}"
 
 
 def plot(result: dict, title: str):

@@ -233,11 +233,10 @@ def exact_prior_latents(stage, targets_p, plan: CheckPlan, device, cont_steps: i
     from diladiff.sampling.latent import euler_ode_sample
 
     gen = torch.Generator(device).manual_seed(plan.seed)
-    x0_fn = exact_prior_x0(targets_p.to(device), stage.cfg.diffusion.d)
+    sched, shape = stage.schedule, stage.latent_shape
+    x0_fn = exact_prior_x0(targets_p.to(device), sched)
     zs = [
-        euler_ode_sample(
-            x0_fn, (b, *stage.latent_shape), cont_steps, stage.cfg.diffusion.d, gen, device
-        )[0].cpu()
+        euler_ode_sample(x0_fn, (b, *shape), cont_steps, sched, gen, device)[0].cpu()
         for _, b in _batches(plan.num_samples, plan.batch_size)
     ]
     return torch.cat(zs)

@@ -9,6 +9,10 @@ A latent run's prior samples are drawn once per (N_cont, gamma) and decoded at e
 temperature (eval/latent_cache.py: latents from `seed`, decoding from `seed + 1`); its rows'
 seconds and tokens/s include the time of that draw (latent_s; latent_reused marks the rows that
 did not spend it again).
+
+A latent run's legend names its schedule ("tangent d=10" or "fitted": stages.latent.
+schedule_name), so a tangent-schedule and a fitted-schedule run of the same method are told
+apart on one plot; runs whose folders share a name are named by their parent folder too.
 """
 
 from __future__ import annotations
@@ -31,10 +35,21 @@ from diladiff.plotting import pyplot, save
 from diladiff.runs import load_run, run_kind
 from diladiff.sampling.generate import generate, write_samples
 from diladiff.stages import STAGES, LatentStage
+from diladiff.stages.latent import schedule_name
 
 
-def _label(run_dir: Path, stage) -> str:
-    return f"{run_dir.name} ({stage.kind})"
+def _label(name: str, stage) -> str:
+    if isinstance(stage, LatentStage):  # LaDiff, DiLaDiff, LDLM: the diffusion section's VP
+        return f"{name} ({stage.kind}, {schedule_name(stage.cfg.diffusion, short=True)})"
+    return f"{name} ({stage.kind})"
+
+
+def run_names(run_dirs) -> list[str]:
+    """Each run's name on plots and sample files: its folder's name, or PARENT_NAME where
+    folders share a name (runs/a/ladiff and runs/b/ladiff: a_ladiff and b_ladiff)."""
+    paths = [Path(r) for r in run_dirs]
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}_{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
 def sweep_run(
@@ -48,12 +63,15 @@ def sweep_run(
     seed: int,
     batch_size: int,
     latent_cache: LatentCache | None = None,
+    name: str | None = None,
 ) -> list[dict]:
-    """Generate and evaluate at each point (a dict of sample-config overrides). A latent run
+    """Generate and evaluate at each point (a dict of sample-config overrides), the run named
+    `name` (default its folder's name) on plots and sample files. A latent run
     draws its prior samples through `latent_cache` (one per call when None): once per
     (N_cont, gamma), decoded at every point (eval/latent_cache.py: latents from `seed`,
     decoding from `seed + 1`)."""
     stage, tok = load_run(run_dir, device=device)
+    name = name or run_dir.name
     latent = isinstance(stage, LatentStage)
     cache = LatentCache() if latent_cache is None else latent_cache
     rows = []
@@ -66,11 +84,11 @@ def sweep_run(
             out = generate_from_cache(stage, tok, sc, cache, str(run_dir), device)
         else:
             out = generate(stage, tok, sc, device, progress=False)
-        name = f"{run_dir.name}_" + "_".join(f"{k}{v}" for k, v in point.items())
+        file = f"{name}_" + "_".join(f"{k}{v}" for k, v in point.items())
         meta = {"run": str(run_dir), "stage": stage.kind, **vars(sc)}
         if latent:
             meta |= rng_meta(sc.seed)
-        write_samples(out_dir / "samples" / f"{name}.jsonl", out, meta)
+        write_samples(out_dir / "samples" / f"{file}.jsonl", out, meta)
         result = evaluate_samples(
             out.ids,
             out.texts,
@@ -84,7 +102,7 @@ def sweep_run(
         gflops = sample_gflops(stage, out.stats, batches)
         rows.append(
             {
-                "run": _label(run_dir, stage),
+                "run": _label(name, stage),
                 **({"gflops_per_sample": gflops} if gflops is not None else {}),
                 "temperature": sc.temperature,
                 **point,
@@ -127,7 +145,7 @@ def frontier(
         "points": [],
         "temperature": [],
     }
-    for run in run_dirs:
+    for run, name in zip(run_dirs, run_names(run_dirs), strict=True):
         cls = STAGES[run_kind(run)]
         latent = issubclass(cls, LatentStage)
         points = [{"disc_steps": n} for n in disc_steps]
@@ -146,6 +164,7 @@ def frontier(
             seed,
             batch_size,
             cache,
+            name,
         )
         result["points"] += frontier_rows
         if temperatures:
@@ -168,6 +187,7 @@ def frontier(
                 seed,
                 batch_size,
                 cache,
+                name,
             )
             by_t = done | {r["temperature"]: r for r in swept}
             result["temperature"] += [by_t[t] for t in temperatures]

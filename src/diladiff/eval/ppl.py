@@ -120,7 +120,7 @@ def latent_bound(
     diffusion.t_eps), per token; the PF-ODE in chunks of `batch` rows."""
     dc = stage.cfg.diffusion
     t0 = t0 or dc.t_eps
-    a, s = (float(v) for v in alpha_sigma(torch.tensor(t0, dtype=torch.float64), dc.d))
+    a, s = (float(v) for v in alpha_sigma(torch.tensor(t0, dtype=torch.float64), stage.schedule))
     gen = torch.Generator(device).manual_seed(seed)
     z_p = stage.prior_latents(x0).float()
     z_t0 = a * z_p + s * torch.randn(z_p.shape, generator=gen, device=z_p.device)
@@ -129,7 +129,9 @@ def latent_bound(
     log_p, nfe = [], 0
     bar = tqdm(total=len(x0), desc=f"PF-ODE t0={t0:g}", unit="seq", leave=False)
     for chunk in z_t0.split(batch):
-        lp, calls = pf_ode_log_likelihood(x0_fn, chunk, dc.d, t0, gen, probes, rtol=rtol, atol=atol)
+        lp, calls = pf_ode_log_likelihood(
+            x0_fn, chunk, stage.schedule, t0, gen, probes, rtol=rtol, atol=atol
+        )
         log_p.append(lp)
         nfe += calls
         bar.update(len(chunk))

@@ -21,6 +21,12 @@ beta_t = -d log alpha_t^2 / dt = 2 tan(phi_t) phi'_t. The reverse-time step of a
 
 The x0-prediction training objective (LaDiff's) is `x0_prediction_loss`.
 
+Every function here that takes the warping `d` also takes a schedule object in its place (the
+fitted schedule, processes/fitted_schedule.py: `diffusion.schedule=fitted`), which gives the
+angle phi_t (`angle(t)`), its rate phi'_t (`angle_rate(t)`) and the time at an angle
+(`time_at_angle(phi)`); alpha_t = cos phi_t and sigma_t = sin phi_t as above, and everything
+else follows from them (beta_t = 2 tan(phi_t) phi'_t, log-SNR = -2 log tan(phi_t)).
+
 LADD's Co-LADD latent uses another VP schedule, "sqrt" (`sqrt_alpha_sigma`), with the
 authors' clamp of alpha_t^2 into [eps, 1 - eps]:
 
@@ -38,7 +44,15 @@ from collections.abc import Callable
 import torch
 
 
+def _tangent(d) -> bool:
+    """True for the tangent schedule's warping d; False for a schedule object (module
+    docstring)."""
+    return not hasattr(d, "angle_rate")
+
+
 def _angle(t: torch.Tensor, d: float) -> torch.Tensor:
+    if not _tangent(d):
+        return d.angle(t)
     x = 0.5 * math.pi * t
     return torch.atan2(d * torch.sin(x), torch.cos(x))
 
@@ -50,6 +64,8 @@ def alpha_sigma(t: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _angle_rate(t: torch.Tensor, d: float) -> torch.Tensor:
+    if not _tangent(d):
+        return d.angle_rate(t)
     x = 0.5 * math.pi * t
     return 0.5 * math.pi * d / (torch.cos(x) ** 2 + d**2 * torch.sin(x) ** 2)
 
@@ -65,12 +81,16 @@ def drift_rate(t: torch.Tensor, d: float) -> torch.Tensor:
     """beta(t) = -d log alpha_t^2 / dt = 2 tan(phi_t) phi'_t
     = pi d^2 tan(pi t/2) (1 + tan^2(pi t/2)) / (1 + d^2 tan^2(pi t/2)): the rate of the VP
     SDE dz = -beta z / 2 dt + sqrt(beta) dW that has these marginals. Finite for t < 1;
-    beta -> infinity as t -> 1 (samplers clip t)."""
+    beta -> infinity as t -> 1 (samplers clip t). A schedule object: 2 tan(phi_t) phi'_t."""
+    if not _tangent(d):
+        return 2.0 * torch.tan(d.angle(t)) * d.angle_rate(t)
     return 2.0 * d * torch.tan(0.5 * math.pi * t) * _angle_rate(t, d)
 
 
 def log_snr(t: torch.Tensor, d: float) -> torch.Tensor:
-    """log(alpha_t^2 / sigma_t^2) = -2 log(d tan(pi t / 2))."""
+    """log(alpha_t^2 / sigma_t^2) = -2 log(d tan(pi t / 2)) (a schedule: -2 log tan(phi_t))."""
+    if not _tangent(d):
+        return -2 * torch.log(torch.tan(d.angle(t)))
     return -2 * torch.log(d * torch.tan(0.5 * math.pi * t))
 
 
@@ -112,25 +132,37 @@ def angle_time_grid(steps: int, d: float) -> torch.Tensor:
 
     Each step then turns the same angle between noise and signal (alpha = cos phi). The uniform
     grid in t does not: at d = 10 its last of 5 steps, 0.2 -> 0, turns 81% of the whole angle
-    (phi_0.2 = atan(10 tan(0.1 pi)) = 72.9 deg of 90)."""
+    (phi_0.2 = atan(10 tan(0.1 pi)) = 72.9 deg of 90). A schedule object: t_i =
+    time_at_angle(phi_{t_i})."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     phi = 0.5 * math.pi * torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    t = 2.0 / math.pi * torch.atan2(torch.sin(phi), d * torch.cos(phi))  # atan(tan(phi) / d)
+    if not _tangent(d):
+        t = d.time_at_angle(phi)
+    else:
+        t = 2.0 / math.pi * torch.atan2(torch.sin(phi), d * torch.cos(phi))  # atan(tan(phi)/d)
     t[0], t[-1] = 1.0, 0.0  # cos(pi / 2) is 6e-17, not 0: the end points exactly
     return t
 
 
-def gamma_jump_time(r: float, gamma: float) -> float:
+def gamma_jump_time(r: float, gamma: float, d=None) -> float:
     """The time s <= r that gamma-sampling (CTM) jumps to before re-noising back to r:
     nsr(s) = sqrt(1 - gamma^2) nsr(r), i.e. s = (2/pi) atan(sqrt(1 - gamma^2) tan(pi r / 2)).
 
-    d cancels (nsr = d tan(pi t / 2)). Written with atan2 so that r = 1 is exact (s = 1 for
-    gamma < 1, s = 0 for gamma = 1). gamma = 0 gives s = r; gamma = 1 gives s = 0."""
+    d cancels (nsr = d tan(pi t / 2)): the tangent schedule needs no `d` (None or a number).
+    A schedule object: phi_s = atan2(sqrt(1 - gamma^2) sin phi_r, cos phi_r), s =
+    time_at_angle(phi_s). Written with atan2 so that r = 1 is exact (s = 1 for gamma < 1, s = 0
+    for gamma = 1). gamma = 0 gives s = r; gamma = 1 gives s = 0."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     if gamma == 0.0:  # exactly r, not r up to rounding: the deterministic jump draws no noise
         return float(r)
+    if d is not None and not _tangent(d):
+        if gamma == 1.0 or r >= 1.0:  # the end points exactly
+            return 0.0 if gamma == 1.0 else 1.0
+        phi = d.angle(torch.tensor(float(r), dtype=torch.float64))
+        k = math.sqrt(1.0 - gamma**2)
+        return float(d.time_at_angle(torch.atan2(k * torch.sin(phi), torch.cos(phi))))
     x = 0.5 * math.pi * r
     return 2.0 / math.pi * math.atan2(math.sqrt(1.0 - gamma**2) * math.sin(x), math.cos(x))
 

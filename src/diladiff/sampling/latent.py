@@ -9,7 +9,8 @@ Every sampler in LATENT_SAMPLERS has one signature,
 and draws prior-space latents z of `shape` from z_1 ~ N(0, I). `model` is a latent stage; a
 sampler names what it calls on it (the ODE, SDE and DDPM samplers: `model.x0(z_t, t, z_sc)`;
 MeanFlow: `model.self_conditioned_u(z_t, t, r)`) and the schedule it integrates
-(`model.cfg.diffusion.d`). The time grid t_0 = 1 > t_1 > ... > t_N = 0 is uniform unless the
+(`model.cfg.diffusion`: the warping d of the tangent schedule, or the fitted schedule;
+stages.latent.vp_schedule). The time grid t_0 = 1 > t_1 > ... > t_N = 0 is uniform unless the
 model has `time_grid(N)` (N + 1 decreasing times; LDLM's adaptive timestep sampler warps it:
 equal steps in its t = F(u)). `sample_latent(stage, batch, settings, ...)` dispatches on
 `settings.sampler`; a new sampler is one function registered with
@@ -82,6 +83,7 @@ from diladiff.processes.gaussian import (
     velocity_from_x0,
 )
 from diladiff.registry import registrar
+from diladiff.stages.latent import vp_schedule
 
 LATENT_SAMPLERS: dict[str, Callable] = {}
 register_latent_sampler = registrar(LATENT_SAMPLERS)
@@ -127,7 +129,7 @@ def model_time_grid(model, steps: int, name: str = "") -> torch.Tensor | None:
     angle_time_grid) when given (sample.time_grid), else `model.time_grid(steps)` when the
     model defines one (DiLaDiff, LDLM's adaptive timestep sampler), else None: uniform."""
     if name == "angle":
-        return angle_time_grid(steps, model.cfg.diffusion.d)
+        return angle_time_grid(steps, vp_schedule(model.cfg.diffusion))
     if name == "uniform":
         return None
     time_grid = getattr(model, "time_grid", None)
@@ -144,7 +146,7 @@ def ode_euler(model, shape, settings: LatentSettings, generator, device):
     """Euler on the probability-flow ODE with the model's self-conditioned x0-prediction;
     one network call per step."""
     _without_gamma(settings, "ode_euler")
-    d = model.cfg.diffusion.d
+    d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
     return euler_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
 
@@ -153,7 +155,7 @@ def ode_euler(model, shape, settings: LatentSettings, generator, device):
 def meanflow(model, shape, settings: LatentSettings, generator, device):
     """MeanFlow jumps of the model's average velocity with gamma-sampling; two network calls
     per step (the self-conditioning pass, then the jump)."""
-    d = model.cfg.diffusion.d
+    d = vp_schedule(model.cfg.diffusion)
     z, calls = meanflow_sample(
         model.self_conditioned_u,
         shape,
@@ -171,7 +173,7 @@ def meanflow(model, shape, settings: LatentSettings, generator, device):
 def heun(model, shape, settings: LatentSettings, generator, device):
     """Heun's method on the probability-flow ODE (Euler for the last step); 2N - 1 calls."""
     _without_gamma(settings, "heun")
-    d = model.cfg.diffusion.d
+    d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
     return heun_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
 
@@ -180,7 +182,7 @@ def heun(model, shape, settings: LatentSettings, generator, device):
 def dpm_solver_2m(model, shape, settings: LatentSettings, generator, device):
     """DPM-Solver++(2M) on the probability-flow ODE; one call per step."""
     _without_gamma(settings, "dpm_solver_2m")
-    d = model.cfg.diffusion.d
+    d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
     return dpm_solver_2m_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
 
@@ -190,7 +192,7 @@ def sde_euler(model, shape, settings: LatentSettings, generator, device):
     """Euler-Maruyama on the reverse VP SDE with the model's self-conditioned x0-prediction;
     one network call per step. Returns the last x0-prediction."""
     _without_gamma(settings, "sde_euler")
-    d = model.cfg.diffusion.d
+    d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
     return euler_maruyama_sample(model.x0, shape, settings.steps, d, generator, device, grid)
 
@@ -200,7 +202,7 @@ def ddpm(model, shape, settings: LatentSettings, generator, device):
     """Ancestral sampling with the exact VP posterior around the model's self-conditioned
     x0-prediction; one network call per step. Returns the last x0-prediction."""
     _without_gamma(settings, "ddpm")
-    d = model.cfg.diffusion.d
+    d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
     return ddpm_sample(model.x0, shape, settings.steps, d, generator, device, grid)
 
@@ -436,7 +438,7 @@ def meanflow_step(
 ) -> torch.Tensor:
     """One gamma-sampling step from t to r < t: the jump to s = gamma_jump_time(r, gamma), then
     the forward transition s -> r (skipped when s = r)."""
-    s = gamma_jump_time(r, gamma)
+    s = gamma_jump_time(r, gamma, d)
     b = z.shape[0]
     tt = torch.full((b,), t, device=z.device, dtype=z.dtype)
     ss = torch.full((b,), s, device=z.device, dtype=z.dtype)

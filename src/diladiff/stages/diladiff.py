@@ -158,19 +158,19 @@ class DiLaDiff(LatentStage):
     @torch.no_grad()
     def teacher_velocity(self, z_t, t):
         """The self-conditioned teacher's instantaneous velocity and its self-conditioning."""
-        d = self.cfg.diffusion.d
+        d = self.schedule
         z_sc = self.teacher(z_t, t)
         return velocity_from_x0(z_t, self.teacher(z_t, t, z_sc), t, d), z_sc
 
     def average_velocity(self, z_t, t, r, z_sc=None):
         """u_eta(z_t, t, r) = velocity implied by the student's clean estimate."""
-        return velocity_from_x0(z_t, self.student(z_t, t, z_sc, r), t, self.cfg.diffusion.d)
+        return velocity_from_x0(z_t, self.student(z_t, t, z_sc, r), t, self.schedule)
 
     @torch.no_grad()
     def student_self_condition(self, z_t, t, keep: torch.Tensor | None = None):
         """z_sc = X(u_eta(z_t, t, t; 0)) on the rows where `keep` is True (all if None), zeros
         on the others: the first pass of a sampling step, without gradients."""
-        d = self.cfg.diffusion.d
+        d = self.schedule
         if keep is None:
             return x0_from_velocity(z_t, self.average_velocity(z_t, t, t), t, d)
         z_sc = torch.zeros_like(z_t)
@@ -208,7 +208,9 @@ class DiLaDiff(LatentStage):
         )
         t = t.clamp(dc.t_eps, 1 - dc.t_eps)
         r = torch.minimum(r.clamp(0.0, 1 - dc.t_eps), t)
-        z_t = diffuse(z, t, torch.randn(z.shape, generator=generator, device=z.device), dc.d)
+        z_t = diffuse(
+            z, t, torch.randn(z.shape, generator=generator, device=z.device), self.schedule
+        )
         return z_t, t, r
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
@@ -237,7 +239,7 @@ class DiLaDiff(LatentStage):
         """The jumps' times (sampling.latent.model_time_grid): meanflow.time_grid."""
         grid = self.cfg.meanflow.time_grid
         if grid == "angle":
-            return angle_time_grid(steps, self.cfg.diffusion.d)
+            return angle_time_grid(steps, self.schedule)
         if grid == "uniform":
             return None
         raise ConfigError(f"meanflow.time_grid must be 'angle' or 'uniform', not {grid!r}")

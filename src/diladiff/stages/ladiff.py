@@ -3,8 +3,9 @@
 
 Training: x0-prediction loss (processes.gaussian.x0_prediction_loss) on prior-space latents
 z of clean rows: t ~ U[eps, 1 - eps], z_t = alpha_t z + sigma_t eps (tangent schedule, warping
-d), loss ||z_psi(z_t, t, z_sc) - z||^2, where on a `self_cond_prob` share of the batches
-z_sc = stopgrad(z_psi(z_t, t, 0)) (else 0).
+d, or the fitted schedule: diffusion.schedule, stages/latent.py), loss ||z_psi(z_t, t, z_sc) -
+z||^2, where on a `self_cond_prob` share of the batches z_sc = stopgrad(z_psi(z_t, t, 0))
+(else 0).
 
 Generation (sampling/): z ~ probability-flow ODE (the "ode_euler" latent sampler, N_cont
 steps, self-conditioning from the previous step), z_ae = m + s z, then N_disc steps of
@@ -20,7 +21,7 @@ from diladiff.data.packing import PackedData
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.processes.gaussian import x0_prediction_loss
 from diladiff.stages.base import Stage, register_stage
-from diladiff.stages.latent import LatentStage
+from diladiff.stages.latent import LatentStage, schedule_name
 
 
 @register_stage("ladiff")
@@ -64,7 +65,7 @@ class LaDiff(LatentStage):
         n = sum(p.numel() for p in self.prior.parameters())
         return (
             f"ladiff: prior {n / 1e6:.2f}M parameters over latents {self.latent_shape}, "
-            f"tangent schedule d={self.cfg.diffusion.d}"
+            f"{schedule_name(self.cfg.diffusion)}"
         )
 
     def x0(self, z_t, t, z_sc=None):
@@ -73,7 +74,7 @@ class LaDiff(LatentStage):
 
     def diffusion_loss(self, z, generator, self_condition: bool):
         dc = self.cfg.diffusion
-        return x0_prediction_loss(self.x0, z, dc.t_eps, dc.d, generator, self_condition)
+        return x0_prediction_loss(self.x0, z, dc.t_eps, self.schedule, generator, self_condition)
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
         z = self.prior_latents(batch)

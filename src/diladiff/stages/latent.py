@@ -22,6 +22,7 @@ the prior space is then the decoder space.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,9 +30,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from diladiff.config import Config, register_section
+from diladiff.config import Config, ConfigError, register_section
 from diladiff.data.packing import PackedData
 from diladiff.features import Standardizer
+from diladiff.processes.fitted_schedule import FittedSchedule, parse_tanh
 from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import Stage
 from diladiff.stages.masked import MaskedDiffusionStage
@@ -40,14 +42,59 @@ from diladiff.stages.masked import MaskedDiffusionStage
 @register_section("diffusion")
 @dataclass
 class DiffusionConfig:
-    """The latent process: VP, warped tangent schedule alpha_t^2 = 1/(1 + d^2 tan^2(pi t/2))."""
+    """The latent process: VP, warped tangent schedule alpha_t^2 = 1/(1 + d^2 tan^2(pi t/2)),
+    or the fitted time reparameterisation (processes/fitted_schedule.py)."""
 
     d: float = 10.0
+    # "tangent" (the warping d above) or "fitted": the time follows the decoder's error rate
+    # against latent noise, err(s) = a + b tanh(c (s - e)) (`diladiff analyze robustness` of
+    # the auto-encoder run writes the fit: its "schedule_override"), with a share
+    # fitted_angle_share of the time spread evenly over the angle (alpha_t = cos phi_t).
+    schedule: str = "tangent"
+    fitted_tanh: str = ""  # "a,b,c,e" (robustness.json's tanh_fit), for schedule=fitted
+    fitted_angle_share: float = 0.1
     self_cond_prob: float = 0.5
     t_eps: float = 1e-4
     # Clean training rows (drawn at random) whose frozen-encoder latents give the prior-space
     # standardisation, estimated once when a LaDiff run starts; 0 or more than there are = all.
     latent_stats_rows: int = 4096
+
+
+SCHEDULES = ("tangent", "fitted")
+
+
+def vp_schedule(dc) -> float | FittedSchedule:
+    """What processes.gaussian takes as its schedule for a diffusion config: the warping d
+    (tangent) or the FittedSchedule; ConfigError (one line) for an unknown schedule, a fitted
+    one without parameters, or parameters that give no invertible map."""
+    kind = getattr(dc, "schedule", "tangent")
+    if kind == "tangent":
+        return dc.d
+    if kind != "fitted":
+        raise ConfigError(f"diffusion.schedule must be one of {SCHEDULES}, not {kind!r}")
+    if not dc.fitted_tanh.strip():
+        raise ConfigError(
+            "diffusion.schedule=fitted needs diffusion.fitted_tanh=a,b,c,e (the tanh_fit of "
+            "`diladiff analyze robustness` on the auto-encoder)"
+        )
+    return _fitted(dc.fitted_tanh, dc.fitted_angle_share)
+
+
+@functools.lru_cache(maxsize=16)
+def _fitted(text: str, angle_share: float) -> FittedSchedule:
+    try:
+        return FittedSchedule(*parse_tanh(text), angle_share=angle_share)
+    except ValueError as exc:
+        raise ConfigError(f"diffusion.fitted_tanh / fitted_angle_share: {exc}") from None
+
+
+def schedule_name(dc, short: bool = False) -> str:
+    """The latent schedule in words (summaries); `short`: "tangent d=10" or "fitted" (legends)."""
+    if getattr(dc, "schedule", "tangent") == "fitted":
+        if short:
+            return "fitted"
+        return f"fitted schedule (tanh {dc.fitted_tanh}; angle share {dc.fitted_angle_share:g})"
+    return f"tangent d={dc.d:g}" if short else f"tangent schedule d={dc.d:g}"
 
 
 class LatentStage(Stage):
@@ -67,6 +114,7 @@ class LatentStage(Stage):
             self.ae = Autoencoder(cfg, tokenizer_identity).requires_grad_(False)
             self.seq_len, self.mask_id = self.ae.seq_len, self.ae.mask_id
         self.latent_shape = self.latent_dims(cfg)
+        vp_schedule(cfg.diffusion)  # a bad schedule is a ConfigError before anything runs
         if self.standardised_prior:
             # Prior space <-> decoder space; estimated by `fit_prior_space`, saved with the weights.
             self.prior_norm = Standardizer(self.latent_shape)
@@ -84,6 +132,11 @@ class LatentStage(Stage):
         if self.frozen_autoencoder:
             self.ae.eval()  # frozen: never updates its running statistics
         return self
+
+    @property
+    def schedule(self) -> float | FittedSchedule:
+        """The latent process's schedule (`vp_schedule` of the diffusion section)."""
+        return vp_schedule(self.cfg.diffusion)
 
     @property
     def decoder_stage(self) -> MaskedDiffusionStage:

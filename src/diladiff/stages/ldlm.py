@@ -43,7 +43,7 @@ from diladiff.processes.adaptive_time import AdaptiveTimeSampler
 from diladiff.processes.encoder_warmup import gradient_warmup, partial_stop_gradient
 from diladiff.processes.gaussian import diffuse
 from diladiff.stages.base import register_stage
-from diladiff.stages.latent import LatentStage
+from diladiff.stages.latent import LatentStage, schedule_name
 
 RECON_LOSSES = ("mse", "ce", "ce+mse")
 
@@ -224,7 +224,7 @@ class LDLM(LatentStage):
             f"latents {self.latent_shape}; features {lc.feature_model!r} "
             f"layer {lc.feature_layer}, sigma_dec {lc.sigma_dec}, recon {lc.recon_loss}, "
             f"warm-up {lc.encoder_warmup_steps} steps, adaptive time {lc.adaptive_time}, "
-            f"tangent schedule d={self.cfg.diffusion.d}"
+            f"{schedule_name(self.cfg.diffusion)}"
         )
 
     # ------------------------------------------------------------------ training state
@@ -373,7 +373,7 @@ def ldlm_losses(
     else:
         u = stage.sample_times(x0.shape[0], generator, dev)
     eps = torch.randn(z0.shape, generator=generator, device=dev)
-    z_u = diffuse(z0d, u, eps, stage.cfg.diffusion.d)
+    z_u = diffuse(z0d, u, eps, stage.schedule)
     z_sc = None
     if self_condition:
         with torch.no_grad():
