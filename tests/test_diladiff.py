@@ -422,6 +422,79 @@ def test_prompts_suffixes_and_infilling_keep_the_given_tokens(chain, tmp_path, s
         model.generate(num_samples=1, prompt="word " * L)
 
 
+@pytest.mark.parametrize("kind", ["duo", "co-ladd", "di-ladd", "ldlm"])
+def test_every_method_keeps_the_given_tokens_of_prompts_suffixes_and_infills(tmp_path, kind):
+    """DUO (clamped at every step), Co-LADD and Di-LADD (the token stream starts from the
+    canvas; joint and sequential inference) and LDLM (a token-guided latent, its direct decode
+    clamped): a prompt, a suffix, both, and infilling keep every given token across seeds and
+    sampler settings; a reference text's latent (LADD and LDLM: they have an encoder) replaces
+    the prior sample, DUO refuses one in one line. Through Model.generate and `sample`."""
+    from dataclasses import replace
+
+    from test_ladd import SMALL as LADD_SMALL
+    from test_ldlm import SMALL as LDLM_SMALL
+
+    import diladiff
+    from diladiff.sampling.conditioning import TokenGuidance, make_condition
+    from diladiff.sampling.generate import generate
+    from diladiff.sampling.joint import INFERENCES
+
+    extra = {"duo": ["duo.duality_points=257"], "ldlm": LDLM_SMALL}.get(kind, LADD_SMALL)
+    run = tmp_path / kind
+    argv = ["train", kind, "--preset", "tiny", "--run-dir", str(run), "train.max_steps=2"]
+    assert main([*argv, *TINY, *extra]) == 0
+    model = diladiff.load(run, device="cpu")
+    tok, L, mask = model.tokenizer, model.stage.seq_len, model.stage.mask_id
+    ladd = [{"inference": i, "strategy": s} for i in INFERENCES for s in ("ancestral", "topk")]
+    settings = {
+        "duo": [{"strategy": "ancestral"}, {"strategy": "greedy_tail"}],
+        "ldlm": [{"latent_sampler": "sde_euler"}, {"latent_sampler": "ode_euler"}],
+    }.get(kind, ladd)
+    cases = [
+        {"prompt": "the history of the city", "suffix": "in the north ."},
+        {"prompt": "the river"},
+        {"suffix": "into the sea ."},
+        {"infill": "the [MASK] [MASK] of the [MASK] river is long"},
+    ]
+    base = model.settings(num_samples=3, disc_steps=4, cont_steps=2)
+    seeds = iter(range(100))  # another seed for every generation: 16 of them, 48 rows
+    for texts in cases:
+        cond = make_condition(tok, L, mask, **texts)
+        given = [i for i, t in enumerate(cond.canvas) if t != mask]
+        assert 0 < len(given) < L
+        for kw in settings * (4 // len(settings)):
+            sc = replace(base, seed=next(seeds), **kw)
+            out = generate(model.stage, tok, sc, progress=False, condition=cond)
+            for row in out.ids:
+                assert [row[i] for i in given] == [cond.canvas[i] for i in given], texts
+                assert mask not in row
+    kw = dict(num_samples=2, disc_steps=4, cont_steps=2, prompt="the river", seed=3)
+    out = model.generate(**kw)
+    head = tok("the river", add_special_tokens=False)["input_ids"]
+    assert all(row[: len(head)] == head for row in out.ids)
+    assert out.ids == model.generate(**kw).ids  # reproducible
+    path = tmp_path / "s.jsonl"
+    cli = ["sample", str(run), "--num-samples", "2", "--disc-steps", "4", "--cont-steps", "2"]
+    assert main([*cli, "--suffix", "into the sea .", "--out", str(path)]) == 0
+    tail = tok("into the sea .", add_special_tokens=False)["input_ids"]
+    rows = [json.loads(x)["ids"] for x in path.read_text().splitlines()]
+    assert len(rows) == 2 and all(r[-len(tail) :] == tail for r in rows)
+    if kind == "duo":
+        with pytest.raises(ConfigError, match="no latent"):
+            model.generate(num_samples=1, latent_from="a river")
+        return
+    ref = model.generate(num_samples=2, disc_steps=4, cont_steps=2, latent_from="a river flows")
+    assert ref.stats["cont_nfe"] == 0
+    both = model.generate(num_samples=2, disc_steps=4, latent_from="a river", prompt="the river")
+    assert all(row[: len(head)] == head for row in both.ids)
+    if kind == "ldlm":  # the guidance lowers the decoder's NLL of the given tokens
+        cond = make_condition(tok, L, mask, infill="the [MASK] [MASK] of the [MASK] river")
+        guided = TokenGuidance(model.stage, cond.canvas_tensor())
+        z = torch.randn(3, *model.stage.latent_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (guided.token_nll(guided.guide(z)) < guided.token_nll(z)).all()
+
+
 def test_the_readme_python_example_runs(chain, tmp_path, monkeypatch):
     """The README's ```python block, run as written with runs/m and runs/dl made real."""
     import re

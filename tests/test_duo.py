@@ -123,6 +123,32 @@ def test_uniform_sampler_nfe_greedy_tail_and_no_mask():
         U.sample_uniform(model, 2, SamplerSettings(steps=2, strategy="topk"))
 
 
+def test_a_canvas_is_clamped_at_every_step_and_in_the_last_one():
+    """Clamp inpainting: x_1 and every x_s the denoiser reads carry the given tokens, and the
+    output keeps them even where the greedy tail's argmax is another token."""
+    probs = torch.tensor([0.1, 0.6, 0.2, 0.1, 0.0], dtype=torch.float64)
+    model = FixedModel(probs, seq_len=6)
+    model.mask_id = 4
+    seen, table = [], model.log_x_theta
+    model.log_x_theta = lambda x, sigma: (seen.append(x.clone()), table(x, sigma))[1]
+    canvas = torch.tensor([0, 4, 4, 2, 4, 3])
+    given = canvas != 4
+    for strategy in ("ancestral", "greedy_tail"):
+        seen.clear()
+        settings = SamplerSettings(steps=4, strategy=strategy)
+        gen = torch.Generator().manual_seed(1)
+        x, stats = U.sample_uniform(model, 50, settings, gen, canvas=canvas)
+        assert stats["disc_nfe"] == len(seen) == 5
+        assert all((xs[:, given] == canvas[given]).all() for xs in seen)
+        assert (x[:, given] == canvas[given]).all() and not (x == 4).any()
+        if strategy == "greedy_tail":
+            assert (x[:, ~given] == 1).all()
+        else:
+            assert x[:, ~given].unique().numel() > 1  # the free positions are sampled
+    with pytest.raises(ValueError, match="a canvas has 6 positions"):
+        U.sample_uniform(model, 2, SamplerSettings(steps=2), canvas=canvas[:4])
+
+
 def test_duo_samples_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "duo"
     assert train(run, "train.max_steps=2") == 0

@@ -12,6 +12,7 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from diladiff.cli import main
+from diladiff.sampling.conditioning import Condition
 from diladiff.sampling.generate import GenerationSettings
 from diladiff.sampling.joint import JointSettings, reveal, sample_joint
 from diladiff.sampling.masked import SamplerSettings
@@ -94,6 +95,52 @@ def test_joint_and_sequential_samplers_call_the_network_as_documented(discrete, 
         zs = [z for _, z, _ in token_calls]
         assert not torch.equal(zs[0], zs[-1])  # both channels move in the same calls
         assert (token_calls[0][0] == MASK).all() and not (token_calls[-1][0] == MASK).all()
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("inference", ["joint", "sequential"])
+@pytest.mark.parametrize("strategy", ["ancestral", "topk"])
+def test_a_canvas_keeps_its_tokens_in_every_call(discrete, inference, strategy):
+    """The token stream starts from the canvas: every network call (the latent steps of
+    sequential inference too) reads the given tokens, the output keeps them, and top-k reveals
+    the M = 4 masked positions one per step (the token times scaled by the masked share)."""
+    stage = fake_stage(discrete)
+    canvas = (0, 1, MASK, MASK, MASK, MASK, 2, 3)
+    given = torch.tensor(canvas) != MASK
+    cond = Condition(canvas=canvas)
+    gs = GenerationSettings(
+        settings(4, strategy), joint=JointSettings(inference, 3), condition=cond
+    )
+    ids, stats = sample_joint(stage, 64, gs, torch.Generator().manual_seed(1), "cpu")
+    assert (ids[:, given] == torch.tensor(canvas)[given]).all() and (ids != MASK).all()
+    assert all((x[:, given] == torch.tensor(canvas)[given]).all() for x, _, _ in stage.net.calls)
+    latent = 3 if inference == "sequential" else 0
+    masked = [int((x == MASK).sum(1).max()) for x, _, _ in stage.net.calls[latent:]]
+    if strategy == "topk":
+        assert masked == [4, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("inference", ["joint", "sequential"])
+def test_a_reference_latent_is_held_fixed_without_latent_steps(discrete, inference):
+    """latent_from: the stage's reference_latent of the reference ids is the latent of every
+    call (Co-LADD at t_z = 0); no latent steps in either inference."""
+    stage = fake_stage(discrete)
+    seen = []
+    if discrete:
+        ref = torch.tensor([[1, 2]])
+        want = stage.vq.embed(ref)
+    else:
+        ref = want = torch.full((1, NZ, DZ), 0.3)
+    stage.reference_latent = lambda x0: (seen.append(x0), ref)[1]
+    cond = Condition(latent_ids=tuple(range(L)))
+    gs = GenerationSettings(settings(4), joint=JointSettings(inference, 3), condition=cond)
+    ids, stats = sample_joint(stage, 8, gs, torch.Generator().manual_seed(1), "cpu")
+    assert stats["cont_nfe"] == 0 and stats["disc_nfe"] == len(stage.net.calls) == 5
+    assert seen[0].tolist() == [list(range(L))] and (ids != MASK).all()
+    for _, z, t in stage.net.calls:
+        assert torch.equal(z, want.expand_as(z))
+        assert discrete or (t == 0).all()
 
 
 SMALL = [

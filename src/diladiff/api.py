@@ -18,7 +18,7 @@ import torch
 
 from diladiff.config import ConfigError, SampleConfig
 from diladiff.hub import load_any
-from diladiff.sampling.conditioning import make_condition
+from diladiff.sampling.conditioning import canvas_mask_id, make_condition
 from diladiff.sampling.generate import Generation, generate
 from diladiff.train.distributed import pick_device
 
@@ -66,7 +66,8 @@ class Model:
         (default: the run's, 0 = L), cont_steps = N_cont of a latent stage. `prompt` /
         `suffix`: text the samples start / end with; `infill`: a text whose [MASK] tokens are
         generated; `latent_from`: a reference text whose encoder latent replaces the prior
-        sample (latent stages). Given tokens are never changed."""
+        sample (the stages with an encoder: LaDiff, DiLaDiff, LDLM, LADD). Every method takes
+        a prompt, a suffix and infilling; given tokens are never changed."""
         sc = self.settings(
             num_samples=num_samples,
             disc_steps=disc_steps,
@@ -84,7 +85,7 @@ class Model:
         condition = make_condition(
             self.tokenizer,
             self.stage.seq_len,
-            self.stage.tokenizer_identity.get("mask_id"),
+            canvas_mask_id(self.stage),
             prompt,
             suffix,
             infill,

@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--latent-from",
-        help="latent stages: decode the encoder latent of this reference text instead of a "
-        "prior sample (paraphrase-style)",
+        help="stages with an encoder (LaDiff, DiLaDiff, LDLM, LADD): decode the encoder latent "
+        "of this reference text instead of a prior sample (paraphrase-style)",
     )
     p.add_argument("--num-samples", type=positive)
     p.add_argument("--batch-size", type=positive)
@@ -501,14 +501,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from diladiff.sampling.conditioning import make_condition
+    from diladiff.sampling.conditioning import canvas_mask_id, make_condition
     from diladiff.sampling.generate import generate, write_samples
 
     stage, tok, device = _load(args)
     sc = _sample_config(args, stage.cfg)
     texts = {k: getattr(args, k) for k in ("prompt", "suffix", "infill", "latent_from")}
-    mask_id = stage.tokenizer_identity.get("mask_id")
-    condition = make_condition(tok, stage.seq_len, mask_id, **texts)
+    condition = make_condition(tok, stage.seq_len, canvas_mask_id(stage), **texts)
     out = generate(stage, tok, sc, device, condition=condition)
     if args.out:
         given = {k: v for k, v in texts.items() if v is not None}
@@ -734,6 +733,8 @@ def cmd_analyze(args) -> int:
     out = args.out or args.run_dir / "analysis"
     paths = common.write_outputs(result, out, args.what, mod.plot(result, title))
     print(f"wrote {paths[0]} and {paths[1]}")
+    if "schedule_override" in result:  # robustness: train a prior with the fitted schedule
+        print(f"fitted time reparameterisation: {result['schedule_override']}")
     return 0
 
 

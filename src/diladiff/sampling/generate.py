@@ -2,8 +2,12 @@
 
 `sample_batch(stage, batch, settings, generator, device)` is the one way to draw token ids:
 a masked-diffusion stage (MDLM) decodes from all-masked rows; a latent stage draws its latent
-(sampling/latent.py) and decodes conditioned on it. The settings come from a run's sample.*
-config once, here (`generation_settings`): no other code resolves defaults.
+(sampling/latent.py) and decodes conditioned on it; DUO (sampling/uniform.py) and LADD
+(sampling/joint.py) run their own samplers. Every generation takes a Condition
+(sampling/conditioning.py): a canvas of given tokens, which never change, and a reference
+text whose encoder latent replaces the prior sample (the stages with an encoder). The
+settings come from a run's sample.* config once, here (`generation_settings`): no other code
+resolves defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from tqdm.auto import tqdm
 
 from diladiff.config import ConfigError, SampleConfig
 from diladiff.runtime import autocast, synchronize
-from diladiff.sampling.conditioning import UNCONDITIONAL, Condition
+from diladiff.sampling.conditioning import UNCONDITIONAL, Condition, TokenGuidance, clamp
 from diladiff.sampling.joint import JointSettings, sample_joint
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings, sample_masked
@@ -67,8 +71,10 @@ def generation_settings(
     latent = joint = None
     if isinstance(stage, LatentStage):
         latent = latent_settings(sc, stage.latent_sampler)
-    elif condition.latent_ids is not None:
-        raise ConfigError(f"a {stage.kind} run has no latent to take from a reference text")
+    if condition.latent_ids is not None and stage.generation not in LATENT_FROM:
+        raise ConfigError(
+            f"a {stage.kind} run has no latent (no encoder) to take from a reference text"
+        )
     if stage.generation == "joint":
         joint = JointSettings(sc.inference, sc.cont_steps or stage.cfg.ladd.latent_steps)
     if condition.canvas is not None and stage.generation not in CONDITIONABLE:
@@ -120,16 +126,14 @@ def decode_latent(
     """Tokens decoded from decoder-space latents z_ae (B, N_z, d_z) as the stage's
     `latent_decoding` says: "masked", N_disc steps of its masked decoder conditioned on z_ae
     (`settings`) from all-masked rows or `canvas`; "direct", one call of `stage.decode(z_ae)`
-    (settings unused; a canvas's given tokens then overwrite the decoded ones). Stats:
+    (settings unused; a canvas's given tokens then overwrite the decoded ones: `clamp`). Stats:
     disc_nfe, disc_steps_taken, decode_s."""
     z = z_ae.to(device)
     synchronize(device)
     t1 = time.perf_counter()
     if stage.latent_decoding == "direct":
         ids, stats = stage.decode(z), {"disc_nfe": 1, "disc_steps_taken": 1}
-        if canvas is not None:
-            given = canvas.to(ids.device) != stage.mask_id
-            ids = torch.where(given, canvas.to(ids.device), ids)
+        ids = clamp(ids, canvas, stage.mask_id)
     else:
         ids, stats = decode_tokens(
             stage.decoder_stage, z.shape[0], settings, generator, device, progress, z, canvas
@@ -140,19 +144,23 @@ def decode_latent(
 
 def _generate_latent(stage, batch, settings: GenerationSettings, generator, device, progress):
     """A latent stage: its latent (prior space), mapped to decoder space, then tokens; the
-    stats split the time between the two (latent overhead)."""
+    stats split the time between the two (latent overhead). With a canvas, a stage that decodes
+    directly samples its latent with TokenGuidance (the masked decoders take the canvas)."""
     synchronize(device)
     t0 = time.perf_counter()
     reference = settings.condition.latent_ids
+    canvas = settings.condition.canvas_tensor()
     if reference is None:
-        z, cont_nfe = sample_latent(stage, batch, settings.latent, generator, device)
+        model = stage
+        if canvas is not None and stage.latent_decoding == "direct":
+            model = TokenGuidance(stage, canvas.to(device))
+        z, cont_nfe = sample_latent(model, batch, settings.latent, generator, device)
         z_ae = stage.to_decoder_space(z)
     else:  # the encoder's latent of the reference text, for every row
         x_ref = torch.tensor(reference, dtype=torch.long, device=device)
         z_ae, cont_nfe = stage.encode_clean(x_ref[None]).expand(batch, -1, -1), 0
     synchronize(device)
     t1 = time.perf_counter()
-    canvas = settings.condition.canvas_tensor()
     ids, st = decode_latent(stage, z_ae, settings.tokens, generator, device, progress, canvas)
     return ids, {**st, "cont_nfe": cont_nfe, "latent_s": t1 - t0}
 
@@ -171,13 +179,15 @@ GENERATIONS = {
     ),
     "latent": _generate_latent,
     "uniform": lambda stage, batch, settings, *args: sample_uniform(
-        stage, batch, settings.tokens, *args
+        stage, batch, settings.tokens, *args, canvas=settings.condition.canvas_tensor()
     ),
     "joint": sample_joint,
 }
-# The generations that take a canvas (prompt, suffix, infill); DUO's uniform-state sampler and
-# LADD's joint sampler do not yet.
-CONDITIONABLE = ("masked", "latent")
+# The generations that take a canvas (prompt, suffix, infill), and those whose stages have an
+# encoder for a reference text's latent (`latent_from`); a generation added elsewhere
+# (GENERATIONS) is refused both until it names itself here.
+CONDITIONABLE = ("masked", "latent", "uniform", "joint")
+LATENT_FROM = ("latent", "joint")
 
 
 @torch.no_grad()

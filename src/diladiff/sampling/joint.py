@@ -20,6 +20,17 @@ distribution; "topk": the most confident), fed with the network's logits of that
 
 DDIM (eta = 0) on the sqrt schedule: z_s = a_s z_hat + s_s (z_t - a_t z_hat) / s_t
 (processes.gaussian.ddim_step).
+
+Conditioning (sampling.conditioning). A canvas (prompt, suffix, infill) is clamped as MDLM's:
+the token stream starts from it instead of all-masked rows, a reveal only touches masked
+positions, so the given tokens never change, and the token channel's times are scaled by the
+masked share M / L (top-k spreads the M masked positions over the N steps; the latent's times
+are not scaled). The latent is still sampled from the prior, jointly: every network call reads
+the given tokens through the joint attention, so the latent is guided by them (sequential
+inference: its latent steps see the canvas). A reference text (`latent_from`) replaces the
+sampled latent by the stage's encoder latent of it (`stage.reference_latent`: Co-LADD's clean
+z0, held at t_z = 0; Di-LADD's codes, all revealed): no latent steps, only the token steps
+(N + 1 calls, as the second part of sequential inference).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import torch
 from diladiff.config import ConfigError
 from diladiff.processes.gaussian import ddim_step, sqrt_alpha_sigma
 from diladiff.processes.masking import subs_logits
+from diladiff.sampling.conditioning import canvas_start
 from diladiff.sampling.masked import (
     STRATEGIES,
     SamplerSettings,
@@ -95,52 +107,67 @@ def _ddim(z: torch.Tensor, z_hat: torch.Tensor, t: float, s: float, eps: float) 
 @torch.no_grad()
 def sample_joint(stage, batch: int, settings, generator, device, progress: bool = False):
     """(batch, L) token ids of a LADD stage and stats (disc_nfe: network calls, cont_nfe:
-    latent-only calls of sequential inference); `settings` a GenerationSettings with .joint."""
-    tok, js = settings.tokens, settings.joint
+    latent-only calls of sequential inference); `settings` a GenerationSettings with .joint
+    and .condition (a canvas of given tokens, a reference text's ids: module docstring)."""
+    tok, js, cond = settings.tokens, settings.joint, settings.condition
     device = torch.device(device)
-    x = torch.full((batch, stage.seq_len), stage.mask_id, dtype=torch.long, device=device)
+    x, share = canvas_start(cond.canvas_tensor(), batch, stage.seq_len, stage.mask_id, device)
+    ref = None
+    if cond.latent_ids is not None:  # the reference text's latent (module docstring)
+        x_ref = torch.tensor(cond.latent_ids, dtype=torch.long, device=device)
+        ref = stage.reference_latent(x_ref[None])
     n = tok.steps
     grid = time_grid(n)
-    if stage.latent_kind == "continuous":
-        x, calls, latent_calls = _co_ladd(stage, x, grid, tok, js, generator)
-    else:
-        x, calls, latent_calls = _di_ladd(stage, x, grid, tok, js, generator)
+    sample = _co_ladd if stage.latent_kind == "continuous" else _di_ladd
+    x, calls, latent_calls = sample(stage, x, grid, share, tok, js, generator, ref)
     return x, {"disc_nfe": calls, "disc_steps_taken": n, "cont_nfe": latent_calls}
 
 
-def _co_ladd(stage, x, grid, tok: SamplerSettings, js: JointSettings, generator):
+def _co_ladd(stage, x, grid, share, tok: SamplerSettings, js: JointSettings, generator, ref):
+    """Co-LADD's loops; x the starting token rows, `share` their masked share (the token
+    times are scaled by it), `ref` None or a clean latent (1, N_z, d_z) to hold fixed."""
     eps_t = stage.cfg.ladd.t_eps
     b, device = x.shape[0], x.device
-    z = torch.randn((b, *stage.latent_shape), generator=generator, device=device)
     calls = latent_calls = 0
-    if js.inference == "sequential":
+    if ref is None:
+        z = torch.randn((b, *stage.latent_shape), generator=generator, device=device)
+    else:
+        z = ref.to(device).expand(b, *stage.latent_shape)
+    joint = ref is None and js.inference == "joint"  # the latent moves with the tokens
+    if ref is None and js.inference == "sequential":
         ygrid = time_grid(js.latent_steps, 0.0)
         for t, s in zip(ygrid[:-1], ygrid[1:], strict=True):
             _, z_hat = stage.net(x, z, _times(t, b, device))
             z = _ddim(z, z_hat, t, s, eps_t)
             latent_calls += 1
+    if not joint:
         z_time = torch.zeros(b, device=device)  # the latent is clean from here on
     for t, s in zip(grid[:-1], grid[1:], strict=True):
-        if js.inference == "joint":
+        if joint:
             z_time = _times(t, b, device)
         logits, z_hat = stage.net(x, z, z_time)
         calls += 1
-        if js.inference == "joint":
+        if joint:
             z = _ddim(z, z_hat, t, s, eps_t)
-        x = reveal(x, logits, stage.mask_id, t, s, tok, generator)
-    if js.inference == "joint":
+        x = reveal(x, logits, stage.mask_id, share * t, share * s, tok, generator)
+    if joint:
         z_time = _times(grid[-1], b, device)
     logits, _ = stage.net(x, z, z_time)  # the noise-removal call
-    x = reveal(x, logits, stage.mask_id, grid[-1], 0.0, tok, generator)
+    x = reveal(x, logits, stage.mask_id, share * grid[-1], 0.0, tok, generator)
     return x, calls + 1 + latent_calls, latent_calls
 
 
-def _di_ladd(stage, x, grid, tok: SamplerSettings, js: JointSettings, generator):
+def _di_ladd(stage, x, grid, share, tok: SamplerSettings, js: JointSettings, generator, ref):
+    """Di-LADD's loops; arguments as _co_ladd's, `ref` None or codes (1, N_z), all revealed
+    (then the code reveals are no-ops)."""
     b, device = x.shape[0], x.device
     cmask = stage.code_mask_id
-    codes = torch.full((b, stage.latent_shape[0]), cmask, dtype=torch.long, device=device)
+    if ref is None:
+        codes = torch.full((b, stage.latent_shape[0]), cmask, dtype=torch.long, device=device)
+    else:
+        codes = ref.to(device).expand(b, stage.latent_shape[0])
     calls = latent_calls = 0
-    if js.inference == "sequential":
+    if ref is None and js.inference == "sequential":
         ygrid = time_grid(js.latent_steps, 0.0)
         for t, s in zip(ygrid[:-1], ygrid[1:], strict=True):
             _, logits_z = stage.net(x, stage.vq.embed(codes), None)
@@ -151,7 +178,7 @@ def _di_ladd(stage, x, grid, tok: SamplerSettings, js: JointSettings, generator)
         calls += 1
         if js.inference == "joint":
             codes = reveal(codes, logits_z, cmask, t, s, tok, generator)
-        x = reveal(x, logits_x, stage.mask_id, t, s, tok, generator)
+        x = reveal(x, logits_x, stage.mask_id, share * t, share * s, tok, generator)
     logits_x, _ = stage.net(x, stage.vq.embed(codes), None)  # the noise-removal call
-    x = reveal(x, logits_x, stage.mask_id, grid[-1], 0.0, tok, generator)
+    x = reveal(x, logits_x, stage.mask_id, share * grid[-1], 0.0, tok, generator)
     return x, calls + 1 + latent_calls, latent_calls

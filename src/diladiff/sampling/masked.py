@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from diladiff.processes.masking import unmask_probability
 from diladiff.registry import registrar
+from diladiff.sampling.conditioning import canvas_start
 from diladiff.stages.masked import TokenDecoder
 
 STRATEGIES: dict[str, Callable] = {}
@@ -318,13 +319,7 @@ def sample_masked(
     the decoder's (kept in the signature for the callers' sake)."""
     if mask_id != decoder.mask_id:
         raise ValueError(f"mask_id {mask_id} differs from the decoder's {decoder.mask_id}")
-    if canvas is None:
-        x = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
-    else:
-        if canvas.shape != (seq_len,):
-            raise ValueError(f"a canvas has {seq_len} positions, got {tuple(canvas.shape)}")
-        x = canvas.to(device=device, dtype=torch.long).expand(batch, seq_len).clone()
-    share = float((x[0] == mask_id).sum()) / seq_len
+    x, share = canvas_start(canvas, batch, seq_len, mask_id, device)
     # t * share: the linear schedule's unmask probability (t - s) / t does not change, and
     # top-k keeps round(L * s * share) = round(M * s) positions masked.
     grid = [share * (1.0 - i / settings.steps) for i in range(settings.steps + 1)]

@@ -17,6 +17,14 @@ float64. The last step at t_min (one more network call, so NFE = N_disc + 1):
   the authors' `noise_removal=greedy`): lower GenPPL, lower entropy.
 
 The denoiser is time-conditioned, so every step runs it afresh (no reuse as in MDLM).
+
+Conditioning on a canvas (a prompt, a suffix, infilling; sampling.conditioning) is the clamp
+("replacement") inpainting of uniform-state diffusion, as SEDD projects its samples for prompts
+and infilling: x_1 is uniform noise with the given tokens in place, and after every step (the
+last one, greedy or ancestral, too) the given positions are overwritten with the given tokens,
+so the denoiser always reads them clean and they never change; only the other positions are
+sampled. (The given tokens are not re-noised to x_t: every state is a token here, so a clean
+token reads as one the forward process kept.)
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diladiff.processes.uniform import log_linear_alpha, prior_sample, sigma_from_alpha
+from diladiff.sampling.conditioning import clamp
 from diladiff.sampling.masked import (
     CHUNK_VALUES,
     SamplerSettings,
@@ -93,25 +102,34 @@ def sample_uniform(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    canvas: torch.Tensor | None = None,
 ):
-    """(batch, L) token ids of a uniform-state stage (one with `states`, `seq_len` and
-    `log_x_theta(x_t, sigma)`), and stats {disc_nfe, disc_steps_taken}."""
+    """(batch, L) token ids of a uniform-state stage (one with `states`, `seq_len`, `mask_id`
+    and `log_x_theta(x_t, sigma)`), and stats {disc_nfe, disc_steps_taken}; `canvas` (L,):
+    given tokens, clamped at every step (module docstring), and mask_id where to sample."""
     if settings.strategy not in UNIFORM_STRATEGIES:
         raise ValueError(
             f"uniform-state sampling takes strategy {UNIFORM_STRATEGIES}, not {settings.strategy!r}"
         )
     states = stage.states.to(device)
-    x = prior_sample((batch, stage.seq_len), states, generator)  # x_1 ~ uniform over states
+    if canvas is None:
+        keep = lambda x: x  # noqa: E731
+    else:
+        if canvas.shape != (stage.seq_len,):
+            raise ValueError(f"a canvas has {stage.seq_len} positions, got {tuple(canvas.shape)}")
+        canvas = canvas.to(device)
+        keep = lambda x: clamp(x, canvas, stage.mask_id)  # noqa: E731
+    x = keep(prior_sample((batch, stage.seq_len), states, generator))  # x_1 ~ uniform
     n = settings.steps
     grid = [1.0 - i * (1.0 - T_MIN) / n for i in range(n + 1)]
     alpha = lambda t: log_linear_alpha(t)[0]  # noqa: E731  (python floats: float64)
     for i in tqdm(range(n), desc="decoding", disable=not progress, leave=False):
         t, s = grid[i], grid[i + 1]
         log_x = _x_theta(stage, x, t, settings)
-        x = _draw_posterior(log_x, x, alpha(s), alpha(t), states, settings, generator)
+        x = keep(_draw_posterior(log_x, x, alpha(s), alpha(t), states, settings, generator))
     log_x = _x_theta(stage, x, grid[-1], settings)
     if settings.strategy == "greedy_tail":
         x = log_x.argmax(dim=-1)
     else:  # noise removal: the posterior towards alpha_s = 1
         x = _draw_posterior(log_x, x, 1.0, alpha(grid[-1]), states, settings, generator)
-    return x, {"disc_nfe": n + 1, "disc_steps_taken": n}
+    return keep(x), {"disc_nfe": n + 1, "disc_steps_taken": n}

@@ -230,6 +230,12 @@ class CoLADD(LADD):
     def latent_times(self, t: torch.Tensor, generator) -> torch.Tensor:
         return self.times(t.shape[0], generator, t.device) if self.cfg.ladd.independent_times else t
 
+    @torch.no_grad()
+    def reference_latent(self, x0: torch.Tensor) -> torch.Tensor:
+        """The clean latent z0 (B, N_z, d_z) of rows x0, the encoder's (no input dropout): what
+        sampling holds fixed at t_z = 0 for a reference text (sampling/joint.py)."""
+        return self.encoder(x0)
+
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
         """One micro-batch of Co-LADD (module docstring). Draws, in order: t, the token mask,
         the input-dropout coins, [t_z], eps, the latent-dropout coins."""
@@ -284,6 +290,13 @@ class DiLADD(LADD):
     @property
     def code_mask_id(self) -> int:
         return self.vq.mask_id
+
+    @torch.no_grad()
+    def reference_latent(self, x0: torch.Tensor) -> torch.Tensor:
+        """The codes (B, N_z) of rows x0: the encoder's latent, quantised (nearest codebook
+        vector; eval mode, so the codebook is not updated). What sampling holds fixed for a
+        reference text (sampling/joint.py)."""
+        return self.vq.quantize(self.encoder(x0))[1]
 
     def lambda_z(self) -> float:
         lc = self.cfg.ladd
