@@ -1,6 +1,9 @@
 import gzip
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,33 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(kind: str, run: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node=nproc -m diladiff train KIND --preset tiny --run-dir RUN ...`
+    on a free port (gloo on CPU)."""
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"),
+        *(f"--master_port={free_port()}", "-m", "diladiff", "train", kind, "--preset", "tiny"),
+        *("--run-dir", str(run), *overrides),
+    ]
+
+
+def torchrun_replica_digests(kind: str, run: Path, *overrides: str) -> list[str]:
+    """Train KIND with 2 processes (torchrun_cmd) and return the end record's replica digests
+    (one per rank: a hash of every state_dict entry, buffers included)."""
+    proc = subprocess.run(
+        torchrun_cmd(kind, run, *overrides), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return next(r for r in log if r.get("event") == "end")["replica_digests"]
 
 
 def word_level_tokenizer(folder: Path, words: list[str], **special: str) -> Path:

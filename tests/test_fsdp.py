@@ -12,14 +12,12 @@ itself is checked against torch's on the full gradient in test_sharded_clip_matc
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY
+from conftest import TINY, free_port, torchrun_cmd
 from safetensors.torch import load_file
 
 from diladiff.cli import main
@@ -28,31 +26,9 @@ from diladiff.train.checkpoint import load_trainer_state
 STEPS = ["train.micro_batch_size=2", "train.ckpt_every=3"]  # 2 ranks x 2 micro-batches x 2 rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(run, parallel, max_steps, *extra, kind="mdlm"):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "diladiff",
-        "train",
-        kind,
-        "--preset",
-        "tiny",
-        "--run-dir",
-        str(run),
-        *extra,
-        f"train.max_steps={max_steps}",
-        f"train.parallel={parallel}",
-    ]
+    cmd = torchrun_cmd(kind, run, *extra, f"train.max_steps={max_steps}")
+    cmd.append(f"train.parallel={parallel}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
