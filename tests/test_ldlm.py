@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, torchrun_replica_digests
 from safetensors.torch import load_file
 
 from diladiff.cli import main
@@ -214,3 +214,12 @@ def test_post_trained_decoder_trains_alone_on_the_frozen_ldlm(tmp_path):
     out = tmp_path / "s.jsonl"
     assert main(["sample", str(tmp_path / "dec"), "--out", str(out), "--cont-steps", "2"]) == 0
     assert len(out.read_text().splitlines()) == 4
+
+
+def test_two_process_torchrun_keeps_ldlm_decoder_replicas_identical(tmp_path):
+    """The post-trained decoder on a frozen LDLM: both ranks end with the same state_dict."""
+    assert train(tmp_path / "ldlm", "train.max_steps=2") == 0
+    extra = ["--init-from", str(tmp_path / "ldlm"), *TINY, "ldlm_decoder.layers=1"]
+    extra += ["train.max_steps=3", "train.micro_batch_size=2"]
+    digests = torchrun_replica_digests("ldlm_decoder", tmp_path / "dec", *extra)
+    assert len(digests) == 2 and digests[0] == digests[1]
