@@ -18,12 +18,18 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def resolve_precision(device: torch.device | str, precision: str = "auto") -> str:
+    """The precision "auto" stands for: "bf16" on CUDA, "fp32" elsewhere; others as given."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
 def autocast(device: torch.device | str, precision: str = "auto"):
     """A context manager for the forward pass. "auto": bf16 autocast on CUDA, fp32 (no autocast)
     elsewhere; "bf16": bf16 autocast on the device's type; "fp32": no autocast."""
     device = torch.device(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(device, precision)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp32":

@@ -30,7 +30,7 @@ from diladiff.config import PARALLEL, Config, ConfigError
 from diladiff.data.batches import RowSampler, validation_batches
 from diladiff.data.packing import PackedData
 from diladiff.errors import Terminated, TrainingError
-from diladiff.runtime import PRECISIONS, autocast
+from diladiff.runtime import PRECISIONS, autocast, resolve_precision
 from diladiff.train import checkpoint as ckpt
 from diladiff.train import sharding
 from diladiff.train.curve import write_training_curve
@@ -171,8 +171,7 @@ class Trainer:
 
     def bf16(self) -> bool:
         """Whether the forward runs in bf16 (train.precision bf16, or auto on CUDA)."""
-        precision = self.cfg.train.precision
-        return precision == "bf16" or (precision == "auto" and self.env.device.type == "cuda")
+        return resolve_precision(self.env.device, self.cfg.train.precision) == "bf16"
 
     # ------------------------------------------------------------------ state
     def resume(self) -> bool:
