@@ -110,3 +110,13 @@ def trained_run(tmp_path_factory):
         == 0
     )
     return run
+
+
+@pytest.fixture(scope="session")
+def latent_chain(tmp_path_factory):
+    """A tiny MDLM -> auto-encoder -> LaDiff chain (latent_fixtures.build_chain), trained once
+    per test session and shared by every module that needs trained latent runs. Read-only for
+    its users: a test that trains or writes must use its own folder."""
+    from latent_fixtures import build_chain
+
+    return build_chain(tmp_path_factory.mktemp("chain"))

@@ -47,10 +47,8 @@ def test_bertscore_is_one_for_identical_texts_and_drops_for_shuffled():
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    from latent_fixtures import build_chain
-
-    return build_chain(tmp_path_factory.mktemp("anchain"))
+def chain(latent_chain):
+    return latent_chain
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,7 @@ SLOW_OVERRIDES = [
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_parallel_decoding_check_end_to_end(tmp_path):
     from diladiff.cli import main
 
@@ -233,6 +234,48 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
     # The learned prior (2,000 steps) carries the mechanism: two steps of 8 tokens give whole
     # rows (0.85 when measured), where the MDLM gives none.
     assert tv["ladiff_cont200"][2] >= tv["mdlm"][2] + 0.3
+
+
+def test_parallel_decoding_check_wiring_on_a_briefly_trained_chain(tmp_path):
+    """The fast twin of the end-to-end check: the same command and files on a chain trained a
+    few steps (no margin is expected of it), ancestral then top-k from the same trained stages."""
+    from diladiff.cli import main
+
+    root = tmp_path / "check"
+    argv = ["check", "parallel-decoding", "--run-dir", str(root), "--num-sequences", "16"]
+    argv += ["--num-samples", "8", "--steps", "mdlm=3,autoencoder=3,ladiff=3,diladiff=3"]
+    warmups = ["train.warmup_steps=1", "autoencoder.encoder_warmup_steps=1"]
+    warmups += ["autoencoder.decoder_warmup_steps=1", "meanflow.tangent_warmup_steps=1"]
+    code = main(argv + SLOW_OVERRIDES + warmups)
+    result = json.loads((root / "check.json").read_text())
+    assert code == (0 if result["verdict"]["diagnosis"] == "every link passes" else 1)
+    assert (root / "check.png").stat().st_size > 0
+    assert "## Validity" in (root / "check.md").read_text()
+    assert result["disc_steps"] == [1, 2, 4, 8, 16]
+    g = result["generators"]
+    assert set(g) >= {
+        "mdlm",
+        "oracle",
+        "noise_latent",
+        "exact_factorised",
+        "exact_prior_cont200",
+        "ladiff_cont200",
+        "ladiff_cont5",
+        "diladiff_cont5_gamma0",
+        "diladiff_cont5_gamma0.2",
+    }
+    for name, gen in g.items():
+        assert [r["disc_steps"] for r in gen["rows"]] == [1, 2, 4, 8, 16], name
+        assert all(0.0 <= r["validity"] <= 1.0 for r in gen["rows"]), name
+    # the exact prior needs no training: its samples sit on the K latents already
+    assert g["exact_prior_cont200"]["latent"]["nn_ratio_median"] < 0.05
+    assert main(argv + ["--strategy", "topk"] + SLOW_OVERRIDES + warmups) in (0, 1)
+    assert (root / "check.json").read_text() == json.dumps(result, indent=2) + "\n"
+    topk = json.loads((root / "check_topk_t1.json").read_text())
+    assert topk["sampler"].startswith("topk, temperature 1")
+    assert set(topk["generators"]) == set(g)
+    tv = {r["disc_steps"]: r["validity"] for r in topk["generators"]["exact_factorised"]["rows"]}
+    assert tv[16] == 1.0 and tv[2] == 0
 
 
 def _gen(validity: list[float], coverage: list[float], cont: int | None = None, match=None):

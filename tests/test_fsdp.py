@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_trains_as_ddp_does(runs):
     assert_same(checkpoint(runs["fsdp"], 3), checkpoint(runs["ddp"], 3))
     assert_same(checkpoint(runs["fsdp"], 6), checkpoint(runs["ddp"], 6))
@@ -111,7 +111,7 @@ def test_fsdp_trains_as_ddp_does(runs):
     assert end["trainable_params"] / 2 <= end["trainable_params_local"] < end["trainable_params"]
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_resumes_exactly_from_fsdp_and_ddp_checkpoints(runs):
     assert_same(checkpoint(runs["fsdp_resumed"], 6), checkpoint(runs["fsdp"], 6))
     assert_same(checkpoint(runs["ddp_then_fsdp"], 6), checkpoint(runs["ddp"], 6))
@@ -120,7 +120,7 @@ def test_fsdp_resumes_exactly_from_fsdp_and_ddp_checkpoints(runs):
         assert [r["steps_this_run"] for r in ends] == [6, 3]
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_checkpoint_loads_and_resumes_in_one_process(runs, tmp_path):
     from diladiff.runs import load_run
 
@@ -187,7 +187,7 @@ def _sharded_clip(rank, port, inputs, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_sharded_clip_matches_torch():
     """fully_shard per block and at the root, the frozen module left out (plain tensors); the
     sharded clip gives the norm and clipped gradients torch's clip_grad_norm_ gives for the
@@ -223,7 +223,7 @@ def test_sharded_clip_matches_torch():
 # ---------------------------------------------------------------------- a latent stage
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_ladiff_with_its_frozen_autoencoder_trains_under_fsdp_as_under_ddp(tmp_path):
     """LaDiff: the auto-encoder inside is frozen (FSDP's ignored parameters, replicated) and
     each rank draws whether a micro-batch is self-conditioned (an extra pass of the prior), so

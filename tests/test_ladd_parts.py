@@ -1,5 +1,9 @@
 """LADD's parts: the pooled latent encoder (pooling, clipping, L2 norm, encoder-input dropout),
-the "sqrt" VP schedule and the DDIM step, and the code quantiser around vector-quantize-pytorch."""
+the "sqrt" VP schedule and the DDIM step, the joint sampler's latent DDIM values and the times
+it feeds each channel, and the code quantiser around vector-quantize-pytorch."""
+
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +12,10 @@ import torch.nn.functional as F
 from diladiff.config import ConfigError
 from diladiff.features import FeatureModel, PooledLatentEncoder, input_dropout_rows, pool_latents
 from diladiff.processes.gaussian import ddim_step, sqrt_alpha_sigma
+from diladiff.sampling import joint
+from diladiff.sampling.conditioning import Condition
+from diladiff.sampling.generate import GenerationSettings
+from diladiff.sampling.masked import SamplerSettings
 
 IDS = torch.tensor(
     [
@@ -145,6 +153,111 @@ def test_ddim_step_recovers_z_hat_at_zero_and_is_exact_on_the_deterministic_path
     assert torch.allclose(out, a_s.view(-1, 1, 1) * z0 + s_s.view(-1, 1, 1) * eps, atol=1e-12)
     one = ddim_step(z_t[:1], z0[:1], float(a_t[0]), float(s_t[0]), float(a_s[0]), float(s_s[0]))
     assert torch.allclose(one, out[:1], atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- the joint sampler
+V, L, NZ, DZ, MASK, CODES, T_EPS = 6, 8, 2, 3, 5, 4, 1e-4
+
+
+class RecordingNet:
+    """A stub MM-DiT: records (x, z_in, t_z) of every call and returns flat token logits and a
+    known prediction, a different random tensor per call (Co-LADD: the clean latent z_hat;
+    Di-LADD: code logits)."""
+
+    def __init__(self, batch: int, calls: int, discrete: bool):
+        gen = torch.Generator().manual_seed(42)
+        shape = (batch, NZ, CODES) if discrete else (batch, NZ, DZ)
+        self.outs = [torch.randn(shape, generator=gen) for _ in range(calls)]
+        self.calls = []
+
+    def __call__(self, x, z_in, t_z):
+        self.calls.append((x.clone(), z_in.clone(), None if t_z is None else t_z.clone()))
+        return torch.zeros(*x.shape, V), self.outs[len(self.calls) - 1]
+
+
+def sqrt_schedule_ddim(z, z_hat, t, s, eps=T_EPS):
+    """The closed form, written out: alpha^2(t) = (1 - 2 eps) sqrt(1 - t) + eps, sigma^2 =
+    1 - alpha^2, z_s = alpha_s z_hat + sigma_s (z_t - alpha_t z_hat) / sigma_t (float64)."""
+    a2_t = (1 - 2 * eps) * math.sqrt(1 - t) + eps
+    a2_s = (1 - 2 * eps) * math.sqrt(1 - s) + eps
+    a_t, s_t, a_s, s_s = (math.sqrt(v) for v in (a2_t, 1 - a2_t, a2_s, 1 - a2_s))
+    z, z_hat = z.double(), z_hat.double()
+    return a_s * z_hat + s_s * (z - a_t * z_hat) / s_t
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("canvas", [None, (0, 1, MASK, MASK, MASK, MASK, 2, 3)])
+def test_joint_sampler_feeds_the_grid_times_and_takes_closed_form_ddim_steps(
+    monkeypatch, discrete, canvas
+):
+    """Joint inference, N = 4 steps on t_k = 1 - k (1 - 1e-5) / 4 and the noise-removal call:
+    Co-LADD's network reads t_z = t_k at call k and its latent moves by DDIM from t_k to
+    t_{k+1} with that call's z_hat (starting from the generator's first normal draw); Di-LADD's
+    network gets no time. The token channel reveals from share t_k to share t_{k+1} (share =
+    the canvas's masked share M / L, 1 without one; the latent's times are not scaled), the
+    last call down to 0; Di-LADD's codes reveal on the unscaled grid."""
+    b, n = 3, 4
+    net = RecordingNet(b, n + 1, discrete)
+    stage = SimpleNamespace(
+        seq_len=L,
+        mask_id=MASK,
+        latent_shape=(NZ, DZ),
+        latent_kind="discrete" if discrete else "continuous",
+        cfg=SimpleNamespace(ladd=SimpleNamespace(t_eps=T_EPS)),
+        net=net,
+    )
+    if discrete:
+        stage.code_mask_id = CODES - 1
+        stage.vq = SimpleNamespace(embed=lambda c: F.one_hot(c, CODES).float())
+    reveals = []
+    original = joint.reveal
+
+    def recording_reveal(x, logits, mask_id, t, s, settings, generator):
+        out = original(x, logits, mask_id, t, s, settings, generator)
+        reveals.append((mask_id, t, s, out))
+        return out
+
+    monkeypatch.setattr(joint, "reveal", recording_reveal)
+    tokens = SamplerSettings(steps=n, strategy="ancestral", temperature=1.0, top_p=1.0)
+    gs = GenerationSettings(tokens, joint=joint.JointSettings("joint"), condition=Condition(canvas))
+    joint.sample_joint(stage, b, gs, torch.Generator().manual_seed(7), "cpu")
+
+    grid = [1.0 - k * (1.0 - 1e-5) / n for k in range(n + 1)]
+    share = 1.0 if canvas is None else 4 / L
+    assert len(net.calls) == n + 1
+    # the token channel's times (and Di-LADD's code channel's), call by call
+    token_steps = [(MASK, share * t, share * s) for t, s in zip(grid[:-1], grid[1:], strict=True)]
+    token_steps.append((MASK, share * grid[-1], 0.0))
+    got = [(m, t, s) for m, t, s, _ in reveals if m == MASK]
+    assert [m for m, _, _ in got] == [MASK] * (n + 1)
+    assert all(
+        math.isclose(t, wt, rel_tol=1e-12) and math.isclose(s, ws, rel_tol=1e-12, abs_tol=0)
+        for (_, t, s), (_, wt, ws) in zip(got, token_steps, strict=True)
+    )
+    token_outs = [out for m, _, _, out in reveals if m == MASK]
+    for k in range(n):  # each call reads the tokens the previous step revealed
+        assert torch.equal(net.calls[k + 1][0], token_outs[k])
+    if discrete:
+        code_steps = [(m, t, s) for m, t, s, _ in reveals if m != MASK]
+        assert [m for m, _, _ in code_steps] == [CODES - 1] * n
+        assert all(
+            math.isclose(t, wt, rel_tol=1e-12) and math.isclose(s, ws, rel_tol=1e-12)
+            for (_, t, s), wt, ws in zip(code_steps, grid[:-1], grid[1:], strict=True)
+        )
+        assert all(t_z is None for _, _, t_z in net.calls)
+        return
+    # Co-LADD: the latent's time at each call, and its DDIM values against the closed form
+    for k, (_, _, t_z) in enumerate(net.calls):
+        want = torch.full((b,), grid[k], dtype=torch.float64)
+        assert t_z.shape == (b,) and torch.allclose(t_z.double(), want, rtol=0, atol=1e-7)
+    z_start = torch.randn((b, NZ, DZ), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(net.calls[0][1], z_start)
+    z = z_start.double()
+    for k in range(n):
+        step = sqrt_schedule_ddim(net.calls[k][1], net.outs[k], grid[k], grid[k + 1])
+        assert torch.allclose(net.calls[k + 1][1].double(), step, rtol=1e-5, atol=1e-6)
+        z = sqrt_schedule_ddim(z, net.outs[k], grid[k], grid[k + 1])  # chained in float64
+        assert torch.allclose(net.calls[k + 1][1].double(), z, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- the code quantiser

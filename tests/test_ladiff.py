@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from latent_fixtures import PRIOR_SMALL, build_chain, train
+from latent_fixtures import PRIOR_SMALL, train
 from safetensors.torch import load_file
 
 from diladiff.cli import main
@@ -19,8 +19,8 @@ from diladiff.train.checkpoint import latest_checkpoint, load_weights
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    return build_chain(tmp_path_factory.mktemp("chain"))
+def chain(latent_chain):
+    return latent_chain
 
 
 def test_ladiff_run_resumes_exactly(chain, tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from latent_fixtures import build_chain, train
+from latent_fixtures import train
 
 from diladiff.cli import main
 from diladiff.eval.latent_diag import reference_latents, same_latent_space, sampler_grid
@@ -14,9 +14,10 @@ from diladiff.sampling.masked import SamplerSettings
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    runs = build_chain(tmp_path_factory.mktemp("lchain"))
-    runs["diladiff"] = runs["ladiff"].parent / "diladiff"
+def chain(latent_chain, tmp_path_factory):
+    # the shared chain plus a DiLaDiff student of its LaDiff (a copy: the session's dict is
+    # shared with other modules)
+    runs = {**latent_chain, "diladiff": tmp_path_factory.mktemp("lchain") / "diladiff"}
     assert (
         train("diladiff", runs["diladiff"], "--teacher", runs["ladiff"], "train.max_steps=2") == 0
     )

@@ -36,7 +36,7 @@ def lint_imports(cwd: Path, src: Path, config: Path) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=str(src), COLUMNS="250", NO_COLOR="1")
     cmd = [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()"]
     done = subprocess.run(
-        [*cmd, "--config", str(config), "--no-cache"],
+        [*cmd, str(config), "--no-cache"],
         cwd=cwd,
         env=env,
         capture_output=True,

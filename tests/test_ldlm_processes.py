@@ -215,6 +215,7 @@ def _ddp_update(rank, world, port, u, losses, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_ddp_replicas_aggregate_their_batches():
     """Two gloo ranks with different batches end with the buffers of one process that saw
     both batches."""

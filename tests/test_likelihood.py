@@ -90,10 +90,8 @@ def test_hutchinson_estimate_matches_the_closed_form_on_average():
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    from latent_fixtures import build_chain
-
-    return build_chain(tmp_path_factory.mktemp("pplchain"))
+def chain(latent_chain):
+    return latent_chain
 
 
 def test_eval_ppl_end_to_end(chain, tmp_path, capsys):

@@ -32,6 +32,7 @@ PLAN = EvalPlan(
 )
 
 
+@pytest.mark.e2e
 def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, monkeypatch):
     root = tmp_path / "pipe"
     real_save = trainer_mod.Trainer.save

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from latent_fixtures import PRIOR_SMALL, build_chain, train
+from latent_fixtures import PRIOR_SMALL, train
 
 from diladiff.analysis.robustness import schedule_override
 from diladiff.cli import main
@@ -173,8 +173,8 @@ def test_schedules_from_config_and_the_robustness_override():
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    return build_chain(tmp_path_factory.mktemp("chain"))
+def chain(latent_chain):
+    return latent_chain
 
 
 def test_ladiff_trains_and_samples_with_the_fitted_schedule(chain, tmp_path):

@@ -338,6 +338,26 @@ def test_gaussian_latent_argmax_is_a_uniform_state_corruption():
         expect[4] = 0.0
         se = (expect * (1 - expect) / n).sqrt()
         assert ((freq - expect).abs() <= 5 * se + 1e-12).all(), (b, freq, expect)
-    # the variance-preserving scaling: signal^2 + noise^2 = 1
-    a2 = torch.sigmoid(-gamma[0])
-    assert math.isclose(float(a2 + torch.sigmoid(gamma[0])), 1.0, rel_tol=1e-6)
+
+
+def test_gaussian_latent_is_the_variance_preserving_mix_of_the_one_hot_and_the_noise():
+    """w = sqrt(sigmoid(-gamma)) onehot(x_0) + sqrt(sigmoid(gamma)) eps, eps the generator's one
+    (B, L, V_full) normal draw: signal^2 + noise variance = 1 at every gamma. The argmax test
+    above cannot see a common rescaling of both parts (argmax is scale-free); this one can."""
+    states = _states(7, excluded=2)
+    gamma = torch.tensor([-4.0, -1.5, 0.0, 2.0])
+    x0 = torch.tensor([[0, 3, 6, 1, 4, 5]]).repeat(4, 1)
+    w = gaussian_latent(x0, gamma, states, torch.Generator().manual_seed(11))
+    eps = torch.randn((4, 6, 7), generator=torch.Generator().manual_seed(11))
+    signal2, noise2 = torch.sigmoid(-gamma), torch.sigmoid(gamma)  # alpha^2, sigma^2
+    want = signal2.sqrt().view(-1, 1, 1) * F.one_hot(x0, 7) + noise2.sqrt().view(-1, 1, 1) * eps
+    assert torch.allclose(w[..., states], want[..., states], rtol=0, atol=1e-6)
+    assert (w[..., 2] == -math.inf).all()
+    # the moments over many draws: E w[x0] = signal, Var w_j = noise^2, so signal^2 + var = 1
+    n = 20_000
+    w = gaussian_latent(torch.full((4, n), 3), gamma, states, torch.Generator().manual_seed(12))
+    at_x0, var = w[..., 3].double().mean(1), w[..., states].double().var(1).mean(-1)
+    se_mean, se_var = (noise2.double() / n).sqrt(), noise2.double() * (2 / n) ** 0.5
+    assert ((at_x0 - signal2.double().sqrt()).abs() <= 5 * se_mean).all(), at_x0
+    assert ((var - noise2.double()).abs() <= 5 * se_var).all(), var
+    assert torch.allclose(at_x0**2 + var, torch.ones(4, dtype=F64), atol=0.03)
