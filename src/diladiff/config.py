@@ -59,7 +59,9 @@ class DataConfig:
     hub_revision: str = ""
     hub_split: str = "train"
     streaming: bool = False
-    # Tokenizer: hub name, local path, or the alias "minilm-l6" (offline bert-base-uncased).
+    # Tokenizer: hub name, local path, the alias "minilm-l6" (offline bert-base-uncased), or
+    # "bpe-N" / "bpe-N-lower": a byte-level BPE of N tokens trained once on data.source's
+    # training split and cached (diladiff.data.bpe); every run folder keeps a copy.
     tokenizer: str = "bert-base-uncased"
     seq_len: int = 128
     # The last `heldout_docs` documents of the source are the validation split.

@@ -2,7 +2,8 @@
 
     OUT/config.json        {"stage": kind, "settings": the resolved config, "tokenizer_identity"}
     OUT/model.safetensors  the weights (EMA by default), keys "stage.<name>"
-    OUT/tokenizer*.json    the tokenizer's files
+    OUT/tokenizer*.json    the tokenizer's files (a corpus BPE's with diladiff_tokenizer.json, its
+                       training record)
     OUT/README.md          a model card: method, training data, steps, last evaluation
 
 written and read by huggingface_hub's PyTorchModelHubMixin, so `ExportedModel.from_pretrained`
@@ -14,6 +15,7 @@ not copied: the loader fetches them as training did.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from diladiff.config import Config
+from diladiff.data.bpe import PROVENANCE, bpe_spec
 from diladiff.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_identity
 from diladiff.errors import CheckpointError
 from diladiff.runs import load_run
@@ -70,6 +73,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "ema") -> 
     model.stage.load_state_dict(stage.state_dict())
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+    record = Path(tok.name_or_path) / PROVENANCE  # how a corpus BPE was trained
+    if record.is_file():
+        shutil.copy2(record, out_dir / PROVENANCE)
     (out_dir / "README.md").write_text(model_card(run_dir, info, stage.cfg, which))
     return out_dir
 
@@ -106,6 +112,13 @@ def load_any(name_or_path: str | Path, which: str = "ema", device: torch.device 
     return load_exported(name_or_path, device)
 
 
+def tokenizer_note(name: str) -> str:
+    """The model card's words on the tokenizer."""
+    if bpe_spec(name) is None:
+        return "files included"
+    return "byte-level BPE trained on the training split of the data; files included"
+
+
 def model_card(run_dir: Path, info: dict, cfg: Config, which: str) -> str:
     """A Markdown model card from the run folder's records (nothing measured here)."""
     log = run_dir / "log.jsonl"
@@ -131,7 +144,7 @@ def model_card(run_dir: Path, info: dict, cfg: Config, which: str) -> str:
         f"| stage | {info['stage']} (preset `{cfg.preset}`) |",
         f"| training data | `{data.get('source', cfg.data.source)}`, "
         f"{data.get('train_rows', '?')} rows of {cfg.data.seq_len} tokens |",
-        f"| tokenizer | `{cfg.data.tokenizer}` (files included) |",
+        f"| tokenizer | `{cfg.data.tokenizer}` ({tokenizer_note(cfg.data.tokenizer)}) |",
         f"| network | {cfg.model.depth} x {cfg.model.width} |",
     ]
     if "autoencoder" in cfg.section_names():

@@ -2,6 +2,9 @@
 
 train_run("mdlm", "runs/m", preset="tiny", overrides=["train.max_steps=20"])
 stage, tok = load_run("runs/m")            # EMA weights, ready to sample
+
+A run folder holds a copy of its tokenizer (RUN/tokenizer/, written when the run is created), so
+it loads where data.tokenizer's cache or corpus is missing (a corpus BPE, `bpe-N`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from diladiff.config import (
     check_warmups,
 )
 from diladiff.data.packing import prepare_data
-from diladiff.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_identity
+from diladiff.data.tokenizer import (
+    TOKENIZER_DIR,
+    check_same_tokenizer,
+    load_tokenizer,
+    resolve_tokenizer,
+    save_tokenizer,
+    tokenizer_identity,
+)
 from diladiff.errors import CheckpointError
 from diladiff.stages import STAGES, Stage
 from diladiff.train import checkpoint as ckpt
@@ -96,7 +106,12 @@ def train_run(
     warmup_warnings = check_warmups(cfg.train, STAGES[kind].warmups(cfg))
     env = setup(cfg.train.device)
     try:
-        tok = load_tokenizer(cfg.data.tokenizer)
+        # The main process trains a corpus BPE if it has to; the others then find it cached.
+        if env.is_main:
+            tok = training_tokenizer(cfg, run_dir, resumed, cfg.train.progress)
+        barrier(env)
+        if not env.is_main:
+            tok = training_tokenizer(cfg, run_dir, resumed, progress=False)
         tok_id = tokenizer_identity(tok)
         if resumed:
             check_same_tokenizer(
@@ -119,6 +134,8 @@ def train_run(
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.json")
+            if not has_tokenizer_copy(run_dir):  # a new run (or one made before the copies)
+                save_tokenizer(tok, run_dir / TOKENIZER_DIR)
             if not resumed:
                 ckpt.write_json_atomic(
                     run_dir / "run.json",
@@ -142,6 +159,31 @@ def train_run(
         teardown()
 
 
+def has_tokenizer_copy(folder: Path) -> bool:
+    """Whether a run folder holds its tokenizer's copy (written atomically: whole if there)."""
+    return (folder / TOKENIZER_DIR / "tokenizer_config.json").is_file()
+
+
+def training_tokenizer(cfg: Config, run_dir: Path, resumed: bool, progress: bool = True):
+    """The tokenizer a run trains with: a resumed run's own copy while data.tokenizer is still
+    the name it was created with (nothing to resolve or retrain), else data.tokenizer resolved
+    (a corpus BPE found in the cache or trained on the training split)."""
+    if resumed and has_tokenizer_copy(run_dir):
+        created = Config.load(run_dir / "config.json").data.tokenizer
+        if created == cfg.data.tokenizer:
+            return load_tokenizer(str(run_dir / TOKENIZER_DIR))
+    return load_tokenizer(resolve_tokenizer(cfg.data, progress))
+
+
+def run_tokenizer(run_dir: str | Path):
+    """The tokenizer of a run folder: its copy RUN/tokenizer/, or for a run made before the
+    copies its config's data.tokenizer (a corpus BPE then needs its cache or its corpus)."""
+    run_dir = Path(run_dir)
+    if has_tokenizer_copy(run_dir):
+        return load_tokenizer(str(run_dir / TOKENIZER_DIR))
+    return load_tokenizer(Config.load(run_dir / "config.json").data)
+
+
 def run_kind(run_dir: str | Path) -> str:
     """The stage kind of a run folder (from its run.json)."""
     return ckpt.read_run_info(Path(run_dir))["stage"]
@@ -160,11 +202,12 @@ def load_run(
 ) -> tuple[Stage, object]:
     """A trained stage with its newest checkpoint's weights, in eval mode, and its tokenizer.
 
-    `tokenizer` overrides the saved one; its vocabulary must match the checkpoint's."""
+    `tokenizer` (a hub name, path or alias) overrides the run's own (`run_tokenizer`); its
+    vocabulary must match the checkpoint's."""
     run_dir = Path(run_dir)
     info = ckpt.read_run_info(run_dir)
     cfg = Config.load(run_dir / "config.json")
-    tok = load_tokenizer(tokenizer or cfg.data.tokenizer)
+    tok = load_tokenizer(tokenizer) if tokenizer else run_tokenizer(run_dir)
     check_same_tokenizer(info["tokenizer_identity"], tokenizer_identity(tok), f"loading {run_dir}")
     stage = STAGES[info["stage"]](cfg, info["tokenizer_identity"])
     weights, _ = ckpt.load_weights(run_dir, which)

@@ -287,7 +287,7 @@ def run_check(
     """Build the corpus, train the four stages on it, sample every generator, write results."""
     from diladiff.config import build_config
     from diladiff.data.packing import prepare_data
-    from diladiff.data.tokenizer import load_tokenizer
+    from diladiff.data.tokenizer import load_tokenizer, resolve_tokenizer
     from diladiff.eval.latent_diag import sample_prior
     from diladiff.eval.oracle import encoder_latents
     from diladiff.eval.protocol import device_record
@@ -302,7 +302,10 @@ def run_check(
     if data:
         overrides.append(f"data.source={data}")
     cfg = build_config(preset, overrides)
-    tok = load_tokenizer(cfg.data.tokenizer)
+    # A corpus BPE (bpe-N) is trained on data.source's training split; the stages then train
+    # with that folder (data.tokenizer below), not a BPE of the check's own corpus.
+    tok_name = resolve_tokenizer(cfg.data)
+    tok = load_tokenizer(tok_name)
     k, L = num_sequences, cfg.data.seq_len
     heldout = max(1, min(32, k // 4))
     timings: dict[str, float] = {}
@@ -322,7 +325,7 @@ def run_check(
             cfg.data.source, tok, k, L, cfg.data.text_field, cfg.data.txt_split
         )
         write_corpus(root, texts, rows, heldout)
-    train_overrides = training_config(overrides, corpus, heldout)
+    train_overrides = [*training_config(overrides, corpus, heldout), f"data.tokenizer={tok_name}"]
     packed = prepare_data(build_config(preset, train_overrides).data, tok, progress=False)
     train = np.asarray(packed.train, dtype=np.int64)
     if train.shape != rows.shape or not (train == rows).all():

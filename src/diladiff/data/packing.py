@@ -1,5 +1,6 @@
 """Tokenise a corpus in batches, pack documents (each followed by a separator) into rows of
-length L, and store train / validation rows as memory-mapped arrays with a manifest.
+length L, and store train / validation rows as memory-mapped arrays with a manifest and a copy
+of the tokenizer (tokenizer/).
 
 The cache key covers the source's fingerprint, the tokenizer's vocabulary, L and the split, so
 re-runs reuse the arrays and any change rebuilds them. Writes go to a temporary folder that is
@@ -21,8 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diladiff.config import DataConfig
-from diladiff.data.sources import DocumentSource, source_from_config
-from diladiff.data.tokenizer import separator_id, tokenizer_identity
+from diladiff.data.sources import DocumentSource, source_from_config, split_sizes
+from diladiff.data.tokenizer import (
+    TOKENIZER_DIR,
+    save_tokenizer,
+    separator_id,
+    tokenizer_identity,
+)
 from diladiff.errors import DataError
 from diladiff.runtime import cache_root
 
@@ -111,20 +117,7 @@ def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
     if (folder / "manifest.json").is_file():
         return _open(folder)
 
-    if cfg.streaming and cfg.max_docs <= 0:
-        raise DataError("data.streaming=true needs data.max_docs > 0 (documents to take)")
-    if cfg.streaming:  # a stream's length is unknown: take max_docs, checked below
-        n_docs = cfg.max_docs
-    else:
-        n_docs = len(source) if cfg.max_docs <= 0 else min(cfg.max_docs, len(source))
-    if n_docs == 0:
-        raise DataError(f"data source {cfg.source!r} contains no documents")
-    if cfg.heldout_docs >= n_docs:
-        raise DataError(
-            f"data source {cfg.source!r} has {n_docs} documents, not more than "
-            f"data.heldout_docs={cfg.heldout_docs}; lower data.heldout_docs"
-        )
-    n_train_docs = n_docs - cfg.heldout_docs
+    n_docs, n_train_docs = split_sizes(cfg, source)
     dtype = np.uint16 if tok_id["vocab_size"] <= np.iinfo(np.uint16).max else np.uint32
     sep = separator_id(tok)
 
@@ -186,6 +179,9 @@ def prepare_data(cfg: DataConfig, tok, progress: bool = True) -> PackedData:
             os.truncate(tmp / f"{split}.bin", rows * cfg.seq_len * np.dtype(dtype).itemsize)
             manifest[f"{split}_rows"] = rows
             manifest[f"{split}_tokens"] = rows * cfg.seq_len
+        # The tokenizer travels with its rows: a packed folder named as data.source elsewhere
+        # needs no corpus, nor a corpus tokenizer's cache (data.tokenizer.resolve_tokenizer).
+        save_tokenizer(tok, tmp / TOKENIZER_DIR)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
             os.replace(tmp, folder)

@@ -288,3 +288,24 @@ def source_from_config(cfg) -> DocumentSource:
         streaming=cfg.streaming,
     )
     return open_source(cfg.source, cfg.text_field, cfg.txt_split, **hub)
+
+
+def split_sizes(cfg, source: DocumentSource) -> tuple[int, int]:
+    """(documents used, training documents) of a DataConfig's source: the first data.max_docs
+    documents (all when 0; a stream takes max_docs), of which the last data.heldout_docs are
+    the validation split. Packing and the corpus tokenizer (data.bpe) split by this one rule, so
+    a tokenizer trained on the corpus never sees a held-out document."""
+    if cfg.streaming and cfg.max_docs <= 0:
+        raise DataError("data.streaming=true needs data.max_docs > 0 (documents to take)")
+    if cfg.streaming:  # a stream's length is unknown: take max_docs (packing checks the end)
+        n_docs = cfg.max_docs
+    else:
+        n_docs = len(source) if cfg.max_docs <= 0 else min(cfg.max_docs, len(source))
+    if n_docs == 0:
+        raise DataError(f"data source {cfg.source!r} contains no documents")
+    if cfg.heldout_docs >= n_docs:
+        raise DataError(
+            f"data source {cfg.source!r} has {n_docs} documents, not more than "
+            f"data.heldout_docs={cfg.heldout_docs}; lower data.heldout_docs"
+        )
+    return n_docs, n_docs - cfg.heldout_docs

