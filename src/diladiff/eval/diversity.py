@@ -4,8 +4,10 @@
   reported as the mean over samples. Low entropy = repetitive samples.
 - n-gram repetition rate rep_n = 1 - unique n-grams / n-grams (pooled per sample, averaged),
   and diversity = prod_{n=2}^{4} (1 - rep_n).
-- corpus_diversity = prod_{n=2}^{4} #unique n-grams / #n-grams, both counted over the whole
-  sample set (LDLM's "Div"): repeats across samples count, unlike in `diversity`.
+- distinct_n = #unique n-grams / #n-grams, both counted over the whole sample set (Li et al.
+  2016's distinct-n); corpus_diversity = prod_{n=2}^{4} distinct_n (LDLM's "Div"): repeats
+  across samples count, unlike in `diversity`. Any hashable items: token ids here, words in
+  eval/ngram.py.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ def diversity_metrics(samples: list[list[int]]) -> dict:
     return out
 
 
+def distinct_n(samples: list[list], n: int) -> float:
+    """distinct-n = |U_n| / N_n, N_n = sum_i max(len_i - n + 1, 0) the n-grams (windows inside
+    one sample, never across two) and U_n the set of distinct ones over all samples; nan when
+    no sample has n items."""
+    grams = [tuple(s[i : i + n]) for s in samples for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
 def corpus_diversity(samples: list[list[int]]) -> float:
     """Corpus-level n-gram diversity (LDLM's "Div"):
 
@@ -48,7 +58,7 @@ def corpus_diversity(samples: list[list[int]]) -> float:
     at all (every sample shorter than n) contributes a factor 1."""
     div = 1.0
     for n in (2, 3, 4):
-        grams = [tuple(s[i : i + n]) for s in samples for i in range(len(s) - n + 1)]
-        if grams:
-            div *= len(set(grams)) / len(grams)
+        d = distinct_n(samples, n)
+        if not math.isnan(d):
+            div *= d
     return div

@@ -1,4 +1,5 @@
-"""Evaluate a set of samples under the fixed protocol: GenPPL, entropy, diversity, MAUVE."""
+"""Evaluate a set of samples under the fixed protocol: GenPPL, entropy, diversity, MAUVE, and
+the word metrics against the run's training text (eval/ngram.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from diladiff.errors import DataError
 from diladiff.eval.diversity import corpus_diversity, diversity_metrics
 from diladiff.eval.genppl import per_sample_totals, pooled_perplexity
+from diladiff.eval.ngram import NGRAM_MAX_WORDS, NGRAM_ORDER
 from diladiff.eval.protocol import device_record, protocol_record
 from diladiff.eval.scorer import load_scorer
 
@@ -51,10 +53,10 @@ def reference_texts(spec: str, count: int, seq_len: int | None = None) -> tuple[
     if (path / "config.json").is_file():
         from diladiff.config import Config
         from diladiff.data.packing import prepare_data
-        from diladiff.data.tokenizer import load_tokenizer
+        from diladiff.runs import run_tokenizer
 
         cfg = Config.load(path / "config.json")
-        tok = load_tokenizer(cfg.data.tokenizer)
+        tok = run_tokenizer(path)  # the run's copy: a corpus BPE (bpe-N) needs no cache
         data = prepare_data(cfg.data, tok, progress=False)
         if len(data.val) < count:
             raise DataError(f"{spec}: {len(data.val)} held-out rows, fewer than {count} samples")
@@ -73,6 +75,27 @@ def reference_texts(spec: str, count: int, seq_len: int | None = None) -> tuple[
     return texts[:count], {"file": str(path), "rows": count}
 
 
+def _is_run(spec) -> bool:
+    return bool(spec) and (Path(spec) / "config.json").is_file()
+
+
+def ngram_train_run(
+    ngram_train: str | None, reference: str | None, generator_meta: dict | None
+) -> str | None:
+    """The run folder whose train split the word metrics are fitted on: `ngram_train` when
+    given (it must be a run folder), else the MAUVE reference when it is a run folder, else
+    the samples' own run (generator_meta["run"]); None when there is none (metrics left out,
+    recorded as such in the protocol)."""
+    if ngram_train:
+        if not _is_run(ngram_train):
+            raise DataError(f"{ngram_train} is not a run folder (no config.json)")
+        return str(ngram_train)
+    for spec in (reference, (generator_meta or {}).get("run")):
+        if _is_run(spec):
+            return str(spec)
+    return None
+
+
 def evaluate_samples(
     ids: list[list[int]],
     texts: list[str],
@@ -82,9 +105,19 @@ def evaluate_samples(
     mauve_seed: int = 25,
     batch_size: int = 16,
     generator_meta: dict | None = None,
+    ngram_train: str | None = None,
+    ngram_order: int = NGRAM_ORDER,
+    ngram_max_words: int = NGRAM_MAX_WORDS,
 ) -> dict:
     """A result record (protocol + metrics) for one sample set; `per_sample` keeps each sample's
-    NLL sum and token count (the pooled GenPPL and its bootstrap interval derive from them)."""
+    NLL sum and token count (the pooled GenPPL and its bootstrap interval derive from them) and
+    its word metrics (words, ngram_nll_sum, seen_2, seen_3, copy_span: the paired intervals of
+    eval/paired.py derive from them). The word metrics' n-gram LM and index are fitted once per
+    process on the train split of `ngram_train_run` (at most ngram_max_words words)."""
+    from diladiff.eval.ngram import load_ngram_reference, ngram_protocol, word_metrics
+
+    train_run = ngram_train_run(ngram_train, reference, generator_meta)
+    ngram_ref = load_ngram_reference(train_run, ngram_order, ngram_max_words) if train_run else None
     scorer = load_scorer(scorer_name, device)
     nlls, feats = scorer.score(texts, batch_size, features=bool(reference))
     metrics = pooled_perplexity(nlls)
@@ -101,13 +134,20 @@ def evaluate_samples(
         if key not in _REFERENCE_FEATURES:  # the same reference set for every sample set
             _REFERENCE_FEATURES[key] = scorer.features(refs, batch_size)
         metrics |= mauve_from_features(feats, _REFERENCE_FEATURES[key], mauve_seed)
+    text_metrics, text_per_sample = word_metrics(texts, ngram_ref)
+    metrics |= text_metrics
     meta = generator_meta or {}
     return {
         "protocol": protocol_record(
-            scorer, len(texts), meta.get("seed"), ref_meta, mauve_seed if reference else None
+            scorer,
+            len(texts),
+            meta.get("seed"),
+            ref_meta,
+            mauve_seed if reference else None,
+            ngram_protocol(ngram_ref),
         ),
         "metrics": metrics,
         "generator": meta,
         "device": device_record(device),
-        "per_sample": per_sample_totals(nlls),
+        "per_sample": per_sample_totals(nlls) | text_per_sample,
     }

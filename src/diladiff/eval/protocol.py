@@ -4,6 +4,16 @@ A result file is JSON:
     {"protocol": {...}, "metrics": {...}, "generator": {...}, "device": "...", "created": ...}
 where `protocol` fixes everything that changes a number (scorer, tokenisation, boundary
 token, pooling, sample count, seeds, reference set) and `generator` the model and sampler.
+
+Versions:
+- diladiff-eval-v1: GenPPL (bootstrap interval, median), entropy and n-gram diversity of
+  the token ids, MAUVE.
+- diladiff-eval-v2: v1 unchanged, plus word-level metrics that can rank CPU-scale models
+  (eval/ngram.py; `text_metrics` below): a Kneser-Ney word n-gram LM perplexity fitted on the
+  run's train split (ngram_ppl, its interval, per-sample NLL sums and word counts), the share
+  of generated word bigrams / trigrams seen in that text, distinct-1/2/3 on words and the
+  longest span copied from it; and the paired bootstrap (eval/paired.py) for comparing two
+  results of the same seeds (`paired_interval`).
 """
 
 from __future__ import annotations
@@ -17,13 +27,20 @@ import torch
 
 from diladiff.errors import DataError
 from diladiff.eval.genppl import BOOTSTRAP_DESCRIPTION
+from diladiff.eval.paired import PAIRED_DESCRIPTION
 
-PROTOCOL_VERSION = "diladiff-eval-v1"
+PROTOCOL_VERSION = "diladiff-eval-v2"
 
 
 def protocol_record(
-    scorer, num_samples: int, seed: int | None, reference: dict | None, mauve_seed: int | None
+    scorer,
+    num_samples: int,
+    seed: int | None,
+    reference: dict | None,
+    mauve_seed: int | None,
+    text_metrics: dict | None = None,
 ) -> dict:
+    """`text_metrics`: the word metrics' entry (eval/ngram.py `ngram_protocol`)."""
     return {
         "version": PROTOCOL_VERSION,
         "scorer": scorer.name if scorer else None,
@@ -42,6 +59,8 @@ def protocol_record(
         }
         if mauve_seed is not None
         else None,
+        "text_metrics": text_metrics,
+        "paired_interval": PAIRED_DESCRIPTION,
         "num_samples": num_samples,
         "sample_seed": seed,
     }
