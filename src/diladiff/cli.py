@@ -160,6 +160,45 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time the reference sampler too, interleaved in this process; add a speed-up column",
     )
+    b = bsub.add_parser(
+        "train",
+        help="training seconds/step, tokens/s, FLOPs and MFU of a stage against the measured "
+        "matmul peak",
+        description="Builds a new run of the stage as `diladiff train` would (fresh weights; "
+        "parents loaded only if given) and times optimizer steps on real packed batches; "
+        "nothing is saved.",
+    )
+    b.add_argument("stage", choices=stage_order(optional=True), help="the stage to time")
+    for role, takers in _parent_flags().items():
+        flag = "--" + role.replace("_", "-")
+        b.add_argument(
+            flag, dest=role, type=Path, help="optional parent run of " + ", ".join(takers)
+        )
+    b.add_argument(
+        "--preset", choices=preset_choices(), help="the preset of the stage (default: paper)"
+    )
+    b.add_argument("--steps", type=positive, default=10, help="timed optimizer steps")
+    b.add_argument(
+        "--warmup-steps", type=non_negative, default=2, help="untimed steps before the timed"
+    )
+    b.add_argument(
+        "--flop-steps",
+        type=positive,
+        default=1,
+        help="untimed steps whose FLOPs are counted and averaged (more for stages that draw "
+        "an extra pass per step, e.g. self-conditioning)",
+    )
+    b.add_argument("--device", help="default: the config's train.device")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead")
+    b.add_argument(
+        "--config",
+        dest="config_file",
+        type=Path,
+        metavar="FILE",
+        help="JSON or TOML config values, applied before the key=value overrides",
+    )
+    b.set_defaults(takes_overrides=True)
+    b.epilog = "Further key=value arguments are config overrides, e.g. model.compile=true."
 
     p = sub.add_parser("eval", help="GenPPL, entropy, diversity and MAUVE of a samples file")
     p.add_argument("samples", type=Path, help="JSONL with 'text' (and 'ids') per line")
@@ -521,6 +560,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "train":
+        return _bench_train(args)
     from diladiff.eval.bench import bench_sampling, compare_samplers, format_table
     from diladiff.sampling.generate import generation_settings
 
@@ -540,6 +581,36 @@ def cmd_bench(args) -> int:
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "rows": rows}, indent=2))
+    return 0
+
+
+def _bench_train(args) -> int:
+    from diladiff.eval.bench import bench_training, format_table
+
+    parents = {role: getattr(args, role) for role in _parent_flags() if getattr(args, role)}
+    res = bench_training(
+        args.stage,
+        args.preset,
+        args.overrides,
+        parents,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        flop_steps=args.flop_steps,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(
+        f"{res['stage']} (preset {res['preset']}) on {res['device']} ({res['threads']} threads), "
+        f"{res['precision']}: batch {res['batch_size']} x {res['seq_len']} tokens, "
+        f"{res['warmup_steps']} warm-up + {res['steps']} timed steps, {res['batches']}"
+    )
+    cols = ["s_per_step", "tokens_per_s", "flops_per_step", "forward_flops_per_step"]
+    cols += ["trainable_flops_per_step", "frozen_flops_per_step", "achieved_flops_per_s", "mfu"]
+    print(format_table([res], cols))
+    peaks = ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in res["peak_flops_per_s"].items())
+    print(f"measured matmul peak: {peaks}; MFU against {res['precision']}")
     return 0
 
 
@@ -839,11 +910,14 @@ def cmd_prepare_data(args) -> int:
     from diladiff.data.tokenizer import load_tokenizer
 
     cfg = build_config(args.preset, args.overrides).data
-    data = prepare_data(cfg, load_tokenizer(cfg.tokenizer))
+    data = prepare_data(cfg, load_tokenizer(cfg))  # a corpus BPE (bpe-N) is trained first
     m = data.manifest
+    copy = data.folder / "tokenizer"  # packed with the rows (not by older versions)
     print(
         f"{data.folder}\n{m['train_rows']} train rows, {m['val_rows']} held-out rows of "
-        f"{m['seq_len']} tokens from {m['source']!r}; use it anywhere as data.source={data.folder}"
+        f"{m['seq_len']} tokens from {m['source']!r}, tokenizer {cfg.tokenizer}"
+        + (f" (copy in {copy})" if copy.is_dir() else "")
+        + f"; use it anywhere as data.source={data.folder}"
     )
     return 0
 
@@ -905,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key=value words anywhere on the line are config overrides (train, demo, config).
     bad = [w for w in extra if w.startswith("-") or "=" not in w]
-    if bad or (extra and args.command not in OVERRIDABLE):
+    takes = args.command in OVERRIDABLE or getattr(args, "takes_overrides", False)
+    if bad or (extra and not takes):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     args.overrides = extra
     try:
