@@ -159,7 +159,8 @@ def train(kind, run, *overrides):
 
 @pytest.mark.parametrize("kind", ["co-ladd", "di-ladd"])
 def test_ladd_resumes_exactly_and_samples_both_ways(tmp_path, kind):
-    extra = ["ladd.stage1_steps=3"] if kind == "di-ladd" else []
+    # Co-LADD samples sequentially only when trained with independent times
+    extra = ["ladd.stage1_steps=3"] if kind == "di-ladd" else ["ladd.independent_times=true"]
     assert train(kind, tmp_path / "a", "train.max_steps=2", *extra) == 0
     assert train(kind, tmp_path / "a", "train.max_steps=5") == 0
     assert train(kind, tmp_path / "b", "train.max_steps=5", *extra) == 0
@@ -231,8 +232,9 @@ def test_sibling_methods_run_through_the_pipeline_beside_each_other(tmp_path, mo
     assert main(["pipeline", "--stages", "ldlm,co-ladd", *args, *overrides]) == 0
     assert not (root / "mdlm").exists()  # neither method has a parent run
     report = (root / "report.md").read_text()
-    rows = ["ldlm_cont32", "ldlm_cont128", "co-ladd_joint_disc4", "co-ladd_sequential_disc32"]
+    rows = ["ldlm_cont32", "ldlm_cont128", "co-ladd_joint_disc4", "co-ladd_joint_disc32"]
     assert all(f"| {row} |" in report for row in rows), report
+    assert "co-ladd_sequential" not in report  # shared times: joint inference only
     bench = json.loads((root / "eval" / "bench.json").read_text())
     assert {r["stage"] for r in bench} == {"ldlm", "co-ladd"}
     latent = json.loads((root / "eval" / "latent.json").read_text())  # LDLM's prior diagnostics

@@ -195,7 +195,8 @@ def test_joint_sampler_feeds_the_grid_times_and_takes_closed_form_ddim_steps(
     t_{k+1} with that call's z_hat (starting from the generator's first normal draw); Di-LADD's
     network gets no time. The token channel reveals from share t_k to share t_{k+1} (share =
     the canvas's masked share M / L, 1 without one; the latent's times are not scaled), the
-    last call down to 0; Di-LADD's codes reveal on the unscaled grid."""
+    last call down to 0; Di-LADD's codes reveal on their own unscaled grid of N_z = 2 steps
+    (t'_j = 1 - j (1 - 1e-5) / N_z), so in the first N_z calls only."""
     b, n = 3, 4
     net = RecordingNet(b, n + 1, discrete)
     stage = SimpleNamespace(
@@ -239,10 +240,11 @@ def test_joint_sampler_feeds_the_grid_times_and_takes_closed_form_ddim_steps(
         assert torch.equal(net.calls[k + 1][0], token_outs[k])
     if discrete:
         code_steps = [(m, t, s) for m, t, s, _ in reveals if m != MASK]
-        assert [m for m, _, _ in code_steps] == [CODES - 1] * n
+        code_grid = [1.0 - k * (1.0 - 1e-5) / NZ for k in range(NZ + 1)]
+        assert [m for m, _, _ in code_steps] == [CODES - 1] * NZ
         assert all(
             math.isclose(t, wt, rel_tol=1e-12) and math.isclose(s, ws, rel_tol=1e-12)
-            for (_, t, s), wt, ws in zip(code_steps, grid[:-1], grid[1:], strict=True)
+            for (_, t, s), wt, ws in zip(code_steps, code_grid[:-1], code_grid[1:], strict=True)
         )
         assert all(t_z is None for _, _, t_z in net.calls)
         return

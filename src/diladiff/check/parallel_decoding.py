@@ -381,7 +381,7 @@ def run_check(
 
         for kind in ("co-ladd", "di-ladd"):
             stage, _ = load_run(root / kind, device=device)
-            for inference in ("joint", "sequential"):
+            for inference in stage.inferences:  # what the run was trained to be sampled with
                 js = JointSettings(inference, stage.cfg.ladd.latent_steps)
                 outputs = {n: sample_mdlm(stage, n, plan, device, js) for n in grid}
                 info = {"stage": kind, "inference": inference}

@@ -8,7 +8,7 @@ concatenated sequence [x; z]:
     c  = SiLU(TimeEmb(t_z))                                           (t_z = 0 when not given)
     per block and stream: (sa, ca, ga, sm, cm, gm)_s = Linear_s(SiLU(c))     (zero at init)
         a_s = LN_s(h_s) * (1 + ca_s) + sa_s,   (q, k, v)_s = W_s a_s          (no bias)
-        (q, k) <- RoPE((q, k), positions 0..L-1 for x, L..L+N_z-1 for z)
+        (q, k) <- RoPE((q, k), positions 0..n-1 for x, L..L+N_z-1 for z)  (n <= L tokens)
         o = softmax(q k^T / sqrt(d)) v  over [x; z]   (bidirectional, one softmax for both)
         h_s += ga_s * drop(W_out,s o_s)
         h_s += gm_s * drop(MLP_s(LN_s(h_s) * (1 + cm_s) + sm_s))       (GELU-tanh, x mlp_ratio)
@@ -24,6 +24,11 @@ RoPE on q and k only (rotate-half convention, base 1e4), and the time embedding 
 feeds a token time, so TimeEmb_x(0) is a learned constant, which the output bias of TimeEmb_z
 already provides: it is dropped here. Di-LADD ("no time input") is t_z = 0, as in the authors'
 code (timesteps None -> zeros), so c is then the learned constant SiLU(TimeEmb_z(0)).
+
+The latent stream sits at positions L..L+N_z-1 (L = seq_len, the training length) whatever the
+number n of tokens given: RoPE scores depend on position differences, so the x-z offsets the
+network learned are kept only if z does not move with n (the authors pad the token stream to
+L for the same reason, `_sample_latents_only`).
 
 Initialisation: init_weights (normal 0.02) for linear and embedding weights, zero for every
 adaLN modulation and for the output heads (adaLN-Zero), so at init every block is the identity
@@ -58,6 +63,17 @@ def apply_rope(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     <R_p q, R_r k> depends on p - r only."""
     u1, u2 = u.chunk(2, dim=-1)
     return u * cos + torch.cat([-u2, u1], dim=-1) * sin
+
+
+def stream_positions(n_x: int, seq_len: int, num_latents: int, device=None) -> torch.Tensor:
+    """RoPE positions of [x; z]: 0..n_x-1 for the n_x <= seq_len tokens, then
+    seq_len..seq_len+num_latents-1 for the latent (its training positions, module docstring)."""
+    return torch.cat(
+        [
+            torch.arange(n_x, device=device),
+            torch.arange(seq_len, seq_len + num_latents, device=device),
+        ]
+    )
 
 
 class _Stream(nn.Module):
@@ -194,9 +210,10 @@ class MMDiT(nn.Module):
     def forward(
         self, x_t: torch.Tensor, z_in: torch.Tensor, t_z: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token logits (B, L, vocab_size) and latent outputs (B, N_z, latent_out) from token ids
-        x_t (B, L), latent inputs z_in (B, N_z, latent_in) and latent time t_z (B,) (None: 0).
-        L may be below seq_len (0 included); RoPE is relative, so it only orders the streams."""
+        """Token logits (B, n, vocab_size) and latent outputs (B, N_z, latent_out) from token ids
+        x_t (B, n), latent inputs z_in (B, N_z, latent_in) and latent time t_z (B,) (None: 0).
+        n may be below seq_len (0 included): the tokens take positions 0..n-1 and the latent
+        keeps its training positions seq_len..seq_len+N_z-1 (`stream_positions`)."""
         b, n_x = x_t.shape
         if n_x > self.seq_len:
             raise ValueError(f"{n_x} tokens exceed seq_len {self.seq_len}")
@@ -212,7 +229,11 @@ class MMDiT(nn.Module):
         if t_z is None:
             t_z = torch.zeros(b, device=hx.device, dtype=hx.dtype)
         c = F.silu(self.t_embed(t_z.to(hx.dtype)))
-        rope = rope_tables(n_x + hz.shape[1], self.head_dim, self.rope_base, hx.device, hx.dtype)
+        cos, sin = rope_tables(
+            self.seq_len + self.num_latents, self.head_dim, self.rope_base, hx.device, hx.dtype
+        )
+        pos = stream_positions(n_x, self.seq_len, self.num_latents, hx.device)
+        rope = (cos[pos], sin[pos])
         for block in self.blocks:
             hx, hz = block(hx, hz, c, rope)
         return self.head_x(hx, c), self.head_z(hz, c)

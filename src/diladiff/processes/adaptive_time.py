@@ -142,7 +142,10 @@ class AdaptiveTimeSampler(nn.Module):
 
     def time_grid(self, steps: int) -> torch.Tensor:
         """The sampling grid u_k = F^-1(1 - k / steps), k = 0..steps: steps + 1 float64 values
-        on the CPU, strictly decreasing from exactly 1 to exactly 0 (equal steps in t)."""
+        on the CPU, strictly decreasing from exactly 1 to exactly 0 (equal steps in t). Where
+        the loss is flat (near u = 1) a step in u is long: the first spans about [0.7, 1] at
+        N = 32 for a typical LDLM curve, so a sampler on it must be stable for any step
+        (sampling/latent.py's Euler-Maruyama sub-steps where beta Delta is large)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         t = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps

@@ -77,6 +77,7 @@ def generation_settings(
         )
     if stage.generation == "joint":
         joint = JointSettings(sc.inference, sc.cont_steps or stage.cfg.ladd.latent_steps)
+        stage.check_inference(sc.inference)  # before any sampling starts
     if condition.canvas is not None and stage.generation not in CONDITIONABLE:
         raise ConfigError(
             f"prompts and infilling are implemented for {sorted(CONDITIONABLE)} generation, "

@@ -9,14 +9,29 @@ distribution; "topk": the most confident), fed with the network's logits of that
 - joint (one network call per step updates both channels; SIBLINGS.md 2.6):
     Co-LADD:  logits, z_hat = net(x, z, t_k);  z <- DDIM(z, z_hat, t_k -> t_{k+1});
               x <- reveal(x, logits, t_k -> t_{k+1})
-    Di-LADD:  logits_x, logits_z = net(x, embed(codes));  codes <- reveal(codes, logits_z, ...);
-              x <- reveal(x, logits_x, ...)
+    Di-LADD:  logits_x, logits_z = net(x, embed(codes));
+              codes <- reveal(codes, logits_z, t'_min(k, N') -> t'_min(k+1, N'));
+              x <- reveal(x, logits_x, t_k -> t_{k+1})
+              the codes on their own grid t'_j = 1 - j (1 - T_MIN) / N', j = 0..N' (N' =
+              JointSettings.code_steps, default N_z, the latent positions [C
+              `diladd/sampling.py`: ts_latent[min(i, len - 1)], num_inference_steps_latent =
+              latent_sequence_length]): with N' < N they are all but revealed after N' steps
+              and then held; with N' > N whatever is still masked stays so.
     then one noise-removal call fills every position still masked (and z <- z_hat): N + 1 calls.
 - sequential (the latent first, then the tokens given it):
     A) N_y steps on the latent with every token masked (Co-LADD: DDIM to t = 0; Di-LADD: code
        reveal down to t = 0, the last step revealing all);
     B) N steps on the tokens with the latent fixed (Co-LADD: t_z = 0), then the noise-removal
        call: N_y + N + 1 calls.
+  Only for a network trained on both phases' inputs (`stage.check_inference`: ConfigError):
+  Co-LADD trained with shared times (t_z = t_x, the paper's recipe) never saw phase A's
+  all-masked tokens beside a partly noised latent nor phase B's clean latent at t_z = 0 beside
+  masked tokens (SIBLINGS.md 2.6: the authors' sequential Co-LADD has its own latent network
+  and feeds the MM-DiT clean latents at t_z = 0 in training; they omit it for text).
+
+Code reveals are untempered ancestral draws: the token channel's strategy, temperature and
+top-p (sample.*) apply to the tokens only, as the authors temper the data channel alone [C:
+the latent sampler has its own logit processors, none by default].
 
 DDIM (eta = 0) on the sqrt schedule: z_s = a_s z_hat + s_s (z_t - a_t z_hat) / s_t
 (processes.gaussian.ddim_step).
@@ -35,7 +50,7 @@ z0, held at t_z = 0; Di-LADD's codes, all revealed): no latent steps, only the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,12 +75,15 @@ class JointSettings:
 
     inference: str = "joint"
     latent_steps: int = 8  # N_y of sequential inference
+    code_steps: int = 0  # N' of joint Di-LADD's code grid; 0 = N_z (the latent positions) [C]
 
     def __post_init__(self):
         if self.inference not in INFERENCES:
             raise ConfigError(f"inference must be one of {INFERENCES}, not {self.inference!r}")
         if self.latent_steps < 1:
             raise ConfigError(f"latent steps must be >= 1, got {self.latent_steps}")
+        if self.code_steps < 0:
+            raise ConfigError(f"code steps must be >= 0 (0 = N_z), got {self.code_steps}")
 
 
 def time_grid(steps: int, last: float = T_MIN) -> list[float]:
@@ -94,6 +112,19 @@ def reveal(
     return torch.where(chosen, tokens, x)
 
 
+def code_settings(tokens: SamplerSettings) -> SamplerSettings:
+    """The code channel's reveal: ancestral, temperature 1, no top-p (module docstring); the
+    token settings' remaining fields (its draw's precision, the sampler path) kept."""
+    return replace(tokens, strategy="ancestral", temperature=1.0, top_p=1.0)
+
+
+def code_grid_step(grid: list[float], k: int) -> tuple[float, float]:
+    """(t'_min(k, N'), t'_min(k+1, N')) of a code grid t'_0..t'_N' at token step k: the codes'
+    times for that step, equal (no reveal) once k >= N' [C]."""
+    last = len(grid) - 1
+    return grid[min(k, last)], grid[min(k + 1, last)]
+
+
 def _times(t: float, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), t, device=device)
 
@@ -110,6 +141,9 @@ def sample_joint(stage, batch: int, settings, generator, device, progress: bool 
     latent-only calls of sequential inference); `settings` a GenerationSettings with .joint
     and .condition (a canvas of given tokens, a reference text's ids: module docstring)."""
     tok, js, cond = settings.tokens, settings.joint, settings.condition
+    check = getattr(stage, "check_inference", None)  # LADD stages; test stubs may lack it
+    if check is not None:
+        check(js.inference)  # ConfigError for an inference the network was not trained for
     device = torch.device(device)
     x, share = canvas_start(cond.canvas_tensor(), batch, stage.seq_len, stage.mask_id, device)
     ref = None
@@ -161,23 +195,26 @@ def _di_ladd(stage, x, grid, share, tok: SamplerSettings, js: JointSettings, gen
     """Di-LADD's loops; arguments as _co_ladd's, `ref` None or codes (1, N_z), all revealed
     (then the code reveals are no-ops)."""
     b, device = x.shape[0], x.device
-    cmask = stage.code_mask_id
+    cmask, n_z = stage.code_mask_id, stage.latent_shape[0]
+    code = code_settings(tok)
     if ref is None:
-        codes = torch.full((b, stage.latent_shape[0]), cmask, dtype=torch.long, device=device)
+        codes = torch.full((b, n_z), cmask, dtype=torch.long, device=device)
     else:
-        codes = ref.to(device).expand(b, stage.latent_shape[0])
+        codes = ref.to(device).expand(b, n_z)
     calls = latent_calls = 0
     if ref is None and js.inference == "sequential":
         ygrid = time_grid(js.latent_steps, 0.0)
         for t, s in zip(ygrid[:-1], ygrid[1:], strict=True):
             _, logits_z = stage.net(x, stage.vq.embed(codes), None)
-            codes = reveal(codes, logits_z, cmask, t, s, tok, generator)
+            codes = reveal(codes, logits_z, cmask, t, s, code, generator)
             latent_calls += 1
-    for t, s in zip(grid[:-1], grid[1:], strict=True):
+    cgrid = time_grid(js.code_steps or n_z)
+    for k, (t, s) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         logits_x, logits_z = stage.net(x, stage.vq.embed(codes), None)
         calls += 1
-        if js.inference == "joint":
-            codes = reveal(codes, logits_z, cmask, t, s, tok, generator)
+        ct, cs = code_grid_step(cgrid, k)
+        if js.inference == "joint" and cs < ct:
+            codes = reveal(codes, logits_z, cmask, ct, cs, code, generator)
         x = reveal(x, logits_x, stage.mask_id, share * t, share * s, tok, generator)
     logits_x, _ = stage.net(x, stage.vq.embed(codes), None)  # the noise-removal call
     x = reveal(x, logits_x, stage.mask_id, share * grid[-1], 0.0, tok, generator)

@@ -57,7 +57,18 @@ Delta_i = t_i - t_{i+1} and xi_i ~ N(0, I):
     score_i = -(z_{t_i} - alpha_{t_i} z_hat_i) / sigma_{t_i}^2,   b_i = beta(min(t_i, 0.95))
     z_{t_{i+1}} = z_{t_i} + Delta_i (b_i z_{t_i} / 2 + b_i score_i) + sqrt(b_i Delta_i) xi_i
 
-(beta = processes.gaussian.drift_rate, clipped because beta(1) is infinite). Ancestral (DDPM):
+(beta = processes.gaussian.drift_rate, clipped because beta(1) is infinite). Near t = 1
+(alpha ~ 0, sigma ~ 1) one such step maps z ~ N(0, I) to (1 - b Delta / 2) z + sqrt(b Delta) xi,
+of variance 1 + (b Delta)^2 / 4: past b Delta = 2 the drift flips z's sign and the variance
+grows with the square of the step (LDLM's adaptive grid opens with a step of about 0.3 at
+N = 32: b Delta ~ 12, z times -5). So a step with b_i Delta_i > 2 is taken as
+m_i = ceil(b_i Delta_i / 2) equal sub-steps of the same formula, each with its own time's
+alpha, sigma and b and its own xi, around the one prediction z_hat_i (no extra network call).
+z's factor in a (sub-)step is 1 + b delta (1/2 - 1/sigma^2): where sigma ~ 1 it is
+1 - b delta / 2, now in [0, 1]; towards t = 0, b / sigma^2 ~ 2 / t and delta <= t keep it in
+[-1, 1] anyway. A grid with b_i Delta_i <= 2 everywhere (uniform from N = 21 up) gets the plain
+step, draw for draw.
+Ancestral (DDPM):
 z_{t_{i+1}} ~ q(z_{t_{i+1}} | z_{t_i}, z_0 = z_hat_i), the exact VP posterior
 (processes.gaussian.ddpm_posterior; no beta blow-up near t = 1). Both return the last
 prediction z_hat_{N-1} (so the last step's update, which would only re-mix it with noise-free
@@ -90,6 +101,8 @@ register_latent_sampler = registrar(LATENT_SAMPLERS)
 
 # beta(t) is evaluated at min(t, SDE_BETA_CLIP): beta(1) is infinite (SIBLINGS.md 1.7 [C]).
 SDE_BETA_CLIP = 0.95
+# The largest beta * Delta of one Euler-Maruyama (sub-)step (module docstring).
+SDE_MAX_BETA_STEP = 2.0
 
 
 @dataclass(frozen=True)
@@ -367,16 +380,42 @@ def euler_maruyama_sample(
     """The last x0-prediction of `steps` Euler-Maruyama steps of the reverse VP SDE from
     z_1 ~ N(0, I) (module docstring); returns (z_hat, network calls). x0_fn(z_t, t, z_sc) ->
     z_hat, t of shape (B,); beta is evaluated at min(t, beta_clip). `grid`: steps + 1
-    decreasing times (default uniform 1 -> 0)."""
+    decreasing times (default uniform 1 -> 0). A step with beta * Delta above
+    SDE_MAX_BETA_STEP is split into sub-steps around its one prediction (module docstring)."""
 
     def step(z, z_hat, t, s):
-        u = torch.tensor(t, dtype=torch.float64)
-        alpha, sigma = (float(x) for x in alpha_sigma(u, d))
-        beta = float(drift_rate(u.clamp(max=beta_clip), d))
-        score = -(z - alpha * z_hat) / sigma**2
-        return z + (t - s) * (0.5 * beta * z + beta * score), (beta * (t - s)) ** 0.5
+        beta = max(_clipped_beta(t, d, beta_clip), _clipped_beta(s, d, beta_clip))
+        m = em_substeps(beta, t - s)
+        times = [t - j * (t - s) / m for j in range(m)] + [s]
+        for a, b in zip(times[:-2], times[1:-1], strict=True):  # all but the last sub-step
+            mean, std = em_step(z, z_hat, a, b, d, beta_clip)
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = mean + std * noise
+        return em_step(z, z_hat, times[-2], s, d, beta_clip)  # its noise: _x0_chain's draw
 
     return _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step)
+
+
+def _clipped_beta(t: float, d, beta_clip: float) -> float:
+    return float(drift_rate(torch.tensor(min(t, beta_clip), dtype=torch.float64), d))
+
+
+def em_substeps(beta: float, delta: float, max_beta_step: float = SDE_MAX_BETA_STEP) -> int:
+    """m = max(1, ceil(beta Delta / max_beta_step)): the equal sub-steps of an Euler-Maruyama
+    step of length Delta whose (clipped) beta is at most `beta` (the larger at its two ends:
+    beta is monotone in t on the tangent schedule), so that every sub-step has
+    beta delta <= max_beta_step."""
+    return max(1, math.ceil(beta * delta / max_beta_step))
+
+
+def em_step(z: torch.Tensor, z_hat: torch.Tensor, t: float, s: float, d, beta_clip: float):
+    """(mean, std) of one Euler-Maruyama step t -> s of the reverse VP SDE with the
+    x0-prediction's score: b = beta(min(t, beta_clip)), score = -(z - alpha_t z_hat) / sigma_t^2,
+    mean = z + (t - s) (b z / 2 + b score), std = sqrt(b (t - s))."""
+    alpha, sigma = (float(x) for x in alpha_sigma(torch.tensor(t, dtype=torch.float64), d))
+    beta = _clipped_beta(t, d, beta_clip)
+    score = -(z - alpha * z_hat) / sigma**2
+    return z + (t - s) * (0.5 * beta * z + beta * score), (beta * (t - s)) ** 0.5
 
 
 @torch.no_grad()

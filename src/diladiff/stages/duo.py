@@ -81,6 +81,15 @@ class DUO(Stage):
         if preset == "paper":
             tc.total_steps, tc.warmup_steps, tc.schedule = 1_000_000, 2500, "constant"
 
+    @classmethod
+    def warmups(cls, cfg: Config) -> dict[str, int]:
+        """The learning-rate warm-up and the curriculum: a run stopped (train.max_steps) before
+        the curriculum ends never trains on the discrete loss, so the run warns (runs.py). A
+        curriculum over the whole schedule is allowed (an ablation), so it counts up to
+        train.total_steps only (a longer warm-up would be refused)."""
+        end = min(curriculum_end(cfg), cfg.train.total_steps)
+        return {**super().warmups(cfg), "duo.curriculum_end": end}
+
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
         vocab = int(tokenizer_identity["vocab_size"])
@@ -113,10 +122,7 @@ class DUO(Stage):
         self.step = step
 
     def curriculum_end(self) -> int:
-        """The first training step without the curriculum (duo.curriculum_end; -1: half of
-        train.total_steps)."""
-        end = self.cfg.duo.curriculum_end
-        return self.cfg.train.total_steps // 2 if end == -1 else end
+        return curriculum_end(self.cfg)
 
     def in_curriculum(self) -> bool:
         return self.training and self.step < self.curriculum_end()
@@ -185,3 +191,10 @@ class DUO(Stage):
             n += len(x0)
         bound = total / n
         return {"val_loss": bound, "val_nll_bound": bound, "val_ppl_bound": math.exp(bound)}
+
+
+def curriculum_end(cfg: Config) -> int:
+    """The first training step without the curriculum (duo.curriculum_end; -1: half of
+    train.total_steps)."""
+    end = cfg.duo.curriculum_end
+    return cfg.train.total_steps // 2 if end == -1 else end

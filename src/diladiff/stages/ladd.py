@@ -17,7 +17,15 @@ from a frozen pooled-embedding encoder and one two-stream MM-DiT denoising both 
 Di-LADD's two-stage recipe is `ladd.stage1_steps` (lambda_z = 0 before that step). Generation
 (sampling/joint.py): "joint" (one network call updates both channels; DDIM for Co-LADD's latent)
 or "sequential" (the latent first with the tokens all masked, then the tokens with the latent
-fixed), `sample.inference`.
+fixed), `sample.inference`. Sequential inference feeds the MM-DiT all-masked tokens beside a
+partly noised latent, then a clean latent at t_z = 0 beside masked tokens: Di-LADD (independent
+times) trains on both, Co-LADD only with ladd.independent_times = true; a Co-LADD run trained
+with shared times (the paper's recipe; the authors give sequential Co-LADD its own latent
+network and omit it for text, SIBLINGS.md 2.6) samples joint only (`check_inference`).
+
+The latent's schedules are LADD's own (Co-LADD: VP "sqrt"; Di-LADD: masked, linear):
+`diffusion.schedule` (the latent stages' tangent or fitted VP schedule) does not apply and a
+value other than its default is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from diladiff.nets.mmdit import MMDiT
 from diladiff.processes.gaussian import sqrt_alpha_sigma
 from diladiff.processes.masking import mask_tokens, sample_times, subs_logits
 from diladiff.stages.base import Stage, register_stage
+from diladiff.stages.latent import DiffusionConfig
 
 INFERENCES = ("joint", "sequential")
 
@@ -67,8 +76,9 @@ class LADDConfig:
     input_dropout_max: float = 0.9
     # Co-LADD latent dropout p_tau [C: 0.15].
     latent_dropout: float = 0.15
-    # Co-LADD: t_z = t_x [P] unless True (then the MM-DiT also sees (t_x, t_z) pairs that
-    # sequential inference visits). Di-LADD always draws them independently [P].
+    # Co-LADD: t_z = t_x [P] unless True (then the MM-DiT also sees the (t_x, t_z) pairs that
+    # sequential inference visits, which it needs: a shared-time run samples joint only).
+    # Di-LADD always draws them independently [P].
     independent_times: bool = False
     lambda_z: float = 1.0  # [P/C]
     # Di-LADD: K codes including the mask code (VQ codebook K - 1) [C: 512-8192].
@@ -113,6 +123,7 @@ class LADD(Stage):
         lc = cfg.ladd
         if not 0.0 <= lc.input_dropout_max <= 1.0 or not 0.0 <= lc.latent_dropout < 1.0:
             raise ConfigError("ladd.input_dropout_max must be in [0, 1], latent_dropout in [0, 1)")
+        check_latent_schedule(cfg)
         self.seq_len = cfg.data.seq_len
         vocab = int(tokenizer_identity["vocab_size"])
         mask_id = tokenizer_identity.get("mask_id")
@@ -138,6 +149,19 @@ class LADD(Stage):
     # ------------------------------------------------------------------ shared pieces
     def on_step(self, step: int) -> None:
         self.step = step
+
+    @property
+    def inferences(self) -> tuple[str, ...]:
+        """The inference modes (sampling/joint.py) whose network inputs training covered."""
+        return INFERENCES
+
+    def check_inference(self, inference: str) -> None:
+        """ConfigError (one line) for an inference mode this run's network was not trained for."""
+        if inference not in self.inferences:
+            raise ConfigError(
+                f"this {self.kind} run was not trained for {inference} inference; "
+                f"use {' or '.join(self.inferences)}"
+            )
 
     def summary(self) -> str:
         m = matched_mdlm(self.cfg)
@@ -213,6 +237,8 @@ class LADD(Stage):
 @register_stage("co-ladd")
 class CoLADD(LADD):
     latent_kind = "continuous"
+    # Shared times by default [P], which do not train sequential inference (module docstring).
+    eval_samplers = ({"inference": "joint"},)
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
@@ -229,6 +255,21 @@ class CoLADD(LADD):
 
     def latent_times(self, t: torch.Tensor, generator) -> torch.Tensor:
         return self.times(t.shape[0], generator, t.device) if self.cfg.ladd.independent_times else t
+
+    @property
+    def inferences(self) -> tuple[str, ...]:
+        """Joint always; sequential only after training with independent times (module
+        docstring): shared times show the network neither sequential phase's inputs."""
+        return INFERENCES if self.cfg.ladd.independent_times else ("joint",)
+
+    def check_inference(self, inference: str) -> None:
+        if inference not in self.inferences:
+            raise ConfigError(
+                f"this co-ladd run was trained with shared times (ladd.independent_times=false), "
+                f"so its network never saw {inference} inference's inputs (all tokens masked "
+                f"beside a noisy latent, then a clean latent at t_z = 0): sample it with "
+                f"--inference joint, or train with ladd.independent_times=true"
+            )
 
     @torch.no_grad()
     def reference_latent(self, x0: torch.Tensor) -> torch.Tensor:
@@ -334,6 +375,17 @@ class DiLADD(LADD):
             "codes_used": torch.tensor(float(codes.unique().numel())),
         }
         return loss, metrics
+
+
+def check_latent_schedule(cfg: Config) -> None:
+    """ConfigError (one line) when diffusion.schedule is not its default: LADD's latent runs on
+    its own schedules (module docstring), so the setting would be silently ignored."""
+    default = DiffusionConfig().schedule
+    if cfg.diffusion.schedule != default:
+        raise ConfigError(
+            f"diffusion.schedule={cfg.diffusion.schedule} does not apply to LADD (its latent uses "
+            f"the VP 'sqrt' schedule (co-ladd) or masking (di-ladd)): leave it at {default!r}"
+        )
 
 
 def matched_mdlm(cfg: Config) -> dict[str, int]:
