@@ -103,6 +103,9 @@ def test_oracle_and_noise_latent_controls_decode_and_score_recovery(chain):
         enc = torch.cat([stage.ae.encode(x[:3]), stage.ae.encode(x[3:])])
         assert torch.allclose(latents["oracle"], enc, atol=1e-5)
     assert latents["noise_latent"].shape == latents["oracle"].shape
+    # another row's latent: row i decodes row i + 1's encoding
+    assert torch.equal(latents["other_row_latent"][0], latents["oracle"][1])
+    assert torch.equal(latents["other_row_latent"][-1], latents["oracle"][0])
     settings = SamplerSettings(steps=4)
     gen = decode_latents(stage, tok, latents["oracle"], settings, 0, 3, "cpu")
     assert len(gen.ids) == len(gen.texts) == 4 and gen.stats["disc_nfe"] > 0

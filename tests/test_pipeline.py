@@ -79,7 +79,7 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
         "diladiff_cont5_gamma0.2_disc4",
         "oracle_disc4",
         "oracle_disc32",
-        "noise_latent_disc4",
+        "other_row_latent_disc4",
         "noise_latent_disc32",
     ):
         assert f"| {row} |" in text

@@ -24,11 +24,12 @@ time limit (it stops, checkpoints and counts as complete when its share is spent
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diladiff.stages import STAGES, LatentStage, stage_order
+from diladiff.stages import STAGES, LatentStage, MaskedDiffusionStage, stage_order
 
 
 @dataclass
@@ -51,9 +52,33 @@ class EvalPlan:
     latent_train_rows: int = 1024
     # Per stage kind, evaluation samplers replacing the stage's own `eval_samplers`.
     eval_samplers: dict[str, tuple[dict, ...]] = field(default_factory=dict)
+    # The evaluation grid: N_disc values (0 = L; empty = L/8 and L) and unmasking strategies
+    # (empty = each run's own sample.strategy, names untagged; else every row at each strategy,
+    # its name tagged, e.g. mdlm_topk_disc8).
+    disc_steps: tuple[int, ...] = ()
+    strategies: tuple[str, ...] = ()
+    # N_disc values (0 = L) whose rows are scored by the causal-LM scorer (GenPPL, MAUVE);
+    # None = every row. The word metrics (eval/ngram.py) score every row.
+    scored_disc: tuple[int, ...] | None = None
+    frontier: bool = True
+    # Write the real-text evidence table (eval/evidence.py) into DIR/eval and the report.
+    evidence: bool = False
 
     def samplers(self, kind: str) -> tuple[dict, ...]:
         return self.eval_samplers.get(kind, STAGES[kind].eval_samplers)
+
+    def disc_grid(self, seq_len: int) -> list[int]:
+        return [n or seq_len for n in self.disc_steps] or [seq_len // 8, seq_len]
+
+    def strategy_grid(self) -> list[dict]:
+        """Sampler additions per strategy ({} = the run's own, untagged)."""
+        return [{"strategy": s} for s in self.strategies] or [{}]
+
+    def scorer_at(self, n_disc: int, seq_len: int) -> str:
+        """The scorer for a row at N_disc = n_disc ("" = word metrics only)."""
+        if self.scored_disc is None or n_disc in [n or seq_len for n in self.scored_disc]:
+            return self.scorer
+        return ""
 
 
 EVAL_PLANS = {
@@ -65,6 +90,31 @@ EVAL_PLANS = {
         "smollm2-135m", 32, 16, (4, 16, 64), (1, 8, 32), 1, (0.7, 1.0), False, (8,), 32, 256
     ),
     "small": EvalPlan("smollm2-135m", 256, 64, (8, 16, 32, 64, 128), (1, 8, 32), 3),
+    # cpu: the real-text evidence (issue 26): 256 samples per row (GenPPL +-6%), N_disc 1, 2, 4,
+    # 8 and L, top-k and ancestral, LaDiff-200 and DiLaDiff-5 against the MDLM with the three
+    # latent controls; SmolLM2 GenPPL kept at L/8 and L (the word metrics everywhere).
+    "cpu": EvalPlan(
+        "smollm2-135m",
+        256,
+        64,
+        (8, 64),
+        (1, 8, 64),
+        1,
+        (1.0,),
+        False,
+        (8,),
+        256,
+        1024,
+        eval_samplers={
+            "ladiff": ({"cont_steps": 200},),
+            "diladiff": ({"cont_steps": 5, "gamma": 0.0},),
+        },
+        disc_steps=(1, 2, 4, 8, 0),
+        strategies=("topk", "ancestral"),
+        scored_disc=(8, 0),
+        frontier=False,
+        evidence=True,
+    ),
     "paper": EvalPlan("gpt2-large", 5000, 128, (8, 16, 32, 64, 128), (1, 8, 32), 3),
 }
 
@@ -139,8 +189,11 @@ def plan_for(preset: str) -> EvalPlan:
     return EVAL_PLANS[preset.removesuffix("-4x")]
 
 
-def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: int, extra=None):
-    """Write the samples and their protocol evaluation (DIR/eval/NAME.json); print one line."""
+def _score(
+    root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: int, extra=None, scorer=None
+):
+    """Write the samples and their protocol evaluation (DIR/eval/NAME.json); print one line.
+    `scorer`: the causal-LM scorer's name (default the plan's; "" = word metrics only)."""
     from diladiff.eval.evaluate import evaluate_samples
     from diladiff.eval.protocol import write_result
     from diladiff.sampling.generate import write_samples
@@ -151,7 +204,7 @@ def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: in
     result = evaluate_samples(
         gen.ids,
         gen.texts,
-        plan.scorer,
+        plan.scorer if scorer is None else scorer,
         str(root / trained_kinds(root)[0]),  # MAUVE: the held-out split every stage shares
         device,
         generator_meta=meta,
@@ -161,12 +214,16 @@ def _score(root: Path, plan: EvalPlan, device, name: str, gen, meta: dict, L: in
     result["metrics"] |= extra or {}
     write_result(out / f"{name}.json", result)
     m = result["metrics"]
-    lo, hi = m["gen_ppl_ci95"]
-    print(
-        f"[pipeline] eval {name}: gen_ppl={m['gen_ppl']:.1f} [{lo:.1f}, {hi:.1f}] "
-        f"mauve={m.get('mauve', float('nan')):.3f}"
-        + (f" recovery={m['token_recovery']:.3f}" if "token_recovery" in m else "")
-    )
+    line = f"[pipeline] eval {name}:"
+    if "gen_ppl" in m:
+        lo, hi = m["gen_ppl_ci95"]
+        line += f" gen_ppl={m['gen_ppl']:.1f} [{lo:.1f}, {hi:.1f}]"
+        line += f" mauve={m.get('mauve', float('nan')):.3f}"
+    if "ngram_ppl" in m:
+        line += f" ngram_ppl={m['ngram_ppl']:.1f}"
+    if "token_recovery" in m:
+        line += f" recovery={m['token_recovery']:.3f}"
+    print(line)
     return out / f"{name}.json"
 
 
@@ -195,8 +252,11 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
         L = stage.seq_len
         # A stage that decodes its latent in one call (LDLM) has no N_disc axis: one row.
         direct = getattr(stage, "latent_decoding", "masked") == "direct"
-        for sampler in plan.samplers(kind):
-            for n_disc in (L,) if direct else (L // 8, L):
+        grid = [{}] if direct else plan.strategy_grid()
+        for sampler in (
+            {**strategy, **sampler} for strategy in grid for sampler in plan.samplers(kind)
+        ):
+            for n_disc in (L,) if direct else plan.disc_grid(L):
                 sc = replace(
                     stage.cfg.sample,
                     num_samples=plan.num_samples,
@@ -212,7 +272,8 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
                     meta |= rng_meta(sc.seed)
                 else:
                     gen = generate(stage, tok, sc, device, progress=False)
-                paths.append(_score(root, plan, device, name, gen, meta, L))
+                scorer = plan.scorer_at(n_disc, L)
+                paths.append(_score(root, plan, device, name, gen, meta, L, scorer=scorer))
 
     control = control_stage(root)
     if control is None:
@@ -222,10 +283,11 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
     ae_run = next(iter(STAGES[control].parents.values()), control)  # its auto-encoder's run
     rows, rows_meta = oracle_rows(stage, tok, plan.num_samples)
     latents = control_latents(stage, rows, 0, plan.batch_size, device)
-    for n_disc in (L // 8, L):
-        sc = stage.cfg.sample
+    for strategy, n_disc in ((s, n) for s in plan.strategy_grid() for n in plan.disc_grid(L)):
+        sc = replace(stage.cfg.sample, **strategy)
         sc.num_samples, sc.batch_size, sc.seed = plan.num_samples, plan.batch_size, 0
         sc.disc_steps, sc.cont_steps = n_disc, 0
+        tag = f"_{strategy['strategy']}" if strategy else ""
         for control in CONTROLS:
             gen = decode_latents(
                 stage, tok, latents[control], sampler_settings(sc, L), 0, plan.batch_size, device
@@ -240,9 +302,9 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
                 **vars(sc),
             }
             recovery = {"token_recovery": token_recovery(gen.ids, rows)}
-            paths.append(
-                _score(root, plan, device, f"{control}_disc{n_disc}", gen, meta, L, recovery)
-            )
+            name = f"{control}{tag}_disc{n_disc}"
+            scorer = plan.scorer_at(n_disc, L)
+            paths.append(_score(root, plan, device, name, gen, meta, L, recovery, scorer))
     return paths
 
 
@@ -315,6 +377,52 @@ def bench_all(root: Path, plan: EvalPlan, device) -> list[dict]:
     return rows
 
 
+def bound_vs_unigram(run: Path) -> dict | None:
+    """A masked-diffusion run's last held-out bound (log.jsonl's val_nll_bound, nats/token)
+    beside the add-one unigram model of its training rows on the same held-out rows (the
+    first eval_batches x batch rows, as the trainer's validation; eval/unigram.py)."""
+    from diladiff.config import Config
+    from diladiff.data.packing import prepare_data
+    from diladiff.eval.unigram import unigram_bound
+    from diladiff.runs import run_tokenizer
+
+    log = run / "log.jsonl"
+    records = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    evals = [r for r in records if "val_nll_bound" in r]
+    if not evals:
+        return None
+    cfg = Config.load(run / "config.json")
+    tok = run_tokenizer(run)
+    data = prepare_data(cfg.data, tok, progress=False)
+    n = (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.train.eval_batches
+    held = data.val[: n or len(data.val)]
+    uni = unigram_bound(data.train, held, len(tok))
+    bound = evals[-1]["val_nll_bound"]
+    return {
+        "run": str(run),
+        "step": evals[-1]["step"],
+        "bound": bound,
+        "unigram": uni,
+        "below_unigram": uni - bound,
+        "heldout_tokens": int(held.size),
+    }
+
+
+def write_evidence(root: Path, plan: EvalPlan) -> Path:
+    """DIR/eval/evidence.json and .md (eval/evidence.py) from the evaluation's result files."""
+    from diladiff.config import Config
+    from diladiff.eval.evidence import evidence, evidence_markdown
+
+    if not plan.strategies:
+        raise ValueError("the evidence table needs the plan's strategies (tagged row names)")
+    seq_len = Config.load(root / trained_kinds(root)[0] / "config.json").data.seq_len
+    ev = evidence(root / "eval", list(plan.strategies), plan.disc_grid(seq_len), seq_len)
+    (root / "eval" / "evidence.json").write_text(json.dumps(ev, indent=2) + "\n")
+    (root / "eval" / "evidence.md").write_text(evidence_markdown(ev))
+    print(f"[pipeline] evidence: {ev['diagnosis']}; {root / 'eval' / 'evidence.md'}")
+    return root / "eval" / "evidence.md"
+
+
 def write_report(
     root: Path, preset: str, plan: EvalPlan, results: list[Path], bench: list[dict], device
 ) -> Path:
@@ -332,6 +440,21 @@ def write_report(
         f"draw). Regenerate: `diladiff pipeline --preset {preset} --run-dir {root}`.",
         "",
     ]
+    first = trained_kinds(root)[0]
+    if issubclass(STAGES[first], MaskedDiffusionStage):
+        b = bound_vs_unigram(root / first)
+        if b is not None:
+            lines += [
+                f"Held-out bound of `{first}` at step {b['step']}: {b['bound']:.3f} nats/token "
+                f"(perplexity {math.exp(b['bound']):,.0f}); the add-one unigram model of its "
+                f"training rows on the same {b['heldout_tokens']:,} held-out tokens: "
+                f"{b['unigram']:.3f} ({math.exp(b['unigram']):,.0f}); "
+                f"{b['below_unigram']:+.3f} nats/token below it.",
+                "",
+            ]
+    evidence_md = root / "eval" / "evidence.md"
+    if plan.evidence and evidence_md.is_file():
+        lines += [evidence_md.read_text(), ""]
     lines.append(markdown_report(results, "Generation quality").split("\n", 2)[2])
     recon = root / "eval" / "recon.json"
     if recon.is_file():
@@ -433,20 +556,23 @@ def run_pipeline(
     latent_all(root, plan, device, cache)
     print("[pipeline] speed benchmark")
     bench = bench_all(root, plan, device)
-    print("[pipeline] frontier")
-    frontier(
-        [root / kind for kind in generators(root)],
-        list(plan.frontier_disc),
-        plan.num_samples // 2,
-        plan.scorer,
-        root / "frontier",
-        str(root / trained_kinds(root)[0]) if plan.frontier_mauve else None,
-        temperatures=list(plan.temperatures),
-        device=device,
-        batch_size=plan.batch_size,
-        latent_cache=cache,
-    )
+    if plan.frontier:
+        print("[pipeline] frontier")
+        frontier(
+            [root / kind for kind in generators(root)],
+            list(plan.frontier_disc),
+            plan.num_samples // 2,
+            plan.scorer,
+            root / "frontier",
+            str(root / trained_kinds(root)[0]) if plan.frontier_mauve else None,
+            temperatures=list(plan.temperatures),
+            device=device,
+            batch_size=plan.batch_size,
+            latent_cache=cache,
+        )
     print(f"[pipeline] latent draws (batches drawn, benchmark excluded): {cache.draws}")
+    if plan.evidence:
+        write_evidence(root, plan)
     report = write_report(root, preset, plan, results, bench, device)
     print(f"[pipeline] report: {report}")
     return report

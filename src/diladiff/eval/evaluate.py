@@ -113,14 +113,21 @@ def evaluate_samples(
     NLL sum and token count (the pooled GenPPL and its bootstrap interval derive from them) and
     its word metrics (words, ngram_nll_sum, seen_2, seen_3, copy_span: the paired intervals of
     eval/paired.py derive from them). The word metrics' n-gram LM and index are fitted once per
-    process on the train split of `ngram_train_run` (at most ngram_max_words words)."""
+    process on the train split of `ngram_train_run` (at most ngram_max_words words).
+
+    An empty `scorer_name` leaves out what needs the causal-LM scorer (GenPPL and MAUVE): the
+    cheap rows of a large evaluation grid (pipeline.EvalPlan.scored_disc)."""
     from diladiff.eval.ngram import load_ngram_reference, ngram_protocol, word_metrics
 
     train_run = ngram_train_run(ngram_train, reference, generator_meta)
     ngram_ref = load_ngram_reference(train_run, ngram_order, ngram_max_words) if train_run else None
-    scorer = load_scorer(scorer_name, device)
-    nlls, feats = scorer.score(texts, batch_size, features=bool(reference))
-    metrics = pooled_perplexity(nlls)
+    scorer = load_scorer(scorer_name, device) if scorer_name else None
+    if scorer is None:
+        nlls, feats, reference = None, None, None
+        metrics = {}
+    else:
+        nlls, feats = scorer.score(texts, batch_size, features=bool(reference))
+        metrics = pooled_perplexity(nlls)
     if any(ids):
         rows = [x for x in ids if x]
         metrics |= diversity_metrics(rows)  # per sample, averaged: "diversity"
@@ -149,5 +156,5 @@ def evaluate_samples(
         "metrics": metrics,
         "generator": meta,
         "device": device_record(device),
-        "per_sample": per_sample_totals(nlls) | text_per_sample,
+        "per_sample": (per_sample_totals(nlls) if nlls is not None else {}) | text_per_sample,
     }

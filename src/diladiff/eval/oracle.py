@@ -3,6 +3,9 @@
 - oracle: the auto-encoder's decoder, from an all-masked sequence, conditioned on the encoder
   latent of a held-out row: decode_latent(stage, stage.encode_clean(x0), ...). An upper
   reference for what a perfect latent prior could reach with this decoder.
+- other-row latent: the encoder latent of another held-out row (row i gets row i + 1's, the
+  last the first's): a real, in-distribution latent that carries nothing about row i. The gap
+  oracle - other-row is what the decoder reads from the latent about the row itself.
 - noise latent: the same decoder and decoding randomness with z ~ N(0, I) in the auto-encoder's
   standardised space: what the decoder does with an uninformative latent (a plain MDLM, if the
   p_drop training worked).
@@ -25,7 +28,7 @@ from diladiff.errors import DataError
 from diladiff.runtime import autocast, synchronize
 from diladiff.sampling.generate import Generation, decode_latent
 
-CONTROLS = ("oracle", "noise_latent")
+CONTROLS = ("oracle", "other_row_latent", "noise_latent")
 
 
 def token_recovery(ids, rows) -> float:
@@ -101,8 +104,9 @@ def encoder_latents(
 
 @torch.no_grad()
 def control_latents(stage, rows: np.ndarray, seed: int, batch_size: int, device) -> dict:
-    """{"oracle": encoder latents of `rows`, "noise_latent": N(0, I) of the same shape (CPU
-    generator seeded with `seed`)}, both in the auto-encoder's space, on the CPU."""
+    """{"oracle": encoder latents of `rows`, "other_row_latent": the same latents shifted by one
+    row (row i gets row i + 1's), "noise_latent": N(0, I) of the same shape (CPU generator
+    seeded with `seed`)}, all in the auto-encoder's space, on the CPU."""
     enc = encoder_latents(stage, rows, batch_size, device)
     noise = torch.randn(enc.shape, generator=torch.Generator().manual_seed(seed))
-    return {"oracle": enc, "noise_latent": noise}
+    return {"oracle": enc, "other_row_latent": enc.roll(-1, dims=0), "noise_latent": noise}
