@@ -8,22 +8,63 @@ Loss: the MDLM loss with the decoder conditioned on z (DESIGN.md eq. 8). Augment
 only): half the batch has feature positions masked with p_mask_h, the other half Gaussian noise
 of std sigma_h; latent vectors are masked with p_mask_z, and with p_drop the whole latent is
 replaced by N(0, I) so the decoder also remains a plain MDLM.
+
+The features come in one of two ways. When the feature model's tokenizer is data.tokenizer (the
+presets: minilm-l6 for both), h = BERT(x_0) on the decoder's ids, L positions. Otherwise (e.g.
+data.tokenizer=bpe-4096) each row is decoded to text and tokenised by the feature model's
+tokenizer (features.RetokenizedFeatures): at most feature_max_len positions, right-padded, with
+a mask that the standardiser's statistics, the augmentation and the Perceiver's cross-attention
+respect.
+
+Feature cache (autoencoder.feature_cache): h of every packed row (train and validation) is
+computed once, stored as fp16 on disk (features/cache.py) under
+$DILADIFF_CACHE/features/<key> (or data.cache_dir/features), and read instead of running the
+feature model; rows not in it (sampled text, another data set) are computed live. With the
+cache on, live features are rounded to fp16 too, so a row's features do not depend on where
+they came from. A new run opens it in `prepare`, or builds it there (progress bar) when the run
+reads at least as many rows as there are ((max_steps or total_steps) x batch_size: otherwise
+building costs more feature-model calls than it saves); a resumed run opens it on its first
+training step. The key: feature model, layer, compute dtype, feature_max_len (cross path), the
+packed data's manifest. Rows are stored without their padding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from diladiff.config import Config, ConfigError, preset_base, register_section
-from diladiff.data.tokenizer import check_same_tokenizer
+from diladiff.data.packing import PackedData, prepare_data
+from diladiff.data.tokenizer import (
+    TOKENIZER_DIR,
+    check_same_tokenizer,
+    load_tokenizer,
+    tokenizer_identity,
+)
 from diladiff.errors import CheckpointError
-from diladiff.features import FeatureModel, RunningStandardizer
+from diladiff.features import (
+    FEATURE_CACHE_VERSION,
+    TRUNCATION_WARN_SHARE,
+    FeatureCache,
+    FeatureModel,
+    RetokenizedFeatures,
+    RunningStandardizer,
+    feature_dtype,
+    fits,
+)
 from diladiff.nets.cross_attention import LatentCrossAttention
 from diladiff.nets.perceiver import PerceiverCompressor
 from diladiff.nets.token_denoiser import TokenDenoiser
+from diladiff.runtime import cache_root
 from diladiff.stages.base import Stage, register_stage
 from diladiff.stages.masked import MaskedDiffusionStage
 
@@ -33,10 +74,22 @@ def _autoencoder_preset(preset: str) -> AutoencoderConfig:
     base = preset_base(preset)
     if base == "paper":
         cfg = AutoencoderConfig()
+    elif base == "cpu":  # a 32 x 64 latent of MiniLM features in MiniLM's own tokenizer
+        cfg = AutoencoderConfig(
+            feature_model="minilm-l6",
+            num_latents=32,
+            latent_dim=64,
+            perceiver_heads=4,
+            feature_cache=True,
+        )
     else:  # tiny, small: d_bert = 384 (minilm-l6); compression L d_bert / (N_z d_z) = 2
         d_z = {"tiny": 384, "small": 768}[base]
         cfg = AutoencoderConfig(
-            feature_model="minilm-l6", num_latents=32, latent_dim=d_z, perceiver_heads=d_z // 64
+            feature_model="minilm-l6",
+            num_latents=32,
+            latent_dim=d_z,
+            perceiver_heads=d_z // 64,
+            feature_cache=True,  # 0.8 GB (tiny), 6.3 GB (small) of fp16 features
         )
     if preset.endswith("-4x"):
         cfg.latent_dim //= 2
@@ -53,6 +106,17 @@ class AutoencoderConfig:
     # The frozen encoder's compute precision: "auto" = bf16 on CUDA and on CPUs with native bf16
     # (AVX512-BF16 / AMX), fp32 elsewhere; or "fp32" / "bf16".
     feature_precision: str = "auto"
+    # When the feature model's tokenizer is not data.tokenizer, rows are decoded and tokenised
+    # again: at most this many feature positions per row (longer rows are cut; the share cut is
+    # logged as feat_truncated); 0 = 2 x data.seq_len. Also the Perceiver's position tables'
+    # length then. Unused when the tokenizers agree (L positions).
+    feature_max_len: int = 0
+    # Compute the frozen features of every packed row once and read them from an fp16 cache
+    # on disk (module docstring; built when the run reads at least as many rows as there are);
+    # rows not in it are computed live. Off at paper size (the features of openwebtext would
+    # take ~1.5 TB); a cache over feature_cache_max_gb is not built (a warning; live features).
+    feature_cache: bool = False
+    feature_cache_max_gb: float = 16.0
     num_latents: int = 64  # N_z
     latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
     # Perceiver width; 0 = latent_dim (the paper's choice). A width below d_z leaves
@@ -102,14 +166,19 @@ def augment_features(
     p_mask: float,
     sigma: float,
     generator: torch.Generator | None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """First half of the batch: each position replaced by `mask_vec` with probability p_mask.
-    Second half: h + N(0, sigma^2). Never both on one example."""
+    Second half: h + N(0, sigma^2). Never both on one example. valid (B, L) bool: padded
+    positions (False) are left as they are (the same draws are made either way)."""
     half = h.shape[0] // 2
     u = torch.rand(h.shape[:2], generator=generator, device=h.device)
     masked = (u < p_mask) & (torch.arange(h.shape[0], device=h.device) < half).unsqueeze(1)
     noise = torch.randn(h.shape, generator=generator, device=h.device) * sigma
     noise[:half] = 0
+    if valid is not None:
+        masked = masked & valid
+        noise = noise * valid.unsqueeze(-1)
     return torch.where(masked.unsqueeze(-1), mask_vec.to(h.dtype), h + noise)
 
 
@@ -159,11 +228,22 @@ class Autoencoder(MaskedDiffusionStage):
         ac, mc = cfg.autoencoder, cfg.model
         self.seq_len = cfg.data.seq_len
         self.features = FeatureModel(ac.feature_model, ac.feature_layer, ac.feature_precision)
-        check_same_tokenizer(
-            tokenizer_identity,
-            self.features.tokenizer_identity(),
-            f"feature model {ac.feature_model!r} vs data.tokenizer {cfg.data.tokenizer!r}",
+        # Same vocabulary: the fast path, the model reads the decoder's ids (L positions).
+        # Else rows are decoded and tokenised again (`retokenized`, set up on first use).
+        self.cross_tokenizer = (
+            self.features.tokenizer_identity()["vocab_sha256"] != tokenizer_identity["vocab_sha256"]
         )
+        if ac.feature_max_len < 0:
+            raise ConfigError(f"autoencoder.feature_max_len must be >= 0, got {ac.feature_max_len}")
+        # Feature positions per row: L on the fast path, else at most feature_max_len.
+        self.feature_len = self.seq_len
+        if self.cross_tokenizer:
+            self.feature_len = ac.feature_max_len or 2 * self.seq_len
+        self._retokenized: RetokenizedFeatures | None = None
+        self._feature_cache: FeatureCache | None = None
+        self._cache_tried = False
+        self._cache_hits: float | None = None  # share of the last batch read from the cache
+        self._truncated: float | None = None  # share of the last live rows cut
         d_bert = self.features.dim
         table_len = cfg.data.seq_len if ac.position_embeddings else 0  # 0: no position tables
         self.feat_norm = RunningStandardizer((d_bert,))
@@ -176,7 +256,10 @@ class Autoencoder(MaskedDiffusionStage):
             ac.perceiver_depth,
             ac.perceiver_heads,
             mc.attention,
-            max_len=table_len,
+            # Feature positions: up to feature_len; the latents' centres start spread over L,
+            # the order of a row's feature length in any tokenizer.
+            max_len=self.feature_len if ac.position_embeddings else 0,
+            centre_span=self.seq_len,
         )
         # A square random projection is ill-conditioned (its smallest singular values are
         # ~1/d of its largest): orthogonal, it gives every latent direction the variance of
@@ -211,6 +294,23 @@ class Autoencoder(MaskedDiffusionStage):
         }
 
     @property
+    def retokenized(self) -> RetokenizedFeatures:
+        """The cross-tokenizer path's decode-and-tokenise step (the decoder's tokenizer loaded
+        from data.tokenizer on first use, unless `use_decoder_tokenizer` gave it)."""
+        if self._retokenized is None:
+            self.use_decoder_tokenizer(load_tokenizer(self.cfg.data))
+        return self._retokenized
+
+    def use_decoder_tokenizer(self, tok) -> None:
+        """The tokenizer of the decoder's rows (data.tokenizer), for the cross-tokenizer path;
+        it must be the one this stage was built for."""
+        check_same_tokenizer(
+            self.tokenizer_identity, tokenizer_identity(tok), "the auto-encoder's rows"
+        )
+        if self.cross_tokenizer:
+            self._retokenized = RetokenizedFeatures(self.features, tok, self.feature_len)
+
+    @property
     def compression(self) -> float:
         """(L x d_bert) / (N_z x d_z)."""
         ac = self.cfg.autoencoder
@@ -218,8 +318,14 @@ class Autoencoder(MaskedDiffusionStage):
 
     def summary(self) -> str:
         ac = self.cfg.autoencoder
+        where = ""
+        if self.cross_tokenizer:
+            where += f" on rows re-tokenised by its own tokenizer (<= {self.feature_len})"
+        if self._feature_cache is not None:
+            where += f", cached in {self._feature_cache.folder}"
         return (
-            f"{super().summary()}; features {ac.feature_model} (d={self.features.dim}), Perceiver "
+            f"{super().summary()}; features {ac.feature_model} (d={self.features.dim}){where}, "
+            "Perceiver "
             f"width {ac.perceiver_width or ac.latent_dim}, latent "
             f"N_z={ac.num_latents} x d_z={ac.latent_dim}, compression "
             f"(L x d_bert)/(N_z x d_z) = {self.compression:g}x, cross-attention after "
@@ -236,19 +342,180 @@ class Autoencoder(MaskedDiffusionStage):
             raise CheckpointError(f"{where}: its model/seq_len differ from this config")
         self.decoder.load_state_dict(mdlm.net.state_dict())
 
+    def prepare(self, data: PackedData, device) -> None:
+        """A new run: the feature cache over `data`'s rows (when autoencoder.feature_cache)."""
+        self.attach_feature_cache(data, device)
+
+    # ------------------------------------------------------------------ features
+    def live_features(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The feature model's h of rows x0 and its mask `valid` (None: all L positions);
+        rounded to fp16 when the feature cache is on (as the cached features are)."""
+        if self.cross_tokenizer:
+            h, valid = self.retokenized(x0)
+            self._truncated = self.retokenized.last_truncated_share
+        else:
+            h, valid = self.features(x0), None
+        if self.cfg.autoencoder.feature_cache:
+            h = h.half().float()
+        return h, valid
+
+    def frozen_features(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, F, d_bert) of clean rows x0 and its mask `valid` (B, F) bool (None: every
+        position is a feature): from the feature cache where it holds the row, else live."""
+        cache = self._feature_cache
+        idx = cache.lookup(x0) if cache is not None else None
+        if idx is None or not (idx >= 0).any():
+            self._cache_hits = 0.0 if cache is not None else None
+            return self.live_features(x0)
+        hit = idx >= 0
+        self._cache_hits = float(hit.mean())
+        h, lengths = cache.load(idx[hit], x0.device)
+        if not hit.all():  # the rows not cached, computed live, put in their places
+            miss = np.nonzero(~hit)[0]
+            h_miss, v_miss = self.live_features(x0[torch.from_numpy(miss).to(x0.device)])
+            len_miss = (
+                torch.full((len(miss),), h_miss.shape[1], device=x0.device)
+                if v_miss is None
+                else v_miss.sum(1)
+            )
+            f = max(h.shape[1], h_miss.shape[1])
+            parts = ((np.nonzero(hit)[0], h, lengths), (miss, h_miss, len_miss))
+            h = x0.new_zeros((len(x0), f, self.features.dim), dtype=torch.float32)
+            lengths = x0.new_zeros(len(x0))
+            for rows, h_part, len_part in parts:
+                rows = torch.from_numpy(rows).to(x0.device)
+                h[rows] = F.pad(h_part, (0, 0, 0, f - h_part.shape[1]))
+                lengths[rows] = len_part.to(lengths.dtype)
+        if not self.cross_tokenizer:
+            return h, None  # every row has its L positions
+        f = max(int(lengths.max()), 1)  # the batch's longest row, as the live path pads
+        valid = torch.arange(f, device=x0.device).unsqueeze(0) < lengths.unsqueeze(1)
+        return h[:, :f], valid
+
+    def feature_cache_key(self, data: PackedData, device) -> dict:
+        """What the cached features depend on (features/cache.py)."""
+        ac = self.cfg.autoencoder
+        manifest = json.dumps(data.manifest, sort_keys=True)
+        return {
+            "version": FEATURE_CACHE_VERSION,
+            "feature_model": ac.feature_model,
+            "layer": ac.feature_layer,
+            "dtype": str(feature_dtype(ac.feature_precision, torch.device(device))),
+            "retokenized": self.cross_tokenizer,
+            "max_len": self.feature_len,
+            "data": hashlib.sha256(manifest.encode()).hexdigest(),
+        }
+
+    def positions_per_row(self, data: PackedData, sample: int = 256) -> float:
+        """Feature positions per packed row: L, or across tokenizers the mean over `sample`
+        training rows spread over the split (tokenised only: the model does not run); warns
+        when more than TRUNCATION_WARN_SHARE of them are cut at feature_max_len."""
+        if not self.cross_tokenizer:
+            return float(self.seq_len)
+        idx = np.unique(np.linspace(0, len(data.train) - 1, sample).astype(np.int64))
+        ids = self.retokenized.feature_ids(torch.from_numpy(data.train[idx].astype(np.int64)))
+        lengths = np.array([len(x) for x in ids])
+        cut = float(np.mean(lengths > self.feature_len))
+        if cut > TRUNCATION_WARN_SHARE:
+            warnings.warn(
+                f"{cut:.1%} of {len(ids)} sampled rows have more than feature_max_len="
+                f"{self.feature_len} feature tokens (median {np.median(lengths):g}) and are cut "
+                "there; raise autoencoder.feature_max_len",
+                stacklevel=2,
+            )
+        return float(np.mean(np.minimum(lengths, self.feature_len)))
+
+    def attach_feature_cache(
+        self, data: PackedData, device, progress: bool | None = None, build: bool | None = None
+    ) -> FeatureCache | None:
+        """Open, or build, the feature cache of `data`'s train and validation rows (when
+        autoencoder.feature_cache; the main process builds while the others wait). `build`
+        (default: whether the run reads at least as many rows as the cache would hold,
+        (train.max_steps or total_steps) x batch_size; else building costs more than it saves)
+        False: only open an existing cache. Over feature_cache_max_gb or the free disk space:
+        a warning, and features are computed live."""
+        self._cache_tried = True
+        ac = self.cfg.autoencoder
+        if not ac.feature_cache:
+            return None
+        tokenizer_dir = Path(data.folder) / TOKENIZER_DIR  # the copy packed with the rows
+        if self.cross_tokenizer and self._retokenized is None and tokenizer_dir.is_dir():
+            self.use_decoder_tokenizer(load_tokenizer(str(tokenizer_dir)))
+        device = torch.device(device)
+        dc = self.cfg.data
+        root = (Path(dc.cache_dir).expanduser() if dc.cache_dir else cache_root()) / "features"
+        rows = len(data.train) + len(data.val)
+        if build is None:
+            tc = self.cfg.train
+            build = (tc.max_steps or tc.total_steps) * tc.batch_size >= rows
+        per_row = self.positions_per_row(data)
+        why = build and fits(root, rows, per_row, self.features.dim, ac.feature_cache_max_gb)
+        if why:
+            warnings.warn(
+                f"no feature cache built: {why}; features are computed live", stacklevel=2
+            )
+            build = False  # one built before is still used
+        distributed = dist.is_available() and dist.is_initialized()
+        main = not distributed or dist.get_rank() == 0
+        show = self.cfg.train.progress if progress is None else progress
+
+        def compute(rows: torch.Tensor):
+            h, valid = self.live_features(rows.to(device))
+            lengths = torch.full((len(rows),), h.shape[1]) if valid is None else valid.sum(1).cpu()
+            return h, lengths
+
+        def open_or_build(build: bool):
+            return FeatureCache.open_or_build(
+                root,
+                self.feature_cache_key(data, device),
+                [data.train, data.val],
+                compute,
+                self.feature_len,
+                self.features.dim,
+                batch_size=self.cfg.train.micro_batch_size or self.cfg.train.batch_size,
+                progress=show and main,
+                build=build,
+            )
+
+        self.features.encoder.to(device)
+        with torch.no_grad():
+            cache = open_or_build(build) if main else None
+            if distributed:
+                dist.barrier()
+            if not main:
+                cache = open_or_build(build)
+        self._feature_cache = cache
+        return cache
+
+    def forward(self, batch: torch.Tensor, generator: torch.Generator):
+        if self.training and not self._cache_tried and self.cfg.autoencoder.feature_cache:
+            # A resumed run (prepare is for new runs only) opens the cache of its data here.
+            data = prepare_data(self.cfg.data, load_tokenizer(self.cfg.data), progress=False)
+            self.attach_feature_cache(data, batch.device)
+        self._cache_hits = self._truncated = None
+        loss, metrics = super().forward(batch, generator)
+        if self._cache_hits is not None:
+            metrics["feat_cache_hit"] = self._cache_hits  # share of rows read from the cache
+        if self._truncated is not None:  # share of the rows computed live cut at feature_max_len
+            metrics["feat_truncated"] = self._truncated
+        return loss, metrics
+
     # ------------------------------------------------------------------ model
     def encode(
         self, x0: torch.Tensor, generator: torch.Generator | None = None, train: bool = False
     ) -> torch.Tensor:
-        """Standardised latent z (B, N_z, d_z) of clean rows x0 (feature augmentation if train)."""
+        """Standardised latent z (B, N_z, d_z) of clean rows x0 (feature augmentation if train).
+        h has L positions, or with another tokenizer than the feature model's up to
+        feature_max_len, padded and masked (`valid`) in the statistics, the augmentation and
+        the Perceiver."""
         ac = self.cfg.autoencoder
-        h = self.features(x0)
+        h, valid = self.frozen_features(x0)
         if train and self.training:
-            self.feat_norm.update(h, across_ranks=True)
+            self.feat_norm.update(h, across_ranks=True, valid=valid)
         h = self.feat_norm(h)
         if train:
-            h = augment_features(h, self.h_mask, ac.p_mask_h, ac.sigma_h, generator)
-        z = self.encoder(h)
+            h = augment_features(h, self.h_mask, ac.p_mask_h, ac.sigma_h, generator, valid)
+        z = self.encoder(h, valid)
         if train and self.training:
             self.z_norm.update(z, across_ranks=True)
         return self.z_norm(z)

@@ -29,11 +29,28 @@ L2-normalised per vector (Co-LADD):
 Encoder-input dropout (training only; `input_dropout_rows`): p_r ~ U[0, p_max] per row, then
 one Bernoulli(p_r) coin per row; a row whose coin is 1 has the input embedding of every
 position masked in x_t zeroed (and, token-aligned, the same latent vectors zeroed).
+
+Features across tokenizers (`RetokenizedFeatures`): when the rows are tokenised by another
+tokenizer than the feature model's (a corpus BPE for the decoder, a BERT for the features), each
+row is decoded to text and tokenised again by the feature model's tokenizer:
+
+    row = d_1 [SEP] d_2 [SEP] d_3          (decoder ids; d_k: the pieces between separators)
+    feature ids = t(text(d_1)) [SEP'] t(text(d_2)) [SEP'] t(text(d_3)), cut to max_len
+
+text() decodes without special tokens (padding, masks), t() tokenises without adding any, and
+the row's document boundaries become the feature tokenizer's own separator [SEP'] (its sep
+token, else eos): the input has the layout of a row packed with the feature tokenizer (no [CLS],
+a separator after each document), which is what the same-tokenizer path feeds the model. Rows
+come back right-padded to the batch's longest, with a mask `valid`; how many rows are cut at
+max_len is counted (and warned about when more than TRUNCATION_WARN_SHARE of them are).
+
+The feature cache (features/cache.py) keeps such features of packed rows on disk.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,8 +60,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from diladiff.config import ConfigError
-from diladiff.data.tokenizer import load_tokenizer, resolve_model_name, tokenizer_identity
+from diladiff.data.tokenizer import (
+    load_tokenizer,
+    resolve_model_name,
+    separator_id,
+    tokenizer_identity,
+)
 from diladiff.errors import DataError
+from diladiff.features.cache import (
+    FEATURE_CACHE_VERSION,
+    FeatureCache,
+    RowIndex,
+    cache_bytes,
+    cache_folder_name,
+    fits,
+    row_hashes,
+)
+
+__all__ = [
+    "FEATURE_CACHE_VERSION",
+    "FEATURE_PRECISIONS",
+    "FeatureCache",
+    "FeatureModel",
+    "PooledLatentEncoder",
+    "RetokenizedFeatures",
+    "RowIndex",
+    "RunningStandardizer",
+    "Standardizer",
+    "TRUNCATION_WARN_SHARE",
+    "cache_bytes",
+    "cache_folder_name",
+    "export_feature_model",
+    "feature_dtype",
+    "fits",
+    "input_dropout_rows",
+    "pool_latents",
+    "row_hashes",
+]
 
 _ENCODERS: dict[str, nn.Module] = {}
 
@@ -230,6 +282,99 @@ class PooledLatentEncoder(nn.Module):
         return z
 
 
+TRUNCATION_WARN_SHARE = 0.01  # warn when more rows than this are cut at max_len
+
+
+class RetokenizedFeatures:
+    """Features of token rows of another tokenizer, in the feature model's own (module
+    docstring): decode, tokenise again, run the model with an attention mask.
+
+        feats = RetokenizedFeatures(FeatureModel("minilm-l6"), load_tokenizer(cfg.data), 128)
+        h, valid = feats(x0)              # (B, F, d), (B, F) bool; F <= 128 the longest row
+    """
+
+    def __init__(self, model: FeatureModel, decoder_tokenizer, max_len: int):
+        if max_len < 1:
+            raise DataError(f"the feature length limit must be >= 1, not {max_len}")
+        self.model, self.decoder_tok, self.max_len = model, decoder_tokenizer, max_len
+        self.feature_tok = load_tokenizer(model.name)
+        self.decoder_sep = separator_id(decoder_tokenizer)
+        self.feature_sep = separator_id(self.feature_tok)
+        pad = self.feature_tok.pad_token_id
+        self.pad_id = 0 if pad is None else int(pad)  # any id: padded positions are masked
+        self.rows_seen = self.rows_truncated = 0
+        self.last_truncated_share = 0.0  # of the last batch
+        self._warned = False
+
+    def feature_ids(self, rows: torch.Tensor) -> list[list[int]]:
+        """Each row's feature-tokenizer ids, whole (not cut at max_len)."""
+        pieces, owner = [], []
+        for r, row in enumerate(rows.tolist()):
+            piece: list[int] = []
+            for tid in row:
+                if tid == self.decoder_sep:
+                    pieces.append(piece)
+                    owner.append(r)
+                    piece = []
+                else:
+                    piece.append(tid)
+            pieces.append(piece)  # the last piece (empty when the row ends with a separator)
+            owner.append(r)
+        texts = self.decoder_tok.batch_decode(pieces, skip_special_tokens=True)
+        encoded = self.feature_tok(
+            texts, add_special_tokens=False, padding=False, truncation=False, verbose=False
+        )["input_ids"]
+        out: list[list[int]] = [[] for _ in range(len(rows))]
+        last = [-1] * len(rows)
+        for i, r in enumerate(owner):
+            last[r] = i
+        for i, (r, ids) in enumerate(zip(owner, encoded, strict=True)):
+            out[r].extend(ids)
+            if i != last[r]:  # every piece but a row's last was followed by a separator
+                out[r].append(self.feature_sep)
+        return out
+
+    def retokenize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature ids (B, F) of decoder rows (B, L), right-padded to the longest row (F >= 1)
+        and cut at max_len, and the mask `valid` (B, F) bool of their real positions; counts
+        the rows cut."""
+        ids = self.feature_ids(rows)
+        cut = sum(len(x) > self.max_len for x in ids)
+        ids = [x[: self.max_len] for x in ids]
+        f = max(1, max(len(x) for x in ids))
+        out = torch.full((len(ids), f), self.pad_id, dtype=torch.long)
+        valid = torch.zeros(len(ids), f, dtype=torch.bool)
+        for r, x in enumerate(ids):
+            out[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            valid[r, : len(x)] = True
+        self._count(len(ids), cut)
+        return out.to(rows.device), valid.to(rows.device)
+
+    def _count(self, rows: int, cut: int) -> None:
+        self.rows_seen += rows
+        self.rows_truncated += cut
+        self.last_truncated_share = cut / max(rows, 1)
+        if (
+            not self._warned
+            and self.rows_seen >= 256
+            and self.rows_truncated > TRUNCATION_WARN_SHARE * self.rows_seen
+        ):
+            self._warned = True
+            warnings.warn(
+                f"{self.rows_truncated / self.rows_seen:.1%} of rows have more than "
+                f"{self.max_len} feature tokens and are cut there; raise the feature length "
+                "limit (autoencoder.feature_max_len)",
+                stacklevel=2,
+            )
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, F, d) of decoder rows (B, L) in the feature model's tokenizer and
+        the mask `valid` (B, F) of their real (not padded) positions."""
+        ids, valid = self.retokenize(rows)
+        return self.model(ids, valid=valid), valid
+
+
 def export_feature_model(name: str, out_dir: str | Path, dtype: str = "fp16") -> Path:
     """Save the feature model `name` (hub name, path or alias) with its tokenizer as a local
     safetensors folder in `dtype` ("fp16", "bf16" or "fp32"); it loads as
@@ -264,14 +409,20 @@ class RunningStandardizer(nn.Module):
         self.register_buffer("m2", torch.zeros(shape, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, across_ranks: bool = False) -> None:
+    def update(
+        self, x: torch.Tensor, across_ranks: bool = False, valid: torch.Tensor | None = None
+    ) -> None:
         """Fold a batch x (..., *shape) into the statistics; with `across_ranks` (and a
         process group) the union of every rank's batch, combined with the same parallel
         update: n = sum n_k, mean_b = sum n_k mean_k / n, m2_b = sum (m2_k + n_k mean_k^2) -
-        n mean_b^2."""
-        x = x.detach().double().reshape(-1, *self.mean.shape)
+        n mean_b^2. valid (...) bool (x's leading dims): only the entries marked True count
+        (padding does not)."""
+        x = x.detach().double()
+        if valid is not None:
+            x = x[valid.bool()]
+        x = x.reshape(-1, *self.mean.shape)
         n = x.shape[0]
-        mean_b = x.mean(0)
+        mean_b = x.mean(0) if n else torch.zeros_like(self.mean)
         m2_b = ((x - mean_b) ** 2).sum(0)
         if across_ranks and dist.is_available() and dist.is_initialized():
             n_mean = torch.stack([torch.full_like(mean_b, n), n * mean_b, m2_b + n * mean_b**2])
@@ -279,6 +430,8 @@ class RunningStandardizer(nn.Module):
             n = float(n_mean[0].flatten()[0])
             mean_b = n_mean[1] / n
             m2_b = (n_mean[2] - n * mean_b**2).clamp(min=0)
+        if n == 0:
+            return
         total = self.count + n
         delta = mean_b - self.mean
         self.mean += delta * n / total
