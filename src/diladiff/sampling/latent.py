@@ -4,16 +4,22 @@ MeanFlow average-velocity sampler (DiLaDiff), and the reverse SDE and ancestral 
 
 Every sampler in LATENT_SAMPLERS has one signature,
 
-    sampler(model, shape, settings: LatentSettings, generator, device) -> (z, network calls)
+    sampler(model, shape, settings: LatentSettings, generator, device, on_step=None)
+        -> (z, network calls)
 
-and draws prior-space latents z of `shape` from z_1 ~ N(0, I). `model` is a latent stage; a
-sampler names what it calls on it (the ODE, SDE and DDPM samplers: `model.x0(z_t, t, z_sc)`;
-MeanFlow: `model.self_conditioned_u(z_t, t, r)`) and the schedule it integrates
-(`model.cfg.diffusion`: the warping d of the tangent schedule, or the fitted schedule;
-stages.latent.vp_schedule). The time grid t_0 = 1 > t_1 > ... > t_N = 0 is uniform unless the
-model has `time_grid(N)` (N + 1 decreasing times; LDLM's adaptive timestep sampler warps it:
-equal steps in its t = F(u)). `sample_latent(stage, batch, settings, ...)` dispatches on
-`settings.sampler`; a new sampler is one function registered with
+and draws prior-space latents z of `shape` from z_1 ~ N(0, I). `on_step(i, z)`, when given, is
+called after each step i = 1..N with the latent the sampler holds then (after the last step:
+the one it returns); it only observes (`diladiff serve` shows the steps), the draws are the
+same. A registered sampler without the argument still works: `sample_latent` then reports its
+result once, as step N.
+
+`model` is a latent stage; a sampler names what it calls on it (the ODE, SDE and DDPM samplers:
+`model.x0(z_t, t, z_sc)`; MeanFlow: `model.self_conditioned_u(z_t, t, r)`) and the schedule it
+integrates (`model.cfg.diffusion`: the warping d of the tangent schedule, or the fitted
+schedule; stages.latent.vp_schedule). The time grid t_0 = 1 > t_1 > ... > t_N = 0 is uniform
+unless the model has `time_grid(N)` (N + 1 decreasing times; LDLM's adaptive timestep sampler
+warps it: equal steps in its t = F(u)). `sample_latent(stage, batch, settings, ...)` dispatches
+on `settings.sampler`; a new sampler is one function registered with
 `@register_latent_sampler(NAME)`, selected with `sample.latent_sampler=NAME`. The algorithms
 themselves (euler_ode_sample, meanflow_sample, euler_maruyama_sample, ddpm_sample) take plain
 functions and an optional grid, so they also run on exact denoisers (check/parallel_decoding.py).
@@ -77,6 +83,7 @@ terms, is skipped; for DDPM with t_N = 0 it is z_hat_{N-1} exactly).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +105,8 @@ from diladiff.stages.latent import vp_schedule
 
 LATENT_SAMPLERS: dict[str, Callable] = {}
 register_latent_sampler = registrar(LATENT_SAMPLERS)
+# An optional observer of the sampling steps: on_step(step, z) (module docstring).
+OnStep = Callable[[int, torch.Tensor], None] | None
 
 # beta(t) is evaluated at min(t, SDE_BETA_CLIP): beta(1) is infinite (SIBLINGS.md 1.7 [C]).
 SDE_BETA_CLIP = 0.95
@@ -128,10 +137,20 @@ class LatentSettings:
 
 
 @torch.no_grad()
-def sample_latent(stage, batch: int, settings: LatentSettings, generator, device):
-    """(z, network calls): `batch` prior-space latents of a latent stage."""
+def sample_latent(
+    stage, batch: int, settings: LatentSettings, generator, device, on_step: OnStep = None
+):
+    """(z, network calls): `batch` prior-space latents of a latent stage; `on_step(i, z)` after
+    each step (module docstring)."""
     shape = (batch, *stage.latent_shape)
-    return LATENT_SAMPLERS[settings.sampler](stage, shape, settings, generator, device)
+    sampler = LATENT_SAMPLERS[settings.sampler]
+    if on_step is None:
+        return sampler(stage, shape, settings, generator, device)
+    if "on_step" in inspect.signature(sampler).parameters:
+        return sampler(stage, shape, settings, generator, device, on_step=on_step)
+    z, calls = sampler(stage, shape, settings, generator, device)  # a plug-in without the hook
+    on_step(settings.steps, z)
+    return z, calls
 
 
 TIME_GRIDS = ("uniform", "angle")
@@ -155,17 +174,19 @@ def _without_gamma(settings: LatentSettings, name: str) -> None:
 
 
 @register_latent_sampler("ode_euler")
-def ode_euler(model, shape, settings: LatentSettings, generator, device):
+def ode_euler(model, shape, settings: LatentSettings, generator, device, on_step=None):
     """Euler on the probability-flow ODE with the model's self-conditioned x0-prediction;
     one network call per step."""
     _without_gamma(settings, "ode_euler")
     d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
-    return euler_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
+    return euler_ode_sample(
+        model.x0, shape, settings.steps, d, generator, device, grid=grid, on_step=on_step
+    )
 
 
 @register_latent_sampler("meanflow")
-def meanflow(model, shape, settings: LatentSettings, generator, device):
+def meanflow(model, shape, settings: LatentSettings, generator, device, on_step=None):
     """MeanFlow jumps of the model's average velocity with gamma-sampling; two network calls
     per step (the self-conditioning pass, then the jump)."""
     d = vp_schedule(model.cfg.diffusion)
@@ -178,46 +199,53 @@ def meanflow(model, shape, settings: LatentSettings, generator, device):
         device,
         settings.gamma,
         grid=model_time_grid(model, settings.steps, settings.grid),
+        on_step=on_step,
     )
     return z, 2 * calls
 
 
 @register_latent_sampler("heun")
-def heun(model, shape, settings: LatentSettings, generator, device):
+def heun(model, shape, settings: LatentSettings, generator, device, on_step=None):
     """Heun's method on the probability-flow ODE (Euler for the last step); 2N - 1 calls."""
     _without_gamma(settings, "heun")
     d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
-    return heun_ode_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
+    return heun_ode_sample(
+        model.x0, shape, settings.steps, d, generator, device, grid=grid, on_step=on_step
+    )
 
 
 @register_latent_sampler("dpm_solver_2m")
-def dpm_solver_2m(model, shape, settings: LatentSettings, generator, device):
+def dpm_solver_2m(model, shape, settings: LatentSettings, generator, device, on_step=None):
     """DPM-Solver++(2M) on the probability-flow ODE; one call per step."""
     _without_gamma(settings, "dpm_solver_2m")
     d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
-    return dpm_solver_2m_sample(model.x0, shape, settings.steps, d, generator, device, grid=grid)
+    return dpm_solver_2m_sample(
+        model.x0, shape, settings.steps, d, generator, device, grid=grid, on_step=on_step
+    )
 
 
 @register_latent_sampler("sde_euler")
-def sde_euler(model, shape, settings: LatentSettings, generator, device):
+def sde_euler(model, shape, settings: LatentSettings, generator, device, on_step=None):
     """Euler-Maruyama on the reverse VP SDE with the model's self-conditioned x0-prediction;
     one network call per step. Returns the last x0-prediction."""
     _without_gamma(settings, "sde_euler")
     d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
-    return euler_maruyama_sample(model.x0, shape, settings.steps, d, generator, device, grid)
+    return euler_maruyama_sample(
+        model.x0, shape, settings.steps, d, generator, device, grid, on_step=on_step
+    )
 
 
 @register_latent_sampler("ddpm")
-def ddpm(model, shape, settings: LatentSettings, generator, device):
+def ddpm(model, shape, settings: LatentSettings, generator, device, on_step=None):
     """Ancestral sampling with the exact VP posterior around the model's self-conditioned
     x0-prediction; one network call per step. Returns the last x0-prediction."""
     _without_gamma(settings, "ddpm")
     d = vp_schedule(model.cfg.diffusion)
     grid = model_time_grid(model, settings.steps, settings.grid)
-    return ddpm_sample(model.x0, shape, settings.steps, d, generator, device, grid)
+    return ddpm_sample(model.x0, shape, settings.steps, d, generator, device, grid, on_step=on_step)
 
 
 def time_grid(steps: int, grid=None, device="cpu") -> torch.Tensor:
@@ -252,10 +280,11 @@ def euler_ode_sample(
     self_condition: bool = True,
     dtype=torch.float32,
     grid=None,
+    on_step: OnStep = None,
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) by `steps` Euler steps of the PF-ODE; returns (z_0, network calls).
     x0_fn(z_t, t, z_sc) -> z_hat, t of shape (B,). `grid`: steps + 1 decreasing times (default
-    uniform 1 -> 0)."""
+    uniform 1 -> 0); on_step(i, z) after each step (module docstring)."""
     grid, z = _ode_start(steps, grid, shape, generator, device, dtype)
     z_sc = torch.zeros_like(z)
     for i in range(steps):
@@ -264,6 +293,8 @@ def euler_ode_sample(
         v = velocity_from_x0(z, z_hat, t, d)
         z = z + float(grid[i + 1] - grid[i]) * v
         z_sc = z_hat
+        if on_step is not None:
+            on_step(i + 1, z)
     return z, steps
 
 
@@ -278,6 +309,7 @@ def heun_ode_sample(
     self_condition: bool = True,
     dtype=torch.float32,
     grid=None,
+    on_step: OnStep = None,
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) by `steps` Heun steps of the PF-ODE (module docstring); returns
     (z_0, network calls). Arguments as euler_ode_sample's."""
@@ -295,10 +327,14 @@ def heun_ode_sample(
         z_euler, z_sc, calls = z + float(s - t) * v, z_hat, calls + 1
         if s <= 0:  # the velocity at t = 0 divides by sigma_0 = 0
             z = z_euler
+        else:
+            ss, z_hat2 = predict(z_euler, s, z_hat)
+            z = z + float(s - t) * 0.5 * (v + velocity_from_x0(z_euler, z_hat2, ss, d))
+            z_sc, calls = z_hat2, calls + 1
+        if on_step is not None:
+            on_step(i + 1, z)
+        if s <= 0:
             break
-        ss, z_hat2 = predict(z_euler, s, z_hat)
-        z = z + float(s - t) * 0.5 * (v + velocity_from_x0(z_euler, z_hat2, ss, d))
-        z_sc, calls = z_hat2, calls + 1
     return z, calls
 
 
@@ -313,6 +349,7 @@ def dpm_solver_2m_sample(
     self_condition: bool = True,
     dtype=torch.float32,
     grid=None,
+    on_step: OnStep = None,
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) by `steps` DPM-Solver++(2M) steps (module docstring); returns
     (z_0, network calls). Arguments as euler_ode_sample's."""
@@ -335,6 +372,8 @@ def dpm_solver_2m_sample(
             data = (1 + 0.5 / r) * z_hat - (0.5 / r) * previous
         z = (sigma[i + 1] / sigma[i]) * z - alpha[i + 1] * math.expm1(-h) * data
         previous, h_previous, z_sc = z_hat, h, z_hat
+        if on_step is not None:
+            on_step(i + 1, z)
     return z, steps
 
 
@@ -349,18 +388,21 @@ def meanflow_sample(
     gamma: float = 0.0,
     dtype=torch.float32,
     grid=None,
+    on_step: OnStep = None,
 ) -> tuple[torch.Tensor, int]:
     """z_0 from z_1 ~ N(0, I) in `steps` average-velocity jumps; u_fn(z_t, t, r) -> u.
     Returns (z_0, number of u_fn calls). `grid`: steps + 1 decreasing times (default uniform
-    1 -> 0)."""
+    1 -> 0); on_step(i, z) after each step (module docstring)."""
     if steps < 1:
         raise ValueError(f"cont_steps must be >= 1, got {steps}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     times = time_grid(steps, grid).tolist()
     z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    for t, r in zip(times[:-1], times[1:], strict=True):
+    for i, (t, r) in enumerate(zip(times[:-1], times[1:], strict=True)):
         z = meanflow_step(u_fn, z, t, r, d, gamma, generator)
+        if on_step is not None:
+            on_step(i + 1, z)
     return z, steps
 
 
@@ -376,6 +418,7 @@ def euler_maruyama_sample(
     self_condition: bool = True,
     dtype=torch.float32,
     beta_clip: float = SDE_BETA_CLIP,
+    on_step: OnStep = None,
 ) -> tuple[torch.Tensor, int]:
     """The last x0-prediction of `steps` Euler-Maruyama steps of the reverse VP SDE from
     z_1 ~ N(0, I) (module docstring); returns (z_hat, network calls). x0_fn(z_t, t, z_sc) ->
@@ -393,7 +436,9 @@ def euler_maruyama_sample(
             z = mean + std * noise
         return em_step(z, z_hat, times[-2], s, d, beta_clip)  # its noise: _x0_chain's draw
 
-    return _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step)
+    return _x0_chain(
+        x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step, on_step
+    )
 
 
 def _clipped_beta(t: float, d, beta_clip: float) -> float:
@@ -429,6 +474,7 @@ def ddpm_sample(
     grid=None,
     self_condition: bool = True,
     dtype=torch.float32,
+    on_step: OnStep = None,
 ) -> tuple[torch.Tensor, int]:
     """The last x0-prediction of `steps` ancestral steps z_{t_{i+1}} ~ q(. | z_{t_i},
     z_0 = z_hat_i) from z_1 ~ N(0, I); returns (z_hat, network calls). x0_fn as in
@@ -437,13 +483,18 @@ def ddpm_sample(
     def step(z, z_hat, t, s):
         return ddpm_posterior(z, z_hat, t, s, d)
 
-    return _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step)
+    return _x0_chain(
+        x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step, on_step
+    )
 
 
-def _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step):
+def _x0_chain(
+    x0_fn, shape, steps, grid, generator, device, dtype, self_condition, step, on_step=None
+):
     """The loop the stochastic samplers share: from z_1 ~ N(0, I), at each time t_i the
     self-conditioned prediction z_hat_i, then z <- mean + std * noise with (mean, std) =
-    step(z, z_hat_i, t_i, t_{i+1}); returns (the last z_hat, network calls)."""
+    step(z, z_hat_i, t_i, t_{i+1}); returns (the last z_hat, network calls). on_step(i, z)
+    after each step: the new z, and after the last step the z_hat returned."""
     if steps < 1:
         raise ValueError(f"cont_steps must be >= 1, got {steps}")
     times = time_grid(steps, grid).tolist()
@@ -453,10 +504,14 @@ def _x0_chain(x0_fn, shape, steps, grid, generator, device, dtype, self_conditio
         z_hat = _predict(x0_fn, z, times[i], z_sc if self_condition else None)
         z_sc = z_hat
         if i == steps - 1:
+            if on_step is not None:
+                on_step(steps, z_hat)
             break
         mean, std = step(z, z_hat, times[i], times[i + 1])
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = mean + std * noise
+        if on_step is not None:
+            on_step(i + 1, z)
     return z_hat, steps
 
 

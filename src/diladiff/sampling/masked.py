@@ -310,13 +310,16 @@ def sample_masked(
     device: torch.device | str = "cpu",
     progress: bool = False,
     canvas: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Generate (batch, seq_len) token ids from all-masked input, or from `canvas` (seq_len,):
     given tokens and mask_id where tokens are to be generated (a prompt, a suffix, infilling);
     returns (ids, SamplerStats). Given tokens never change. With M of the L positions masked,
     the time grid runs from M / L to 0 (the masked share), so the strategies reveal the M
     positions over the N_disc steps as they reveal L from an all-masked row. `mask_id` must be
-    the decoder's (kept in the signature for the callers' sake)."""
+    the decoder's (kept in the signature for the callers' sake). `on_step(i, x)`, when given,
+    is called after each step i = 1, 2, ... taken with the rows x (batch, seq_len) then (a
+    tensor the sampler no longer changes); it only observes: the samples are the same."""
     if mask_id != decoder.mask_id:
         raise ValueError(f"mask_id {mask_id} differs from the decoder's {decoder.mask_id}")
     x, share = canvas_start(canvas, batch, seq_len, mask_id, device)
@@ -336,4 +339,6 @@ def sample_masked(
         stats.steps += 1
         if reveal.any():
             sampler.changed()
+        if on_step is not None:
+            on_step(stats.steps, x)
     return x, stats
