@@ -177,6 +177,19 @@ SLOW_OVERRIDES = [
 ]
 
 
+CHECK_GENERATORS = {
+    "mdlm",
+    "oracle",
+    "noise_latent",
+    "exact_factorised",
+    "exact_prior_cont200",
+    "ladiff_cont200",
+    "ladiff_cont5",
+    "diladiff_cont5_gamma0",
+    "diladiff_cont5_gamma0.2",
+}
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_parallel_decoding_check_end_to_end(tmp_path):
@@ -193,17 +206,7 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
         root / "check.md"
     ).read_text()
     g = result["generators"]
-    assert set(g) >= {
-        "mdlm",
-        "oracle",
-        "noise_latent",
-        "exact_factorised",
-        "exact_prior_cont200",
-        "ladiff_cont200",
-        "ladiff_cont5",
-        "diladiff_cont5_gamma0",
-        "diladiff_cont5_gamma0.2",
-    }
+    assert set(g) >= CHECK_GENERATORS
     val = {name: {r["disc_steps"]: r["validity"] for r in gen["rows"]} for name, gen in g.items()}
     assert result["disc_steps"] == [1, 2, 4, 8, 16]
     # the factorised posterior cannot reveal a whole row in one or two steps, even when exact
@@ -253,17 +256,7 @@ def test_parallel_decoding_check_wiring_on_a_briefly_trained_chain(tmp_path):
     assert "## Validity" in (root / "check.md").read_text()
     assert result["disc_steps"] == [1, 2, 4, 8, 16]
     g = result["generators"]
-    assert set(g) >= {
-        "mdlm",
-        "oracle",
-        "noise_latent",
-        "exact_factorised",
-        "exact_prior_cont200",
-        "ladiff_cont200",
-        "ladiff_cont5",
-        "diladiff_cont5_gamma0",
-        "diladiff_cont5_gamma0.2",
-    }
+    assert set(g) >= CHECK_GENERATORS
     for name, gen in g.items():
         assert [r["disc_steps"] for r in gen["rows"]] == [1, 2, 4, 8, 16], name
         assert all(0.0 <= r["validity"] <= 1.0 for r in gen["rows"]), name

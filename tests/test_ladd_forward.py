@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY
+from test_ladd import SMALL as LADD_SMALL
 
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
@@ -18,17 +19,7 @@ from diladiff.stages.ladd import CoLADD, DiLADD
 
 # No network dropout (its draws come from the global RNG) and no encoder-input dropout, so that
 # z0 is the encoder's latent of the clean rows and forward's draws can be replayed.
-SMALL = [
-    "ladd.width=32",
-    "ladd.depth=1",
-    "ladd.heads=2",
-    "ladd.cond_dim=16",
-    "ladd.num_latents=4",
-    "ladd.latent_dim=8",
-    "ladd.num_codes=17",
-    "ladd.dropout=0.0",
-    "ladd.input_dropout_max=0.0",
-]
+SMALL = [*LADD_SMALL, "ladd.dropout=0.0", "ladd.input_dropout_max=0.0"]
 B = 16
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from test_ladd import SMALL as LADD_SMALL
+from test_ldlm import SMALL as LDLM_SMALL
 
 from diladiff.cli import main
 from diladiff.config import ConfigError, build_config
@@ -21,16 +23,6 @@ from diladiff.sampling import joint
 from diladiff.sampling.generate import GenerationSettings
 from diladiff.sampling.latent import euler_maruyama_sample
 from diladiff.sampling.masked import SamplerSettings
-
-LADD_SMALL = [
-    "ladd.width=32",
-    "ladd.depth=1",
-    "ladd.heads=2",
-    "ladd.cond_dim=16",
-    "ladd.num_latents=4",
-    "ladd.latent_dim=8",
-    "ladd.num_codes=17",
-]
 
 
 def ladd_stage(kind: str, *overrides: str):
@@ -246,22 +238,6 @@ def test_duo_warns_when_a_run_stops_before_its_curriculum_ends(tmp_path, capsys)
     assert main(argv + ["duo.duality_points=257", "train.max_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "warning: train.max_steps=2 stops before the warm-up duo.curriculum_end=1000" in out
-
-
-LDLM_SMALL = [
-    "ldlm.latent_dim=8",
-    "ldlm.encoder_width=16",
-    "ldlm.encoder_heads=2",
-    "ldlm.encoder_depth=1",
-    "ldlm.hidden_decoder_depth=1",
-    "ldlm.token_decoder_width=16",
-    "ldlm.token_decoder_heads=2",
-    "ldlm.token_decoder_depth=1",
-    "prior.depth=1",
-    "prior.width=16",
-    "prior.heads=2",
-    "ldlm.feature_stats_rows=32",
-]
 
 
 @pytest.mark.parametrize(
