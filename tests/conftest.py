@@ -119,4 +119,6 @@ def latent_chain(tmp_path_factory):
     its users: a test that trains or writes must use its own folder."""
     from latent_fixtures import build_chain
 
+    # session fixtures run before the per-test _isolated_cache: point the cache there too
+    os.environ["DILADIFF_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     return build_chain(tmp_path_factory.mktemp("chain"))

@@ -221,3 +221,44 @@ def test_feature_precision_bf16_is_close_to_fp32_and_bad_values_are_errors():
     assert feature_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(DataError, match="feature_precision"):
         FeatureModel("minilm-l6", precision="fp16")
+
+
+def test_latent_dropout_schedule_rises_from_its_initial_value_to_p_drop():
+    from diladiff.stages.autoencoder import latent_dropout
+
+    assert latent_dropout(0, 0.6, 0, 0.0) == latent_dropout(10**6, 0.6, 0, 0.0) == 0.6
+    assert latent_dropout(0, 0.6, 400, 0.1) == pytest.approx(0.1)
+    assert latent_dropout(200, 0.6, 400, 0.0) == pytest.approx(0.3)
+    assert latent_dropout(400, 0.6, 400, 0.0) == latent_dropout(900, 0.6, 400, 0.0) == 0.6
+    # the stage follows its step: no row dropped at step 0, ~p_drop of them after the warm-up
+    ae = build(Autoencoder, "autoencoder.p_drop_warmup_steps=100", "autoencoder.p_mask_z=0")
+    ae.train()
+    x0 = torch.randint(1000, 3000, (256, 32))
+    clean = ae.encode(x0, torch.Generator().manual_seed(1), train=True)
+
+    def dropped_share(step):
+        ae.on_step(step)
+        z = ae.condition(x0, torch.Generator().manual_seed(1), train=True)
+        return (z - clean).flatten(1).abs().amax(1).gt(1e-4).float().mean().item()
+
+    assert dropped_share(0) == 0.0
+    assert 0.5 < dropped_share(100) < 0.7
+
+
+def test_cross_attention_after_every_block_and_fully_masked_rows():
+    from diladiff.stages.autoencoder import cross_attention_blocks
+
+    assert cross_attention_blocks("all", 4) == [0, 1, 2, 3]
+    assert cross_attention_blocks("first,last", 4) == [0, 3]
+    ae = build(Autoencoder, "model.depth=3", "autoencoder.cross_attn_after=all")
+    assert sorted(int(k) for k in ae.cross) == [0, 1, 2]
+
+    def times(share):
+        stage = build(Autoencoder, f"autoencoder.full_mask_share={share}")
+        return stage.training_times(4096, torch.Generator().manual_seed(0), "cpu")
+
+    plain, half, every = times(0.0), times(0.5), times(1.0)
+    assert bool((every == 1).all()) and float((plain == 1).float().mean()) < 0.01
+    assert 0.45 < float((half == 1).float().mean()) < 0.55
+    # the other rows keep the MDLM's (antithetic) times
+    assert torch.equal(half[half < 1], plain[half < 1])

@@ -31,7 +31,7 @@ CASES = [
     (["sample"], "required: run_dir"),
     (["sample", "{run}", "--num-samples", "0"], "integer >= 1"),
     (["sample", "{run}", "--num-samples", "x"], "integer >= 1"),
-    (["sample", "{run}", "--disc-steps", "-1"], "integer >= 0"),
+    (["sample", "{run}", "--disc-steps", "-1"], "integer >= 1"),
     (["sample", "{run}", "--strategy", "magic"], "invalid choice"),
     (["sample", "{run}", "--temperature", "0"], "temperature must be > 0"),
     (["sample", "{run}", "--top-p", "0"], "top_p must be in (0, 1]"),

@@ -242,18 +242,7 @@ def test_duo_warns_when_a_run_stops_before_its_curriculum_ends(tmp_path, capsys)
 
 @pytest.mark.parametrize(
     "recon",
-    [
-        pytest.param(
-            "ce",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="needs the stages/ldlm.py change of issue 28 item 7 (val_loss without "
-                "L_h in the ce ablation); remove this mark with it",
-            ),
-        ),
-        "mse",
-        "ce+mse",
-    ],
+    ["ce", "mse", "ce+mse"],
 )
 def test_ldlm_val_loss_is_the_training_loss(recon):
     """val_loss sums the terms the training loss sums: L_diff + L_w, plus L_h unless the ablation

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from diladiff.config import PRESETS, ConfigError, overrides_from_file
+from diladiff.config import PRESETS, ConfigError, overrides_from_file, parse_option
 from diladiff.stages import STAGES, stage_order
 
 
@@ -52,6 +52,21 @@ def non_negative(text: str) -> int:
     return value
 
 
+def key_option(key: str, unset: bool = False):
+    """argparse type: a value of config key `key` (sample.disc_steps for --disc-steps), parsed
+    and checked by the key's declared type and rules (config.parse_option); its unset value
+    (0 = default) only with `unset`, otherwise the option is left out for the default."""
+
+    def parse(text: str):
+        try:
+            return parse_option(key, text, unset)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = key  # argparse's "invalid <name> value" (not reached: errors say more)
+    return parse
+
+
 def _parent_flags() -> dict[str, list[str]]:
     """Every parent role of a registered stage (the --ROLE flag) -> the stages that take it."""
     flags: dict[str, list[str]] = {}
@@ -65,15 +80,25 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     choices = _choices()
     p.add_argument("run_dir", type=Path)
     p.add_argument(
-        "--disc-steps", type=non_negative, help="N_disc (default: the run's sample.disc_steps or L)"
+        "--disc-steps",
+        type=key_option("sample.disc_steps"),
+        help="N_disc (default: the run's sample.disc_steps or L)",
     )
-    p.add_argument("--cont-steps", type=positive, help="N_cont of a latent stage's sampler")
+    p.add_argument(
+        "--cont-steps",
+        type=key_option("sample.cont_steps"),
+        help="N_cont of a latent stage's sampler",
+    )
     p.add_argument(
         "--latent-sampler",
         choices=choices["latent_sampler"],
         help="latent stages (default: the run's sample.latent_sampler)",
     )
-    p.add_argument("--gamma", type=float, help="MeanFlow gamma-sampling (0 = deterministic)")
+    p.add_argument(
+        "--gamma",
+        type=key_option("sample.gamma"),
+        help="MeanFlow gamma-sampling (0 = deterministic)",
+    )
     p.add_argument(
         "--time-grid",
         choices=["uniform", "angle"],
@@ -88,12 +113,12 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=choices["strategy"])
     p.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=key_option("sample.confidence_threshold"),
         help="the threshold strategy: reveal every token drawn with a probability above this, "
         "at least one per row and step (default: the run's sample.confidence_threshold, 0.9)",
     )
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--temperature", type=key_option("sample.temperature"))
+    p.add_argument("--top-p", type=key_option("sample.top_p"))
     p.add_argument("--no-cache", action="store_true", help="recompute logits every step")
     p.add_argument(
         "--sampler",
@@ -101,7 +126,7 @@ def _common_sampling_args(p: argparse.ArgumentParser) -> None:
         help="fast (default): vocabulary head only where tokens are drawn; reference: the "
         "previous full-vocabulary sampler (same samples, slower)",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=key_option("sample.seed"))
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
 
@@ -145,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stages with an encoder (LaDiff, DiLaDiff, LDLM, LADD): decode the encoder latent "
         "of this reference text instead of a prior sample (paraphrase-style)",
     )
-    p.add_argument("--num-samples", type=positive)
-    p.add_argument("--batch-size", type=positive)
+    p.add_argument("--num-samples", type=key_option("sample.num_samples"))
+    p.add_argument("--batch-size", type=key_option("sample.batch_size"))
     p.add_argument("--out", type=Path, help="write JSONL (ids and text) here instead of printing")
 
     p = sub.add_parser("bench", help="speed benchmarks")
@@ -273,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--device", default="auto")
         if what == "latent":
             a.add_argument("--bertscore-model", help="default: bert-score's English model")
-            a.add_argument("--disc-steps", type=non_negative, default=0, help="0: the run's")
+            a.add_argument(
+                "--disc-steps",
+                type=key_option("sample.disc_steps", unset=True),
+                default=0,
+                help="0: the run's",
+            )
             a.add_argument("--pool-pairs", type=positive, default=1, help="latent pairs A, B")
         if what == "robustness":
             a.add_argument("--mc-samples", type=positive, default=16, help="masks per row")

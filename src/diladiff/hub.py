@@ -100,6 +100,7 @@ def load_exported(name_or_path: str | Path, device: torch.device | str = "cpu"):
     tok = load_tokenizer(str(folder))
     identity = model.stage.tokenizer_identity
     check_same_tokenizer(identity, tokenizer_identity(tok), f"loading {folder}")
+    model.stage.use_tokenizer(tok)  # the exported copy: no corpus or BPE cache needed
     return model.stage.to(device).eval(), tok
 
 

@@ -126,6 +126,8 @@ def train_run(
         stage = STAGES[kind](cfg, tok_id)
         if not resumed:
             stage.init_from_parents({role: load_run(run)[0] for role, run in parents.items()})
+        stage.attach(data, env.device, tok)  # every start, e.g. a feature cache of `data`
+        if not resumed:
             stage.prepare(data, env.device)
         if env.is_main:
             print(stage.summary())
@@ -210,6 +212,7 @@ def load_run(
     tok = load_tokenizer(tokenizer) if tokenizer else run_tokenizer(run_dir)
     check_same_tokenizer(info["tokenizer_identity"], tokenizer_identity(tok), f"loading {run_dir}")
     stage = STAGES[info["stage"]](cfg, info["tokenizer_identity"])
+    stage.use_tokenizer(tok)  # the run's own copy: no corpus or BPE cache needed
     weights, _ = ckpt.load_weights(run_dir, which)
     stage.load_state_dict(weights)
     return stage.to(device).eval(), tok

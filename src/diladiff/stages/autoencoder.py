@@ -35,6 +35,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -42,8 +43,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diladiff.config import Config, ConfigError, preset_base, register_section
-from diladiff.data.packing import PackedData, prepare_data
+from diladiff.config import (
+    Config,
+    ConfigError,
+    DivisibleBy,
+    NotEmpty,
+    OneOf,
+    Range,
+    Satisfies,
+    preset_base,
+    register_section,
+)
+from diladiff.data.packing import PackedData
 from diladiff.data.tokenizer import (
     TOKENIZER_DIR,
     check_same_tokenizer,
@@ -53,6 +64,7 @@ from diladiff.data.tokenizer import (
 from diladiff.errors import CheckpointError
 from diladiff.features import (
     FEATURE_CACHE_VERSION,
+    FEATURE_PRECISIONS,
     TRUNCATION_WARN_SHARE,
     FeatureCache,
     FeatureModel,
@@ -96,44 +108,61 @@ def _autoencoder_preset(preset: str) -> AutoencoderConfig:
     return cfg
 
 
+def _cross_attn_spec(spec: str, cfg: Config) -> None:
+    """autoencoder.cross_attn_after names blocks of model.depth (ConfigError otherwise)."""
+    cross_attention_blocks(spec, cfg.model.depth)
+
+
 @register_section("autoencoder", _autoencoder_preset)
 @dataclass
 class AutoencoderConfig:
     """Stage 1: frozen BERT features -> Perceiver -> latent z (N_z x d_z) -> MDLM decoder."""
 
-    feature_model: str = "bert-base-uncased"  # hub name, path, or "minilm-l6"
+    # Hub name, path, or "minilm-l6".
+    feature_model: Annotated[str, NotEmpty()] = "bert-base-uncased"
     feature_layer: int = -1  # hidden-state index (-1 = last layer)
     # The frozen encoder's compute precision: "auto" = bf16 on CUDA and on CPUs with native bf16
     # (AVX512-BF16 / AMX), fp32 elsewhere; or "fp32" / "bf16".
-    feature_precision: str = "auto"
+    feature_precision: Annotated[str, OneOf(FEATURE_PRECISIONS)] = "auto"
     # When the feature model's tokenizer is not data.tokenizer, rows are decoded and tokenised
     # again: at most this many feature positions per row (longer rows are cut; the share cut is
     # logged as feat_truncated); 0 = 2 x data.seq_len. Also the Perceiver's position tables'
     # length then. Unused when the tokenizers agree (L positions).
-    feature_max_len: int = 0
+    feature_max_len: Annotated[int, Range(ge=1, unset=0, means="2 x data.seq_len")] = 0
     # Compute the frozen features of every packed row once and read them from an fp16 cache
     # on disk (module docstring; built when the run reads at least as many rows as there are);
     # rows not in it are computed live. Off at paper size (the features of openwebtext would
     # take ~1.5 TB); a cache over feature_cache_max_gb is not built (a warning; live features).
     feature_cache: bool = False
-    feature_cache_max_gb: float = 16.0
-    num_latents: int = 64  # N_z
-    latent_dim: int = 768  # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
+    feature_cache_max_gb: Annotated[float, Range(ge=0)] = 16.0
+    num_latents: Annotated[int, Range(ge=1)] = 64  # N_z
+    # d_z; compression = L * d_bert / (N_z * d_z) = 2 at paper size
+    latent_dim: Annotated[int, Range(ge=1)] = 768
     # Perceiver width; 0 = latent_dim (the paper's choice). A width below d_z leaves
     # d_z - width directions of every latent vector without variance.
-    perceiver_width: int = 0
-    perceiver_depth: int = 2
-    perceiver_heads: int = 12
+    perceiver_width: Annotated[
+        int, Range(ge=1, unset=0, same_as="latent_dim"), DivisibleBy("perceiver_heads")
+    ] = 0
+    perceiver_depth: Annotated[int, Range(ge=1)] = 2
+    perceiver_heads: Annotated[int, Range(ge=1)] = 12
     # Feature augmentation (training only): half the batch has positions of h masked with
     # p_mask_h, the other half Gaussian noise of std sigma_h. (Values not given in DESIGN.md.)
-    p_mask_h: float = 0.15
-    sigma_h: float = 0.1
+    p_mask_h: Annotated[float, Range(ge=0, le=1)] = 0.15
+    sigma_h: Annotated[float, Range(ge=0)] = 0.1
     # Latent augmentation: each latent vector masked with p_mask_z; with p_drop the whole latent
     # is replaced by N(0, I) (the paper's value was lost; it is above 0.5).
-    p_mask_z: float = 0.1
-    p_drop: float = 0.6
-    # Decoder blocks followed by a cross-attention layer ("first,last" or indices "0,5").
-    cross_attn_after: str = "first,last"
+    p_mask_z: Annotated[float, Range(ge=0, le=1)] = 0.1
+    p_drop: Annotated[float, Range(ge=0, le=1)] = 0.6
+    # A latent-dropout schedule for small scale (not in DESIGN.md; 0 = the paper's constant
+    # p_drop): p_drop rises linearly from p_drop_initial at step 0 to p_drop at this step, so the
+    # decoder first learns to read the latent, then to do without it (`latent_dropout`).
+    p_drop_warmup_steps: Annotated[int, Range(ge=0)] = 0
+    p_drop_initial: Annotated[float, Range(ge=0, le=1)] = 0.0
+    # The share of training rows fully masked (t = 1), where only the latent tells the row
+    # (not in DESIGN.md; 0 = the paper's t ~ U[0, 1] for every row).
+    full_mask_share: Annotated[float, Range(ge=0, le=1)] = 0.0
+    # Decoder blocks followed by a cross-attention layer ("first,last", "all" or indices "0,5").
+    cross_attn_after: Annotated[str, Satisfies(_cross_attn_spec)] = "first,last"
     # Position tables on the queries/keys between sequence and latent (nets/positions.py;
     # sinusoidal at init, learned). Not in DESIGN.md: without them a small, briefly trained
     # MDLM decoder's masked positions all ask the latent the same question and the latent goes
@@ -141,13 +170,26 @@ class AutoencoderConfig:
     position_embeddings: bool = True
     # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
     # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).
-    encoder_warmup_steps: int = 1000
-    decoder_warmup_steps: int = 10000
-    decoder_lr_scale: float = 1.0
+    encoder_warmup_steps: Annotated[int, Range(ge=0)] = 1000
+    decoder_warmup_steps: Annotated[int, Range(ge=0)] = 10000
+    decoder_lr_scale: Annotated[float, Range(ge=0)] = 1.0
+
+
+def latent_dropout(step: int, p_drop: float, warmup_steps: int, initial: float) -> float:
+    """The whole-latent dropout probability at `step`:
+
+    p(step) = initial + (p_drop - initial) min(1, step / warmup_steps)    (warmup_steps > 0)
+    p(step) = p_drop                                                      (warmup_steps = 0)
+    """
+    if warmup_steps <= 0:
+        return p_drop
+    return initial + (p_drop - initial) * min(1.0, step / warmup_steps)
 
 
 def cross_attention_blocks(spec: str, depth: int) -> list[int]:
-    """Block indices from "first,last" / "0,5" / "" (sorted, unique, in range)."""
+    """Block indices from "first,last" / "all" / "0,5" / "" (sorted, unique, in range)."""
+    if spec.strip() == "all":
+        return list(range(depth))
     out = set()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         idx = {"first": 0, "last": depth - 1}.get(item)
@@ -222,6 +264,15 @@ class Autoencoder(MaskedDiffusionStage):
             tc.total_steps = 600  # the latent starts to pay off between 250 and 500 steps
             ac.decoder_lr_scale = 0.1
             ac.encoder_warmup_steps, ac.decoder_warmup_steps = 20, 100
+        elif preset == "cpu":
+            # The latent path at small scale (issue 26's measured causes; RESULTS.md): MiniLM's
+            # layer -3 (a linear probe reads token identity 97% from it, 78% from the last),
+            # the latent read after every block, the decoder at the full rate, latent dropout
+            # from 0 to the paper's 0.6 over 400 steps, a tenth of the rows fully masked.
+            tc.lr, tc.total_steps = 1e-3, 800
+            ac.encoder_warmup_steps, ac.decoder_warmup_steps = 50, 100
+            ac.feature_layer, ac.cross_attn_after, ac.decoder_lr_scale = -3, "all", 1.0
+            ac.p_drop_warmup_steps, ac.p_drop_initial, ac.full_mask_share = 400, 0.0, 0.1
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)  # sets mask_id (a tokenizer without one fails)
@@ -233,15 +284,12 @@ class Autoencoder(MaskedDiffusionStage):
         self.cross_tokenizer = (
             self.features.tokenizer_identity()["vocab_sha256"] != tokenizer_identity["vocab_sha256"]
         )
-        if ac.feature_max_len < 0:
-            raise ConfigError(f"autoencoder.feature_max_len must be >= 0, got {ac.feature_max_len}")
         # Feature positions per row: L on the fast path, else at most feature_max_len.
         self.feature_len = self.seq_len
         if self.cross_tokenizer:
             self.feature_len = ac.feature_max_len or 2 * self.seq_len
         self._retokenized: RetokenizedFeatures | None = None
         self._feature_cache: FeatureCache | None = None
-        self._cache_tried = False
         self._cache_hits: float | None = None  # share of the last batch read from the cache
         self._truncated: float | None = None  # share of the last live rows cut
         d_bert = self.features.dim
@@ -342,9 +390,15 @@ class Autoencoder(MaskedDiffusionStage):
             raise CheckpointError(f"{where}: its model/seq_len differ from this config")
         self.decoder.load_state_dict(mdlm.net.state_dict())
 
-    def prepare(self, data: PackedData, device) -> None:
-        """A new run: the feature cache over `data`'s rows (when autoencoder.feature_cache)."""
+    def attach(self, data: PackedData, device, tokenizer) -> None:
+        """Every start of a run (new or resumed): the decoder's tokenizer for the
+        cross-tokenizer path, and the feature cache over `data`'s rows (when
+        autoencoder.feature_cache)."""
+        self.use_tokenizer(tokenizer)
         self.attach_feature_cache(data, device)
+
+    def use_tokenizer(self, tokenizer) -> None:
+        self.use_decoder_tokenizer(tokenizer)
 
     # ------------------------------------------------------------------ features
     def live_features(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -434,7 +488,6 @@ class Autoencoder(MaskedDiffusionStage):
         (train.max_steps or total_steps) x batch_size; else building costs more than it saves)
         False: only open an existing cache. Over feature_cache_max_gb or the free disk space:
         a warning, and features are computed live."""
-        self._cache_tried = True
         ac = self.cfg.autoencoder
         if not ac.feature_cache:
             return None
@@ -488,10 +541,6 @@ class Autoencoder(MaskedDiffusionStage):
         return cache
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
-        if self.training and not self._cache_tried and self.cfg.autoencoder.feature_cache:
-            # A resumed run (prepare is for new runs only) opens the cache of its data here.
-            data = prepare_data(self.cfg.data, load_tokenizer(self.cfg.data), progress=False)
-            self.attach_feature_cache(data, batch.device)
         self._cache_hits = self._truncated = None
         loss, metrics = super().forward(batch, generator)
         if self._cache_hits is not None:
@@ -520,12 +569,28 @@ class Autoencoder(MaskedDiffusionStage):
             self.z_norm.update(z, across_ranks=True)
         return self.z_norm(z)
 
+    def on_step(self, step: int) -> None:
+        self.step = step
+
     def condition(self, x0, generator, train):
         z = self.encode(x0, generator, train)
         if train:
             ac = self.cfg.autoencoder
-            z = augment_latent(z, self.z_mask, ac.p_mask_z, ac.p_drop, generator)
+            p_drop = latent_dropout(
+                getattr(self, "step", 0), ac.p_drop, ac.p_drop_warmup_steps, ac.p_drop_initial
+            )
+            z = augment_latent(z, self.z_mask, ac.p_mask_z, p_drop, generator)
         return z
+
+    def training_times(self, batch: int, generator, device) -> torch.Tensor:
+        """The MDLM's times with a share `full_mask_share` of the rows (each row by a coin from
+        `generator`) fully masked, t = 1."""
+        t = super().training_times(batch, generator, device)
+        share = self.cfg.autoencoder.full_mask_share
+        if share > 0:
+            full = torch.rand(batch, generator=generator, device=device) < share
+            t = torch.where(full, torch.ones_like(t), t)
+        return t
 
     def hidden(self, x_t: torch.Tensor, cond=None) -> torch.Tensor:
         if cond is None:

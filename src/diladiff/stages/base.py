@@ -117,6 +117,15 @@ class Stage(nn.Module):
         """Anything a new run estimates from its training data before the first step (called
         once, after init_from_parents, not on resume); e.g. the latent prior's standardisation."""
 
+    def attach(self, data: PackedData, device, tokenizer) -> None:
+        """Called on every start of a training run, new or resumed (before `prepare`), with the
+        run's data and tokenizer: what is not saved with the weights but read during training,
+        e.g. a feature cache of `data` or the decoder tokenizer of a cross-tokenizer encoder."""
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """Given the run's own tokenizer when a trained stage is loaded (runs.load_run, the hub
+        loader); e.g. for an encoder that re-tokenises decoded rows."""
+
     @classmethod
     def warmups(cls, cfg: Config) -> dict[str, int]:
         """Every warm-up this stage's training goes through, by config key (in steps)."""

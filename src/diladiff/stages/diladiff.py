@@ -32,10 +32,11 @@ The latents are the teacher's prior-space latents (its standardisation is copied
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from diladiff.config import Config, ConfigError, register_section
+from diladiff.config import Config, ConfigError, OneOf, Range, register_section
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.processes.gaussian import (
     angle_time_grid,
@@ -43,7 +44,7 @@ from diladiff.processes.gaussian import (
     velocity_from_x0,
     x0_from_velocity,
 )
-from diladiff.processes.meanflow import meanflow_loss, sample_t_r
+from diladiff.processes.meanflow import DERIVATIVES, meanflow_loss, sample_t_r
 from diladiff.stages.base import Stage, register_stage
 from diladiff.stages.latent import LatentStage
 
@@ -53,28 +54,28 @@ from diladiff.stages.latent import LatentStage
 class MeanFlowConfig:
     """MeanFlow self-distillation of the prior (teacher frozen)."""
 
-    r_equals_t_prob: float = 0.25
+    r_equals_t_prob: Annotated[float, Range(ge=0, le=1)] = 0.25
     logit_normal_mean: float = -1.0
-    logit_normal_std: float = 1.0
-    adaptive_p: float = 1.0  # loss / (||delta||^2 + c)^p, detached
-    adaptive_c: float = 1e-3
-    tangent_warmup_steps: int = 10000
+    logit_normal_std: Annotated[float, Range(ge=0)] = 1.0
+    adaptive_p: Annotated[float, Range(ge=0)] = 1.0  # loss / (||delta||^2 + c)^p, detached
+    adaptive_c: Annotated[float, Range(gt=0)] = 1e-3
+    tangent_warmup_steps: Annotated[int, Range(ge=0)] = 10000
     # Share of training examples on which the student is self-conditioned on its own r = t
     # clean estimate (stop-gradient); the others get zeros, as the first pass of a sampling step.
-    student_self_cond_prob: float = 0.5
+    student_self_cond_prob: Annotated[float, Range(ge=0, le=1)] = 0.5
     # "jvp" (exact forward-mode AD) or "finite_difference" (central difference of step fd_eps;
     # the time embedding's 1000 t scale makes t-derivatives steep: keep fd_eps small).
-    derivative: str = "jvp"
-    fd_eps: float = 1e-4
+    derivative: Annotated[str, OneOf(DERIVATIVES)] = "jvp"
+    fd_eps: Annotated[float, Range(gt=0)] = 1e-4
     # The sampler's N_cont + 1 times: "angle" (evenly spaced in the schedule angle,
     # processes.gaussian.angle_time_grid) or "uniform" in t. The paper does not say; uniform in
     # t leaves 81% of the denoising to the last of 5 jumps at d = 10 (RESULTS.md, issue 11).
-    time_grid: str = "angle"
+    time_grid: Annotated[str, OneOf("diladiff.sampling.latent:TIME_GRIDS")] = "angle"
     # Sinusoidal scale of the (t - r) embedding. New runs: 1 (py-meanflow embeds t - r as is;
     # at 1000, the teacher's scale for t, the jvp's d/dt through it is ~40x the true value and
     # the student fits the MeanFlow identity 4x worse: RESULTS.md, issue 11). 1000 is the
     # default only so that runs saved before this key existed load as they were trained.
-    interval_scale: float = 1000.0
+    interval_scale: Annotated[float, Range(gt=0)] = 1000.0
 
 
 @register_stage("diladiff")
@@ -100,7 +101,7 @@ class DiLaDiff(LatentStage):
         elif preset == "small":
             tc.lr, tc.total_steps = 1e-4, 2000
             mf.tangent_warmup_steps = 500
-        elif preset == "tiny":
+        elif preset in ("tiny", "cpu"):
             tc.lr, tc.total_steps, tc.warmup_steps = 5e-4, 300, 20
             mf.tangent_warmup_steps = 100
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from diladiff.config import Config, ConfigError, register_section
+from diladiff.config import Config, Range, Satisfies, register_section
 from diladiff.data.tokenizer import require_mask_id
 from diladiff.nets.token_denoiser import TokenDenoiser
 from diladiff.processes.masking import sample_times
@@ -41,6 +42,14 @@ from diladiff.processes.uniform import (
 from diladiff.stages.base import Stage, register_stage
 
 
+def _gamma_range(_, cfg: Config) -> str | None:
+    """A curriculum draws gamma in [gamma_min, gamma_max]: it needs gamma_min < gamma_max."""
+    dc = cfg.duo
+    if curriculum_end(cfg) > 0 and not dc.gamma_min < dc.gamma_max:
+        return f"duo.gamma_min={dc.gamma_min} must be below duo.gamma_max={dc.gamma_max}"
+    return None
+
+
 @register_section("duo")
 @dataclass
 class DUOConfig:
@@ -52,16 +61,16 @@ class DUOConfig:
     # steps, then 500k discrete ones), 0 = no curriculum. The temperature stays at its start
     # value until curriculum_start, then moves to its end value by curriculum_end (as the
     # authors' code; their OpenWebText run keeps it constant).
-    curriculum_start: int = 0
-    curriculum_end: int = -1
-    gamma_min: float = -3.55
+    curriculum_start: Annotated[int, Range(ge=0)] = 0
+    curriculum_end: Annotated[int, Range(ge=0, unset=-1, means="half of train.total_steps")] = -1
+    gamma_min: Annotated[float, Satisfies(_gamma_range)] = -3.55
     gamma_max: float = -1.85
     # log10 of the softmax temperature tau, linear from start to end over the curriculum.
     tau_log10_start: float = -3.0
     tau_log10_end: float = -3.0
     # Grid points of the cached duality map alpha(gamma) over [gamma_min, gamma_max].
-    duality_points: int = 4097
-    t_eps: float = 1e-3  # t ~ U[t_eps, 1], antithetic
+    duality_points: Annotated[int, Range(ge=2)] = 4097
+    t_eps: Annotated[float, Range(gt=0, lt=1)] = 1e-3  # t ~ U[t_eps, 1], antithetic
 
 
 @register_stage("duo")
@@ -102,11 +111,6 @@ class DUO(Stage):
         states[self.mask_id] = False
         self.register_buffer("states", states, persistent=False)
         self.net = TokenDenoiser(cfg.model, vocab, cfg.data.seq_len, time_conditioning=True)
-        dc = cfg.duo
-        if dc.curriculum_end < -1:
-            raise ConfigError("duo.curriculum_end must be >= 0, or -1 (half the schedule)")
-        if self.curriculum_end() > 0 and not dc.gamma_min < dc.gamma_max:
-            raise ConfigError("duo.gamma_min must be below duo.gamma_max")
         self._duality: DualityMap | None = None  # built on first use (training only)
         self.step = 0  # set by on_step: the curriculum depends on it (exact resume)
 

@@ -31,14 +31,24 @@ value other than its default is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from diladiff.config import Config, ConfigError, preset_base, register_section
+from diladiff.config import (
+    AtMost,
+    Config,
+    ConfigError,
+    DivisibleBy,
+    NotEmpty,
+    OneOf,
+    Range,
+    preset_base,
+    register_section,
+)
 from diladiff.data.tokenizer import check_same_tokenizer
-from diladiff.features import PooledLatentEncoder, input_dropout_rows
+from diladiff.features import FEATURE_PRECISIONS, PooledLatentEncoder, input_dropout_rows
 from diladiff.nets.mmdit import MMDiT
 from diladiff.processes.gaussian import sqrt_alpha_sigma
 from diladiff.processes.masking import mask_tokens, sample_times, subs_logits
@@ -66,34 +76,38 @@ class LADDConfig:
 
     # The frozen encoder: hub name, path or alias; it must use data.tokenizer's vocabulary
     # [P: Qwen3-Embedding-0.6B; offline stand-in minilm-l6]. Last hidden layer [C].
-    encoder: str = "Qwen/Qwen3-Embedding-0.6B"
+    encoder: Annotated[str, NotEmpty()] = "Qwen/Qwen3-Embedding-0.6B"
     encoder_layer: int = -1
-    encoder_precision: str = "auto"
-    num_latents: int = 16  # N_z [P: 16, 64 on OWT; 32, 128 on LM1B]
-    latent_dim: int = 32  # d_z: the first d_z dimensions (Matryoshka clip) [C]
+    encoder_precision: Annotated[str, OneOf(FEATURE_PRECISIONS)] = "auto"
+    # N_z [P: 16, 64 on OWT; 32, 128 on LM1B]: pooled from the L encoder positions.
+    num_latents: Annotated[int, Range(ge=1), AtMost("data.seq_len")] = 16
+    # d_z: the first d_z dimensions (Matryoshka clip) [C]; at most the encoder's width.
+    latent_dim: Annotated[int, Range(ge=1)] = 32
     # Encoder-input dropout: p_r ~ U[0, input_dropout_max] per row, one coin per row blanks
     # the encoder's input embedding at every position masked in x_t [C]; 0 = off.
-    input_dropout_max: float = 0.9
+    input_dropout_max: Annotated[float, Range(ge=0, le=1)] = 0.9
     # Co-LADD latent dropout p_tau [C: 0.15].
-    latent_dropout: float = 0.15
+    latent_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.15
     # Co-LADD: t_z = t_x [P] unless True (then the MM-DiT also sees the (t_x, t_z) pairs that
     # sequential inference visits, which it needs: a shared-time run samples joint only).
     # Di-LADD always draws them independently [P].
     independent_times: bool = False
-    lambda_z: float = 1.0  # [P/C]
+    lambda_z: Annotated[float, Range(ge=0)] = 1.0  # [P/C]
     # Di-LADD: K codes including the mask code (VQ codebook K - 1) [C: 512-8192].
-    num_codes: int = 8192
+    num_codes: Annotated[int, Range(ge=3)] = 8192
     # Di-LADD two-stage training: lambda_z = 0 before this step [C: 50k on OWT]; 0 = none.
-    stage1_steps: int = 0
+    stage1_steps: Annotated[int, Range(ge=0)] = 0
     # Sequential inference: latent steps N_y when sample.cont_steps is 0 [C: 8].
-    latent_steps: int = 8
+    latent_steps: Annotated[int, Range(ge=1)] = 8
     # MM-DiT [P/C: 768 x 12, 12 heads, cond 128, dropout 0.1].
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    cond_dim: int = 128
-    dropout: float = 0.1
-    t_eps: float = 1e-4  # t ~ low-discrepancy U[t_eps, 1] [C]
+    width: Annotated[
+        int, Range(ge=1), DivisibleBy("heads", factor=2, why="an even head width for RoPE")
+    ] = 768
+    depth: Annotated[int, Range(ge=1)] = 12
+    heads: Annotated[int, Range(ge=1)] = 12
+    cond_dim: Annotated[int, Range(ge=1)] = 128
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    t_eps: Annotated[float, Range(gt=0, lt=1)] = 1e-4  # t ~ low-discrepancy U[t_eps, 1] [C]
 
 
 class LADD(Stage):
@@ -121,8 +135,6 @@ class LADD(Stage):
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
         lc = cfg.ladd
-        if not 0.0 <= lc.input_dropout_max <= 1.0 or not 0.0 <= lc.latent_dropout < 1.0:
-            raise ConfigError("ladd.input_dropout_max must be in [0, 1], latent_dropout in [0, 1)")
         check_latent_schedule(cfg)
         self.seq_len = cfg.data.seq_len
         vocab = int(tokenizer_identity["vocab_size"])
@@ -312,10 +324,6 @@ class DiLADD(LADD):
         from diladiff.nets.vq import CodeQuantizer
 
         lc = cfg.ladd
-        if lc.num_codes < 3:
-            raise ConfigError(
-                f"ladd.num_codes must be >= 3 (codes + the mask code), got {lc.num_codes}"
-            )
         self.vq = CodeQuantizer(lc.latent_dim, lc.num_codes)
         self.net = self.mm_dit(lc.latent_dim, lc.num_codes)
 

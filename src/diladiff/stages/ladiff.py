@@ -48,6 +48,10 @@ class LaDiff(LatentStage):
             tc.lr, tc.total_steps = 1e-3, 600
             pc.depth, pc.width, pc.heads = 3, 384, 6
             cfg.diffusion.latent_stats_rows = 2048
+        elif preset == "cpu":  # 32 x 64 latents: width 128 >= d_z
+            tc.lr, tc.total_steps = 1e-3, 2000
+            pc.depth, pc.width, pc.heads = 4, 128, 4
+            cfg.diffusion.latent_stats_rows = 4096
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 
-from diladiff.config import Config, ConfigError, register_section
+from diladiff.config import Config, ConfigError, OneOf, Range, Satisfies, register_section
 from diladiff.data.packing import PackedData
 from diladiff.features import Standardizer
 from diladiff.processes.fitted_schedule import FittedSchedule, parse_tanh
@@ -39,25 +39,33 @@ from diladiff.stages.base import Stage
 from diladiff.stages.masked import MaskedDiffusionStage
 
 
+def _fitted_parameters(_, cfg: Config) -> None:
+    """A fitted schedule needs a tanh fit that gives an invertible map (ConfigError otherwise)."""
+    if cfg.diffusion.schedule == "fitted":
+        vp_schedule(cfg.diffusion)
+
+
 @register_section("diffusion")
 @dataclass
 class DiffusionConfig:
     """The latent process: VP, warped tangent schedule alpha_t^2 = 1/(1 + d^2 tan^2(pi t/2)),
     or the fitted time reparameterisation (processes/fitted_schedule.py)."""
 
-    d: float = 10.0
+    d: Annotated[float, Range(gt=0)] = 10.0
     # "tangent" (the warping d above) or "fitted": the time follows the decoder's error rate
     # against latent noise, err(s) = a + b tanh(c (s - e)) (`diladiff analyze robustness` of
     # the auto-encoder run writes the fit: its "schedule_override"), with a share
     # fitted_angle_share of the time spread evenly over the angle (alpha_t = cos phi_t).
-    schedule: str = "tangent"
-    fitted_tanh: str = ""  # "a,b,c,e" (robustness.json's tanh_fit), for schedule=fitted
-    fitted_angle_share: float = 0.1
-    self_cond_prob: float = 0.5
-    t_eps: float = 1e-4
+    schedule: Annotated[str, OneOf(SCHEDULES)] = "tangent"
+    # "a,b,c,e" (robustness.json's tanh_fit), for schedule=fitted
+    fitted_tanh: Annotated[str, Satisfies(_fitted_parameters)] = ""
+    fitted_angle_share: Annotated[float, Range(gt=0, le=1)] = 0.1
+    self_cond_prob: Annotated[float, Range(ge=0, le=1)] = 0.5
+    # t ~ U[t_eps, 1 - t_eps]
+    t_eps: Annotated[float, Range(gt=0, lt=0.5)] = 1e-4
     # Clean training rows (drawn at random) whose frozen-encoder latents give the prior-space
     # standardisation, estimated once when a LaDiff run starts; 0 or more than there are = all.
-    latent_stats_rows: int = 4096
+    latent_stats_rows: Annotated[int, Range(ge=0)] = 4096
 
 
 SCHEDULES = ("tangent", "fitted")
@@ -132,6 +140,16 @@ class LatentStage(Stage):
         if self.frozen_autoencoder:
             self.ae.eval()  # frozen: never updates its running statistics
         return self
+
+    def attach(self, data: PackedData, device, tokenizer) -> None:
+        """The frozen auto-encoder's per-run attachments (its feature cache: the one its own
+        run built for the same data, so the prior's steps skip the feature model too)."""
+        if self.frozen_autoencoder:
+            self.ae.attach(data, device, tokenizer)
+
+    def use_tokenizer(self, tokenizer) -> None:
+        if self.frozen_autoencoder:
+            self.ae.use_tokenizer(tokenizer)
 
     @property
     def schedule(self) -> float | FittedSchedule:

@@ -28,14 +28,24 @@ decoder call: tokens = argmax D_w(D_h(z)) (`latent_decoding = "direct"`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
-from diladiff.config import Config, ConfigError, preset_base, register_section
+from diladiff.config import (
+    Config,
+    ConfigError,
+    DivisibleBy,
+    NotEmpty,
+    OneOf,
+    Range,
+    preset_base,
+    register_section,
+)
 from diladiff.data.packing import PackedData
 from diladiff.data.tokenizer import check_same_tokenizer
-from diladiff.features import FeatureModel, Standardizer
+from diladiff.features import FEATURE_PRECISIONS, FeatureModel, Standardizer
 from diladiff.nets.feature_decoder import FeatureTokenDecoder
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.nets.perceiver import PerceiverCompressor
@@ -90,42 +100,43 @@ class LDLMConfig:
 
     # The frozen LM: hub name, path or alias ("smollm2-135m": the offline causal-LM stand-in
     # for gpt2); it must use data.tokenizer's vocabulary. Third-to-last hidden state [P].
-    feature_model: str = "gpt2"
+    feature_model: Annotated[str, NotEmpty()] = "gpt2"
     feature_layer: int = -3
-    feature_precision: str = "auto"
+    feature_precision: Annotated[str, OneOf(FEATURE_PRECISIONS)] = "auto"
     # Clean training rows whose features give the per-coordinate standardisation of h,
     # estimated once when a run starts; 0 = all.
-    feature_stats_rows: int = 4096
-    num_latents: int = 0  # N_z; 0 = L (no compression [P])
-    latent_dim: int = 768  # d_z [P]
+    feature_stats_rows: Annotated[int, Range(ge=0)] = 4096
+    # N_z; 0 = L (no compression [P])
+    num_latents: Annotated[int, Range(ge=1, unset=0, same_as="data.seq_len")] = 0
+    latent_dim: Annotated[int, Range(ge=1)] = 768  # d_z [P]
     # E_z and D_h: Perceivers of this width, depth and heads [P: 6 x 768, 12 heads].
-    encoder_width: int = 768
-    encoder_depth: int = 6
-    encoder_heads: int = 12
-    hidden_decoder_depth: int = 6
+    encoder_width: Annotated[int, Range(ge=1), DivisibleBy("encoder_heads")] = 768
+    encoder_depth: Annotated[int, Range(ge=1)] = 6
+    encoder_heads: Annotated[int, Range(ge=1)] = 12
+    hidden_decoder_depth: Annotated[int, Range(ge=1)] = 6
     # D_w: 3 bidirectional layers [P], width 768, 12 heads [R].
-    token_decoder_depth: int = 3
-    token_decoder_width: int = 768
-    token_decoder_heads: int = 12
+    token_decoder_depth: Annotated[int, Range(ge=1)] = 3
+    token_decoder_width: Annotated[int, Range(ge=1), DivisibleBy("token_decoder_heads")] = 768
+    token_decoder_heads: Annotated[int, Range(ge=1)] = 12
     # Decoder-input noise: D_h reads z0 + sigma_dec eps [P: 3 final, 1 in the ablations].
-    sigma_dec: float = 3.0
+    sigma_dec: Annotated[float, Range(ge=0)] = 3.0
     # "mse": L_h + L_w with L_w stopped at h_hat [P]; "ce": L_w alone, reaching E_z and D_h;
     # "ce+mse": both, L_w reaching E_z and D_h (the paper's Table 1 rows).
-    recon_loss: str = "mse"
+    recon_loss: Annotated[str, OneOf(RECON_LOSSES)] = "mse"
     # Diffusion-to-encoder gradient warm-up gamma(s) over this many steps (S_wu; 0 = none,
     # gamma = 1 throughout) [P: 10k ablations, 25k-50k main]; sigmoid ramp k, c [P];
     # gamma_min "about 0" [P] -> 0 [R].
-    encoder_warmup_steps: int = 10_000
-    warmup_k: float = 10.0
+    encoder_warmup_steps: Annotated[int, Range(ge=0)] = 10_000
+    warmup_k: Annotated[float, Range(gt=0)] = 10.0
     warmup_c: float = 0.8
-    warmup_gamma_min: float = 0.0
+    warmup_gamma_min: Annotated[float, Range(ge=0, le=1)] = 0.0
     # Adaptive timestep sampling [P: 100 bins, refreshed every 5k steps]; EMA decay and
     # floor [R]. False = u ~ U[t_eps, 1 - t_eps].
     adaptive_time: bool = True
-    ats_bins: int = 100
-    ats_ema: float = 0.99
-    ats_refresh_every: int = 5000
-    ats_floor: float = 1e-4
+    ats_bins: Annotated[int, Range(ge=1)] = 100
+    ats_ema: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    ats_refresh_every: Annotated[int, Range(ge=1)] = 5000
+    ats_floor: Annotated[float, Range(gt=0, le=1)] = 1e-4
 
 
 @register_stage("ldlm")
@@ -171,12 +182,6 @@ class LDLM(LatentStage):
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
         lc, mc = cfg.ldlm, cfg.model
-        if lc.recon_loss not in RECON_LOSSES:
-            raise ConfigError(
-                f"ldlm.recon_loss must be one of {RECON_LOSSES}, not {lc.recon_loss!r}"
-            )
-        if lc.sigma_dec < 0:
-            raise ConfigError(f"ldlm.sigma_dec must be >= 0, got {lc.sigma_dec}")
         self.seq_len = L = cfg.data.seq_len
         mask_id = tokenizer_identity.get("mask_id")
         self.mask_id = None if mask_id is None else int(mask_id)  # unused: no token masking
@@ -334,7 +339,10 @@ class LDLM(LatentStage):
                 sums[k] = sums.get(k, 0.0) + float(v) * len(x0)
             n += len(x0)
         out = {k: v / n for k, v in sums.items()}
-        out["val_loss"] = out["val_diff"] + out["val_hidden_mse"] + out["val_token_ce"]
+        # The training loss's terms: L_h is left out by the recon_loss = ce ablation.
+        out["val_loss"] = out["val_diff"] + out["val_token_ce"]
+        if self.cfg.ldlm.recon_loss != "ce":
+            out["val_loss"] += out["val_hidden_mse"]
         return out
 
 
@@ -395,8 +403,9 @@ class LDLMDecoderConfig:
     """The post-trained small token decoder (SIBLINGS.md 1.8 [P]): k transformer layers and a
     vocabulary head reading the noisy latent z0 + sigma eps directly (no D_h)."""
 
-    layers: int = 3  # k [P: 1, 2, 3, 6 compared; 3 close to the joint decoder]
-    sigma: float = 3.0  # the decoder-input noise it trains with [P]
+    # k [P: 1, 2, 3, 6 compared; 3 close to the joint decoder]
+    layers: Annotated[int, Range(ge=1)] = 3
+    sigma: Annotated[float, Range(ge=0)] = 3.0  # the decoder-input noise it trains with [P]
 
 
 @register_stage("ldlm_decoder")

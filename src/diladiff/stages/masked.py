@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from diladiff.config import Config, register_section
+from diladiff.config import Config, OneOf, Range, register_section
 from diladiff.data.tokenizer import require_mask_id
 from diladiff.processes.masking import (
     elbo_weight,
@@ -35,12 +36,12 @@ class MDLMConfig:
     """Masked diffusion (linear schedule alpha_t = 1 - t): the MDLM and every masked decoder."""
 
     # Loss weight w(t): "elbo" (1/t) or "constant" (1; the paper's lower-variance choice).
-    loss_weight: str = "constant"
+    loss_weight: Annotated[str, OneOf(("elbo", "constant"))] = "constant"
     antithetic: bool = True
     # t is drawn in [t_eps, 1] to keep 1/t finite.
-    t_eps: float = 1e-3
+    t_eps: Annotated[float, Range(gt=0, lt=1)] = 1e-3
     # Monte Carlo draws of t per validation sequence for the perplexity bound.
-    eval_time_samples: int = 4
+    eval_time_samples: Annotated[int, Range(ge=1)] = 4
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,15 @@ class MaskedDiffusionStage(Stage):
             lambda x_t: self.hidden(x_t, cond), self.head, x0, t, weight, self.mask_id, generator
         )
 
+    def training_times(self, batch: int, generator, device) -> torch.Tensor:
+        """The diffusion times of a training batch (antithetic U[t_eps, 1] by default)."""
+        mc = self.cfg.mdlm
+        return sample_times(batch, generator, mc.antithetic, mc.t_eps, device)
+
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
         mc = self.cfg.mdlm
         cond = self.condition(batch, generator, train=True)
-        t = sample_times(batch.shape[0], generator, mc.antithetic, mc.t_eps, batch.device)
+        t = self.training_times(batch.shape[0], generator, batch.device)
         loss = self.loss(batch, t, loss_weight(t, mc.loss_weight), generator, cond)
         return loss, {"loss": loss.detach()}
 
