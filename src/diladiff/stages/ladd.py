@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from diladiff.config import (
-    AtMost,
     Config,
     ConfigError,
     DivisibleBy,
@@ -80,7 +79,8 @@ class LADDConfig:
     encoder_layer: int = -1
     encoder_precision: Annotated[str, OneOf(FEATURE_PRECISIONS)] = "auto"
     # N_z [P: 16, 64 on OWT; 32, 128 on LM1B]: pooled from the L encoder positions.
-    num_latents: Annotated[int, Range(ge=1), AtMost("data.seq_len")] = 16
+    # At most data.seq_len (checked when the stage is built: other stages' runs may use any L).
+    num_latents: Annotated[int, Range(ge=1)] = 16
     # d_z: the first d_z dimensions (Matryoshka clip) [C]; at most the encoder's width.
     latent_dim: Annotated[int, Range(ge=1)] = 32
     # Encoder-input dropout: p_r ~ U[0, input_dropout_max] per row, one coin per row blanks
@@ -142,6 +142,11 @@ class LADD(Stage):
         # A tokenizer without a mask token gets one extra id, as the authors do for Qwen3.
         self.mask_id = vocab if mask_id is None else int(mask_id)
         self.vocab_size = max(vocab, self.mask_id + 1)
+        if lc.num_latents > cfg.data.seq_len:
+            raise ConfigError(
+                f"ladd.num_latents={lc.num_latents} must be at most data.seq_len="
+                f"{cfg.data.seq_len} (the latent pools the row's positions)"
+            )
         self.encoder = PooledLatentEncoder(
             lc.encoder,
             lc.encoder_layer,
