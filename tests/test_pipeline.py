@@ -87,7 +87,8 @@ def test_pipeline_survives_an_interrupted_stage_and_writes_the_report(tmp_path, 
         lo, hi = result["metrics"]["gen_ppl_ci95"]
         assert lo <= result["metrics"]["gen_ppl"] <= hi
         assert len(result["per_sample"]["tokens"]) == PLAN.num_samples
-        assert ("token_recovery" in result["metrics"]) == row.startswith(("oracle", "noise"))
+        controls = ("oracle", "other_row", "noise")
+        assert ("token_recovery" in result["metrics"]) == row.startswith(controls)
     oracle = json.loads((root / "eval" / "oracle_disc32.json").read_text())
     assert oracle["generator"]["stage"] == "oracle" and oracle["generator"]["disc_steps"] == 32
     assert not oracle["generator"]["overlaps_mauve_reference"]
