@@ -197,3 +197,33 @@ def test_di_ladd_total_is_token_loss_plus_lambda_z_times_code_loss_plus_vq(step)
     for loss, m, w in ((loss1, m1, w1), (loss2, m2, w2)):
         assert torch.allclose(loss, m["loss_x"] + w * m["loss_z"] + m["vq_loss"], rtol=1e-6)
     assert torch.allclose(loss2 - loss1, (w2 - w1) * m1["loss_z"], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- token bound
+@pytest.mark.parametrize("kind", ["co-ladd", "di-ladd"])
+def test_held_out_forward_reports_the_one_over_t_token_bound(kind):
+    """Eval mode: forward adds token_nll_bound, recomputed from the network's inputs and logits
+    with the token channel's own time (Co-LADD with independent times: t, not t_z; Di-LADD:
+    t_x, the first draw) as the per-row weight 1/t; it differs from the weight-1 loss_x. In
+    training mode the metric is absent (the training path is unchanged). evaluate reports it
+    and its exp as val_token_nll_bound and val_token_ppl_bound."""
+    import math
+
+    extra = ["ladd.independent_times=true"] if kind == "co-ladd" else []
+    stage = make(kind, *extra)
+    x0 = rows(stage)
+    _, train_metrics, _, _ = run(stage, x0, seed=6)
+    assert "token_nll_bound" not in train_metrics
+    stage.eval()
+    _, metrics, (x_t, _, _), (logits, _) = run(stage, x0, seed=6)
+    t = stage.times(B, torch.Generator().manual_seed(6), x0.device)  # forward's first draw
+    sel = x_t == stage.mask_id
+    logp = subs_logits(logits.detach().clone(), stage.mask_id).log_softmax(-1)
+    nll = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * sel
+    want = (nll.sum(1) / (t * stage.seq_len)).mean()
+    assert torch.allclose(metrics["token_nll_bound"], want, rtol=1e-5)
+    assert torch.allclose(metrics["loss_x"], nll.sum() / x0.numel(), rtol=1e-5)
+    assert float(metrics["token_nll_bound"]) > 1.05 * float(metrics["loss_x"])
+    val = stage.evaluate([x0], torch.Generator().manual_seed(6))
+    assert val["val_token_nll_bound"] == pytest.approx(float(want), rel=1e-5)
+    assert val["val_token_ppl_bound"] == pytest.approx(math.exp(float(want)), rel=1e-5)

@@ -365,3 +365,35 @@ def test_a_generator_makes_the_library_draws_reproducible():
     state = torch.get_rng_state()
     quantiser().train().quantize(latents(0), torch.Generator().manual_seed(3))
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+
+
+# ---------------------------------------------------------------------------- token bound
+def test_token_bound_weighs_each_row_by_one_over_t_unlike_the_training_loss():
+    """token_nll_bound on a hand-made stub: per row (1 / L t_b) sum over masked positions of
+    -log softmax(logits without the mask id)[x0]; unmasked positions (huge logits on a wrong
+    token) add nothing. The weight-1 training loss L_x on the same inputs differs."""
+    from diladiff.stages.ladd import LADD, token_nll_bound
+
+    mask = 3
+    logits = torch.tensor(
+        [
+            [[1.0, 2.0, 0.0, 9.0], [50.0, 0.0, 0.0, 0.0], [0.5, -1.0, 2.0, 9.0]],
+            [[40.0, 0.0, 0.0, 0.0], [0.0, 3.0, 1.0, 9.0], [2.0, 2.0, -2.0, 9.0]],
+        ]
+    )
+    x0 = torch.tensor([[0, 1, 2], [2, 2, 1]])
+    x_t = torch.tensor([[mask, 1, mask], [2, mask, mask]])
+    t = torch.tensor([0.5, 0.8])
+
+    def nll(row, target):  # the SUBS distribution: softmax over the ids 0..2
+        return -(row[target] - math.log(sum(math.exp(v) for v in row[:3])))
+
+    lg = logits.tolist()
+    want0 = (nll(lg[0][0], 0) + nll(lg[0][2], 2)) / (0.5 * 3)
+    want1 = (nll(lg[1][1], 2) + nll(lg[1][2], 1)) / (0.8 * 3)
+    got = token_nll_bound(logits, x0, x_t, t, mask)
+    assert got.tolist() == pytest.approx([want0, want1], rel=1e-6)
+    stub = SimpleNamespace(mask_id=mask)
+    weight_one = float(LADD.token_loss(stub, logits, x0, x_t))
+    assert weight_one == pytest.approx((want0 * 0.5 + want1 * 0.8) / 2, rel=1e-6)
+    assert float(got.mean()) > 1.5 * weight_one  # 1/t >= 1.25 on every row

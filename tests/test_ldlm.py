@@ -297,3 +297,13 @@ def test_post_trained_decoder_trains_alone_on_the_frozen_ldlm(tmp_path):
     out = tmp_path / "s.jsonl"
     assert main(["sample", str(tmp_path / "dec"), "--out", str(out), "--cont-steps", "2"]) == 0
     assert len(out.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("preset", "sigma"),
+    [("tiny", 1.0), ("tiny-4x", 1.0), ("cpu", 1.0), ("small", 1.0), ("paper", 3.0)],
+)
+def test_small_presets_use_sigma_dec_one_and_paper_keeps_the_papers_three(preset, sigma):
+    """sigma_dec = 3 collapses the latent at the tiny preset's scale (RESULTS.md: every sample
+    the same); the presets below `paper` use the ablation base 1, `paper` the paper's 3."""
+    assert build_config(preset, [], "ldlm").ldlm.sigma_dec == sigma

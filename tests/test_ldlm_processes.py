@@ -1,5 +1,5 @@
 """LDLM's process pieces: the encoder gradient warm-up, adaptive timestep sampling, the VP SDE
-rate and DDPM posterior, and the reverse-SDE / ancestral latent samplers (SIBLINGS.md 1.2-1.7).
+rate and DDPM posterior, and the reverse-SDE / ancestral latent samplers (docs/methods/ldlm.md).
 """
 
 import math

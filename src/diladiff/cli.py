@@ -4,6 +4,7 @@ diladiff train mdlm --preset tiny --run-dir runs/m [key=value ...]
 diladiff sample runs/m --num-samples 8 --disc-steps 64 --out samples.jsonl
 diladiff bench sample runs/m --batch-sizes 1,8,32
 diladiff eval-latent runs/l --json latent.json     # prior samples vs encoder latents
+diladiff compare-compute runs/co runs/di --mdlm runs/m --budgets 50,100 --out cmp  # Table 2
 diladiff demo --run-dir runs/demo
 diladiff serve runs/m runs/dl                      # a web playground on 127.0.0.1:7860
 diladiff config --preset tiny [key=value ...]      # print the resolved config
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval-ppl",
-        help="perplexity bound on any corpus: MDLM, auto-encoder (conditional), LaDiff",
+        help="perplexity bound on any corpus: MDLM, auto-encoder (conditional), LaDiff, "
+        "LADD (its token channel given the text's own latent: conditional)",
     )
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", help="data.source of the rows (default: the run's own held-out)")
@@ -328,6 +330,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
 
+    p = sub.add_parser(
+        "compare-compute",
+        help="LADD runs vs a size-matched MDLM at equal backbone GFLOPs (the LADD paper's "
+        "Table 2): sweep N_disc, evaluate, interpolate at fixed budgets",
+    )
+    p.add_argument("ladd_runs", type=Path, nargs="+", help="Co-LADD / Di-LADD runs")
+    p.add_argument(
+        "--mdlm",
+        type=Path,
+        help="the size-matched MDLM run (without it, the command names the one to train)",
+    )
+    p.add_argument(
+        "--budgets",
+        default="",
+        help="GFLOPs per sample, e.g. 50,100,200,400 (default: 2^k over the measured range)",
+    )
+    p.add_argument("--disc-steps", default="1,2,4,8,16,32,64,128", help="N_disc sweep")
+    p.add_argument(
+        "--inferences",
+        default="joint,sequential",
+        help="LADD inferences (a run not trained for one skips it)",
+    )
+    p.add_argument(
+        "--cont-steps",
+        type=non_negative,
+        default=0,
+        help="N_y of sequential inference (default 0: each run's ladd.latent_steps)",
+    )
+    p.add_argument("--num-samples", type=positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--scorer", default="gpt2-large")
+    p.add_argument("--reference", help="for MAUVE (default: the MDLM run's held-out split)")
+    p.add_argument("--no-mauve", action="store_true")
+    p.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="compare with an MDLM that is not size-matched (the result records it)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True)
+
     p = sub.add_parser("pipeline", help="train all stages, evaluate, report")
     p.add_argument(
         "--stages",
@@ -393,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.epilog = "Further key=value arguments are config overrides applied to every stage."
 
-    p = sub.add_parser("demo", help="the pipeline: tiny preset, built-in corpus, CPU")
+    p = sub.add_parser(
+        "demo", help="the pipeline: tiny preset, corpus BPE (bpe-4096), built-in corpus, CPU"
+    )
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="the demo's folder")
     p.epilog = "Further key=value arguments are config overrides applied to every stage."
 
@@ -510,7 +556,8 @@ COMMON_HELP = {
     "disc_steps": "comma-separated N_disc values to sweep",
     "scorer": "causal LM for GenPPL and MAUVE features: hub name, path or smollm2-135m",
     "no_mauve": "skip MAUVE (no reference texts needed)",
-    "preset": "tiny, small or paper (optionally with -4x: 4x latent compression)",
+    "preset": "tiny (tests, demo), cpu (real-text evidence on 2 cores), small or paper "
+    "(optionally with -4x: 4x latent compression)",
     "run_dirs": "run folders to sweep",
     "samples": "a samples JSONL file",
     "stage": "the stage to train",
@@ -780,6 +827,8 @@ def cmd_eval_ppl(args) -> int:
         f"{res['bound']} <= {res['nll_bound']:.4f} nats/token, "
         f"perplexity <= {res['ppl_bound']:.2f}"
     )
+    if res.get("note"):
+        print(f"  ({res['note']})")
     for r in res.get("per_t0", []):
         print(
             f"  t0={r['t0']:g}: {r['nll_bound']:.4f} = decoder {r['decoder_nll_per_token']:.4f}"
@@ -899,6 +948,42 @@ def cmd_frontier(args) -> int:
         f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}"
         + (f" and {args.out / 'temperature.png'}" if temps else "")
     )
+    return 0
+
+
+def cmd_compare_compute(args) -> int:
+    from diladiff.eval.iso_compute import compare_compute, markdown_tables
+    from diladiff.sampling.joint import INFERENCES
+    from diladiff.train.distributed import pick_device
+
+    inferences = tuple(i.strip() for i in args.inferences.split(",") if i.strip())
+    unknown = [i for i in inferences if i not in INFERENCES]
+    if unknown or not inferences:
+        raise ConfigError(f"--inferences takes {','.join(INFERENCES)}, got {args.inferences!r}")
+    mauve_ref = args.reference or (str(args.mdlm) if args.mdlm else None)
+    res = compare_compute(
+        args.ladd_runs,
+        args.mdlm,
+        number_list(args.disc_steps, "--disc-steps", minimum=1),
+        args.out,
+        number_list(args.budgets, "--budgets", float, minimum=0.0),
+        inferences,
+        args.cont_steps,
+        args.num_samples,
+        args.scorer,
+        None if args.no_mauve else mauve_ref,
+        pick_device(args.device),
+        args.seed,
+        args.batch_size,
+        args.allow_unmatched,
+    )
+    m = res["size_match"]
+    state = "size-matched" if m["matched"] else "NOT size-matched (--allow-unmatched)"
+    print(f"MDLM {m['mdlm']}: {state} (wanted {next(iter(m['wanted'].values()))})")
+    for s in res["skipped"]:
+        print(f"skipped: {s['run']} {s['inference']} (trained for {', '.join(s['trained'])})")
+    print(markdown_tables(res["tables"], res["budgets"]), end="")
+    print(f"wrote {args.out / 'compute.json'}, {args.out / 'compute.md'}")
     return 0
 
 
@@ -1027,6 +1112,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "report": cmd_report,
     "frontier": cmd_frontier,
+    "compare-compute": cmd_compare_compute,
     "pipeline": cmd_pipeline,
 }
 

@@ -10,8 +10,16 @@ paper speaks of "2 FLOPs per FMA": this is the form that reproduces its per-step
 MDLM 21.37, LADD-128 22.95, ...). Embeddings, adaLN and output heads are left out, as there.
 
     L_eff = L            an MDLM call,
-    L_eff = L + N_z      an MM-DiT call (joint LADD, or a sequential LADD token call),
-    L_eff = N_z          a latent-only call (sequential LADD, latent stage).
+    L_eff = L + N_z      an MM-DiT call: every call of this library's LADD samplers, joint or
+                         sequential (sampling/joint.py: the sequential sampler's latent steps
+                         run the same MM-DiT, its token stream all masked beside the latent).
+
+The paper's accounting charges sequential LADD's latent steps at L_eff = N_z
+(docs/methods/ladd.md#compute-accounting, reconstructed from its tables' n/a pattern): right for a
+latent-only network (the authors' sequential Co-LADD has one), not for the network this library
+runs, so it is not used here:
+the totals charge what runs (at L = 512, N_z = 16, 8 latent and 8 + 1 token steps: 850
+GFLOPs where N_z-priced latent steps would give 461).
 
 How many calls a sample takes is the caller's: LADD's samplers take N steps plus one final
 "noise-removal" call that fills the remaining masks (N + 1 in all); whether the paper counted
@@ -24,6 +32,7 @@ never extrapolated. Pure python: no torch.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
@@ -63,10 +72,11 @@ def ladd_sequential_gflops(
     seq_len: int,
     num_latents: int,
 ) -> float:
-    """Sequential LADD: latent-only calls at L_eff = N_z, then token calls (latent fixed) at
-    L_eff = L + N_z."""
-    latent = latent_calls * gflops_per_call(n_blocks, width, num_latents)
-    return latent + ladd_joint_gflops(token_calls, n_blocks, width, seq_len, num_latents)
+    """Sequential LADD: the latent calls, then the token calls (latent fixed), each an MM-DiT
+    call over the L + N_z positions it runs on: the latent calls read the all-masked token
+    stream too (module docstring), so they cost as much as a token call."""
+    calls = latent_calls + token_calls
+    return ladd_joint_gflops(calls, n_blocks, width, seq_len, num_latents)
 
 
 def interpolate_at_budget(
@@ -90,4 +100,18 @@ def interpolate_at_budget(
             continue
         (x0, y0), (x1, y1) = pts[i - 1], pts[i]
         out.append(y0 + (y1 - y0) * (budget - x0) / (x1 - x0))
+    return out
+
+
+def doubling_budgets(gflops: Iterable[float]) -> list[float]:
+    """Budgets 2^k GFLOPs (k any integer) from the smallest to the largest of `gflops`: the
+    default columns of an iso-compute table (the paper's are 50 * 2^k, at its scale)."""
+    values = [float(g) for g in gflops if g > 0]
+    if not values:
+        return []
+    k, top = math.ceil(math.log2(min(values))), max(values)
+    out = []
+    while 2.0**k <= top:
+        out.append(2.0**k)
+        k += 1
     return out

@@ -1,17 +1,23 @@
-"""`diladiff eval-ppl`: a perplexity bound on any corpus for an MDLM, an auto-encoder or a
-LaDiff run (zero-shot perplexity: e.g. a wiki-vital model on `austen`). Every figure is an
-upper bound on the negative log-likelihood of L-token rows, in nats per token (divided by L),
-and as a perplexity exp(.).
+"""`diladiff eval-ppl`: a perplexity bound on any corpus for an MDLM, an auto-encoder, a
+LaDiff or a LADD run (zero-shot perplexity: e.g. a wiki-vital model on `austen`). Every figure
+is an upper bound on a negative log-likelihood of L-token rows, in nats per token (divided by
+L), and as a perplexity exp(.); `bound` in the result names which likelihood.
 
 - MDLM: the discrete-ratio bound on -log p(x) (eval/recon.py `discrete_ratio_bound`, the
   estimator eval-recon reports; the same rows, seed and draws give the same number).
 - Auto-encoder: the same bound for its decoder given the encoder's latent of x: a bound on
   -log p(x | z = E(x)), not on -log p(x) (`conditional: true`; x is seen through its latent).
-- LaDiff: a variational bound, *reconstructed* for this project (DESIGN.md does not give the
-  paper's App. G.2 formula; the JSON says `construction: reconstructed`). Everything lives in
-  the prior's standardised space z = (E(x) - m) / s (stage.prior_latents), so no
-  log-determinant of the standardiser enters: the decoder's conditioning map (decoder space
-  m + s z) is part of p_theta(x | z), a deterministic function of z inside a likelihood.
+- LADD (Co-LADD, Di-LADD): the token channel's bound given the latent path of the row's own
+  encoder latent (stages/ladd.py `token_nll_bound`: weight 1/t, the latent noised as in
+  training), on fresh times, masks and latent noise per draw: a bound on E[-log p(x | latent
+  path of E(x))], the paper's data Val PPL (docs/methods/ladd.md#evaluation), not on
+  -log p(x) of the generative model, so not comparable with an MDLM's (`conditional: true`).
+- LaDiff: a variational bound, *reconstructed* for this project (the paper's App. G.2 formula was
+  not recovered: docs/methods/ladiff.md#perplexity-bound; the JSON says `construction:
+  reconstructed`). Everything lives in the prior's standardised space z = (E(x) - m) / s
+  (stage.prior_latents), so no log-determinant of the standardiser enters: the decoder's
+  conditioning map (decoder space m + s z) is part of p_theta(x | z), a deterministic function of z
+  inside a likelihood.
 
   The generative model, for a time t0 in (0, 1) (the "model at t0"): z_1 ~ N(0, I), the
   probability-flow ODE of the prior's x0-denoiser from 1 down to t0 gives z_t0 with density
@@ -70,6 +76,7 @@ from diladiff.processes.flow_likelihood import pf_ode_log_likelihood
 from diladiff.processes.gaussian import alpha_sigma
 from diladiff.runs import load_run
 from diladiff.stages import LatentStage
+from diladiff.stages.ladd import LADD
 
 # later q(z | x) times after diffusion.t_eps (the default grid)
 DEFAULT_T0S = (0.01, 0.1, 0.4, 0.8)
@@ -177,6 +184,35 @@ def latent_bound(
     }
 
 
+LADD_BOUND = "E[-log p(x | latent path of E(x))]: LADD token channel, 1/t-weighted ELBO"
+LADD_NOTE = (
+    "conditioned on the text's own encoder latent: a bound on the token channel's NLL given "
+    "that latent, not on -log p(x) of the generative model (not comparable with an MDLM's)"
+)
+
+
+def ladd_bound(stage, x0, mc_samples: int, seed: int, device) -> dict:
+    """A LADD stage's token-channel bound on rows x0 (module docstring), mc_samples draws per
+    row from a generator seeded `seed`."""
+    gen = torch.Generator(device).manual_seed(seed)
+    res = stage.token_bound(x0, mc_samples, gen)
+    return {
+        "bound": LADD_BOUND,
+        "note": LADD_NOTE,
+        "conditional": True,
+        "nll_bound": res["nll_bound"],
+        "ppl_bound": math.exp(min(res["nll_bound"], 700.0)),
+        "nll_bound_mc_stderr": res["nll_bound_mc_stderr"],
+        "estimator": "t ~ U[ladd.t_eps, 1] (low discrepancy), mask w.p. t, weight 1/t",
+    }
+
+
+def _header(run_dir, stage, source, x0, mc_samples: int, seed: int) -> dict:
+    out = {"run": str(run_dir), "stage": stage.kind, "data": source or stage.cfg.data.source}
+    out.update(sequences=len(x0), seq_len=x0.shape[1], mc_samples=mc_samples, seed=seed)
+    return out
+
+
 @torch.no_grad()
 def eval_ppl(
     run_dir,
@@ -194,20 +230,25 @@ def eval_ppl(
 ) -> dict:
     """The perplexity bound of a run on `sequences` held-out rows of `source` (LaDiff: at each
     q(z | x) time in `t0s`, default diffusion.t_eps and DEFAULT_T0S; the tightest reported as
-    the bound, each in `per_t0`)."""
+    the bound, each in `per_t0`; LADD: the token channel's, `ladd_bound`)."""
     stage, tok = load_run(run_dir, which=weights, device=device)
+    if isinstance(stage, LADD):
+        x0 = corpus_rows(stage, tok, source, sequences, heldout_docs, device)
+        return {
+            **_header(run_dir, stage, source, x0, mc_samples, seed),
+            **ladd_bound(stage, x0, mc_samples, seed, device),
+        }
     if isinstance(stage, LatentStage) and (
         not hasattr(stage, "x0") or stage.latent_decoding != "masked"
     ):
         raise ConfigError(
-            f"eval-ppl bounds MDLM, auto-encoder and LaDiff runs; {stage.kind} has no "
+            f"eval-ppl bounds MDLM, auto-encoder, LaDiff and LADD runs; {stage.kind} has no "
             "x0-prediction prior with a masked decoder (a DiLaDiff run: use its teacher)"
         )
     if not isinstance(stage, LatentStage) and stage.generation != "masked":
         raise ConfigError(f"eval-ppl has no bound for a {stage.kind} run")
     x0 = corpus_rows(stage, tok, source, sequences, heldout_docs, device)
-    out = {"run": str(run_dir), "stage": stage.kind, "data": source or stage.cfg.data.source}
-    out.update(sequences=len(x0), seq_len=x0.shape[1], mc_samples=mc_samples, seed=seed)
+    out = _header(run_dir, stage, source, x0, mc_samples, seed)
     if isinstance(stage, LatentStage):
         t_eps = stage.cfg.diffusion.t_eps
         t0s = tuple(t0s) if t0s else (t_eps, *(t for t in DEFAULT_T0S if t > t_eps))

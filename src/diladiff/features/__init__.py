@@ -16,9 +16,9 @@ is tens of times the others), which per-coordinate statistics pooled over positi
 The encoder's weights are not part of any checkpoint: it is re-loaded by name (hub name,
 local path or an alias of data.tokenizer.MODEL_ALIASES), since it is never trained.
 
-LADD's latent (`PooledLatentEncoder`, SIBLINGS.md 2.1): H = the last hidden layer on x0
-(B, L, H), pooled to N_z vectors, clipped to the first d_z dimensions (Matryoshka), optionally
-L2-normalised per vector (Co-LADD):
+LADD's latent (`PooledLatentEncoder`, docs/methods/ladd.md#latent-encoder): H = the last hidden
+layer on x0 (B, L, H), pooled to N_z vectors, clipped to the first d_z dimensions (Matryoshka),
+optionally L2-normalised per vector (Co-LADD):
 
     N_z = L:  z^j = H_j                                        (token-aligned)
     N_z < L:  "adaptive_chunk_mean_eos": the valid tokens but the last, of ranks

@@ -1,5 +1,6 @@
 """Di-LADD's vector quantiser: lucidrains' `VectorQuantize` (package vector-quantize-pytorch,
-the extra `diladiff[vq]`) with the authors' settings, plus a mask code (SIBLINGS.md 2.1).
+the extra `diladiff[vq]`) with the authors' settings, plus a mask code
+(docs/methods/ladd.md#vector-quantiser).
 
 K codes in all: K - 1 codebook vectors e_k (unit norm, cosine similarity) and the mask id
 m = K - 1, whose input vector is a learnable z_mask in R^D (initialised to 0).

@@ -1,5 +1,5 @@
-"""Adaptive timestep sampling (LDLM, SIBLINGS.md 1.5; CDCD's time warping): the schedule time u
-is drawn with density proportional to the slope of the denoising loss,
+"""Adaptive timestep sampling (LDLM, docs/methods/ldlm.md#adaptive-time; CDCD's time warping):
+the schedule time u is drawn with density proportional to the slope of the denoising loss,
 
     p(u) = L'(u) / (L(1) - L(0)),   u = F^-1(t),  t ~ U[0, 1],   F(u) = int_0^u p,     (eq. 5)
 

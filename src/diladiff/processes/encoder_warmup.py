@@ -1,6 +1,6 @@
-"""Diffusion-to-encoder gradient warm-up (LDLM, SIBLINGS.md 1.4): the diffusion loss reaches
-the latent encoder with a weight gamma(s) that rises from gamma_min to 1 over the first S_wu
-training steps, along a sigmoid ramp rescaled to hit both ends exactly:
+"""Diffusion-to-encoder gradient warm-up (LDLM, docs/methods/ldlm.md#encoder-warm-up): the
+diffusion loss reaches the latent encoder with a weight gamma(s) that rises from gamma_min to 1
+over the first S_wu training steps, along a sigmoid ramp rescaled to hit both ends exactly:
 
     sig(s)   = sigmoid(k (s / S_wu - c))
     gamma(s) = gamma_min + (1 - gamma_min) (sig(s) - sig(0)) / (sig(S_wu) - sig(0)),  s <= S_wu

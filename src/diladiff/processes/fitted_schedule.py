@@ -1,5 +1,6 @@
 """The fitted time reparameterisation of the VP latent process (`diffusion.schedule=fitted`,
-paper App. D.3; the equations below are reconstructed: DESIGN.md does not give them).
+paper App. D.3; the equations below are reconstructed: the paper's text does not give them;
+docs/methods/ladiff.md#fitted-schedule).
 
 The decoder's error rate against the std s of Gaussian noise added to its (unit-variance)
 latent is fitted by the four-parameter tanh model (processes/tanh_fit.py; `diladiff analyze

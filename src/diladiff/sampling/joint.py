@@ -6,7 +6,7 @@ decoding strategies of sampling/masked.py ("ancestral": each masked position rev
 probability (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from the tempered SUBS
 distribution; "topk": the most confident), fed with the network's logits of that step.
 
-- joint (one network call per step updates both channels; SIBLINGS.md 2.6):
+- joint (one network call per step updates both channels; docs/methods/ladd.md#inference):
     Co-LADD:  logits, z_hat = net(x, z, t_k);  z <- DDIM(z, z_hat, t_k -> t_{k+1});
               x <- reveal(x, logits, t_k -> t_{k+1})
     Di-LADD:  logits_x, logits_z = net(x, embed(codes));
@@ -26,8 +26,8 @@ distribution; "topk": the most confident), fed with the network's logits of that
   Only for a network trained on both phases' inputs (`stage.check_inference`: ConfigError):
   Co-LADD trained with shared times (t_z = t_x, the paper's recipe) never saw phase A's
   all-masked tokens beside a partly noised latent nor phase B's clean latent at t_z = 0 beside
-  masked tokens (SIBLINGS.md 2.6: the authors' sequential Co-LADD has its own latent network
-  and feeds the MM-DiT clean latents at t_z = 0 in training; they omit it for text).
+  masked tokens (docs/methods/ladd.md#deviations: the authors' sequential Co-LADD has its own
+  latent network and feeds the MM-DiT clean latents at t_z = 0 in training; they omit it for text).
 
 Code reveals are untempered ancestral draws: the token channel's strategy, temperature and
 top-p (sample.*) apply to the tokens only, as the authors temper the data channel alone [C:

@@ -56,8 +56,8 @@ sigma), h_i = lambda_{t_{i+1}} - lambda_{t_i}, r_i = h_{i-1} / h_i, one call per
 
 which at t_N = 0 (sigma = 0, h = infinity) returns D = z_hat_{N-1}.
 
-Euler-Maruyama on the reverse VP SDE (LDLM, SIBLINGS.md 1.7), with the x0-prediction's score,
-Delta_i = t_i - t_{i+1} and xi_i ~ N(0, I):
+Euler-Maruyama on the reverse VP SDE (LDLM, docs/methods/ldlm.md#sampler), with the
+x0-prediction's score, Delta_i = t_i - t_{i+1} and xi_i ~ N(0, I):
 
     z_hat_i = z_psi(z_{t_i}, t_i, z_sc_i)     (self-conditioned as above)
     score_i = -(z_{t_i} - alpha_{t_i} z_hat_i) / sigma_{t_i}^2,   b_i = beta(min(t_i, 0.95))
@@ -108,7 +108,8 @@ register_latent_sampler = registrar(LATENT_SAMPLERS)
 # An optional observer of the sampling steps: on_step(step, z) (module docstring).
 OnStep = Callable[[int, torch.Tensor], None] | None
 
-# beta(t) is evaluated at min(t, SDE_BETA_CLIP): beta(1) is infinite (SIBLINGS.md 1.7 [C]).
+# beta(t) is evaluated at min(t, SDE_BETA_CLIP): beta(1) is infinite (a value read from public
+# code; docs/methods/ldlm.md#configuration).
 SDE_BETA_CLIP = 0.95
 # The largest beta * Delta of one Euler-Maruyama (sub-)step (module docstring).
 SDE_MAX_BETA_STEP = 2.0

@@ -4,10 +4,11 @@
     z = standardise(Perceiver(augment(h)))           latent (N_z x d_z)
     p_theta(x_0 | x_t, z) = MDLM decoder + cross-attention to augment(z)
 
-Loss: the MDLM loss with the decoder conditioned on z (DESIGN.md eq. 8). Augmentation (training
-only): half the batch has feature positions masked with p_mask_h, the other half Gaussian noise
-of std sigma_h; latent vectors are masked with p_mask_z, and with p_drop the whole latent is
-replaced by N(0, I) so the decoder also remains a plain MDLM.
+Loss: the MDLM loss with the decoder conditioned on z (the paper's eq. 8;
+docs/methods/autoencoder.md). Augmentation (training only): half the batch has feature
+positions masked with p_mask_h, the other half Gaussian noise of std sigma_h; latent vectors
+are masked with p_mask_z, and with p_drop the whole latent is replaced by N(0, I) so the
+decoder also remains a plain MDLM.
 
 The features come in one of two ways. When the feature model's tokenizer is data.tokenizer (the
 presets: minilm-l6 for both), h = BERT(x_0) on the decoder's ids, L positions. Otherwise (e.g.
@@ -146,27 +147,29 @@ class AutoencoderConfig:
     perceiver_depth: Annotated[int, Range(ge=1)] = 2
     perceiver_heads: Annotated[int, Range(ge=1)] = 12
     # Feature augmentation (training only): half the batch has positions of h masked with
-    # p_mask_h, the other half Gaussian noise of std sigma_h. (Values not given in DESIGN.md.)
+    # p_mask_h, the other half Gaussian noise of std sigma_h. (Values not given in the paper:
+    # docs/methods/autoencoder.md#configuration.)
     p_mask_h: Annotated[float, Range(ge=0, le=1)] = 0.15
     sigma_h: Annotated[float, Range(ge=0)] = 0.1
     # Latent augmentation: each latent vector masked with p_mask_z; with p_drop the whole latent
     # is replaced by N(0, I) (the paper's value was lost; it is above 0.5).
     p_mask_z: Annotated[float, Range(ge=0, le=1)] = 0.1
     p_drop: Annotated[float, Range(ge=0, le=1)] = 0.6
-    # A latent-dropout schedule for small scale (not in DESIGN.md; 0 = the paper's constant
+    # A latent-dropout schedule for small scale (not in the paper; 0 = the paper's constant
     # p_drop): p_drop rises linearly from p_drop_initial at step 0 to p_drop at this step, so the
     # decoder first learns to read the latent, then to do without it (`latent_dropout`).
     p_drop_warmup_steps: Annotated[int, Range(ge=0)] = 0
     p_drop_initial: Annotated[float, Range(ge=0, le=1)] = 0.0
     # The share of training rows fully masked (t = 1), where only the latent tells the row
-    # (not in DESIGN.md; 0 = the paper's t ~ U[0, 1] for every row).
+    # (not in the paper; 0 = the paper's t ~ U[0, 1] for every row).
     full_mask_share: Annotated[float, Range(ge=0, le=1)] = 0.0
     # Decoder blocks followed by a cross-attention layer ("first,last", "all" or indices "0,5").
     cross_attn_after: Annotated[str, Satisfies(_cross_attn_spec)] = "first,last"
     # Position tables on the queries/keys between sequence and latent (nets/positions.py;
-    # sinusoidal at init, learned). Not in DESIGN.md: without them a small, briefly trained
-    # MDLM decoder's masked positions all ask the latent the same question and the latent goes
-    # unused (nets/cross_attention.py). False = the paper's architecture as described.
+    # sinusoidal at init, learned). Not in the paper (docs/methods/autoencoder.md#deviations):
+    # without them a small, briefly trained MDLM decoder's masked positions all ask the latent
+    # the same question and the latent goes unused (nets/cross_attention.py). False = the
+    # paper's architecture as described.
     position_embeddings: bool = True
     # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
     # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).

@@ -1,5 +1,5 @@
-"""LADD ("Latent-Augmented Discrete Diffusion Models", Shariatian et al. 2025; spec:
-SIBLINGS.md section 2): masked diffusion over the augmented state (tokens x, latent z), with z
+"""LADD ("Latent-Augmented Discrete Diffusion Models", Shariatian et al. 2025; method page:
+docs/methods/ladd.md): masked diffusion over the augmented state (tokens x, latent z), with z
 from a frozen pooled-embedding encoder and one two-stream MM-DiT denoising both channels.
 
     z0 = encoder(x0)                 frozen; chunk-mean pooled to N_z vectors, clipped to d_z
@@ -14,6 +14,10 @@ from a frozen pooled-embedding encoder and one two-stream MM-DiT denoising both 
     L = L_x + lambda_z L_z (+ L_VQ),   L_x = (1/BL) sum_masked -log p(x0 | x_t, z_t)  (w = 1),
     Co: L_z = mean (z_hat - z0)^2 over kept rows;  Di: L_z = (1/B N_z) sum_masked CE over codes.
 
+Held-out (eval mode) the forward also gives the token channel's bound, weight 1/t instead of 1:
+an upper bound on the tokens' NLL given a latent path of the text's own encoder latent, not on
+-log p(x) of the model (`token_nll_bound`; `diladiff eval-ppl` reports it for a LADD run).
+
 Di-LADD's two-stage recipe is `ladd.stage1_steps` (lambda_z = 0 before that step). Generation
 (sampling/joint.py): "joint" (one network call updates both channels; DDIM for Co-LADD's latent)
 or "sequential" (the latent first with the tokens all masked, then the tokens with the latent
@@ -21,7 +25,8 @@ fixed), `sample.inference`. Sequential inference feeds the MM-DiT all-masked tok
 partly noised latent, then a clean latent at t_z = 0 beside masked tokens: Di-LADD (independent
 times) trains on both, Co-LADD only with ladd.independent_times = true; a Co-LADD run trained
 with shared times (the paper's recipe; the authors give sequential Co-LADD its own latent
-network and omit it for text, SIBLINGS.md 2.6) samples joint only (`check_inference`).
+network and omit it for text, docs/methods/ladd.md#inference) samples joint only
+(`check_inference`).
 
 The latent's schedules are LADD's own (Co-LADD: VP "sqrt"; Di-LADD: masked, linear):
 `diffusion.schedule` (the latent stages' tangent or fitted VP schedule) does not apply and a
@@ -30,6 +35,7 @@ value other than its default is refused.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
@@ -71,7 +77,8 @@ def _ladd_preset(preset: str) -> LADDConfig:
 @register_section("ladd", _ladd_preset)
 @dataclass
 class LADDConfig:
-    """LADD's encoder, latent, MM-DiT and recipe (SIBLINGS.md 2.1-2.5; [P] stated, [C] code)."""
+    """LADD's encoder, latent, MM-DiT and recipe (docs/methods/ladd.md#configuration; [P] paper,
+    [C] code)."""
 
     # The frozen encoder: hub name, path or alias; it must use data.tokenizer's vocabulary
     # [P: Qwen3-Embedding-0.6B; offline stand-in minilm-l6]. Last hidden layer [C].
@@ -167,10 +174,16 @@ class LADD(Stage):
     def on_step(self, step: int) -> None:
         self.step = step
 
+    @classmethod
+    def trained_inferences(cls, cfg: Config) -> tuple[str, ...]:
+        """The inference modes (sampling/joint.py) whose network inputs a run of `cfg` trains
+        on (read from the config alone: no encoder or network is built)."""
+        return INFERENCES
+
     @property
     def inferences(self) -> tuple[str, ...]:
         """The inference modes (sampling/joint.py) whose network inputs training covered."""
-        return INFERENCES
+        return self.trained_inferences(self.cfg)
 
     def check_inference(self, inference: str) -> None:
         """ConfigError (one line) for an inference mode this run's network was not trained for."""
@@ -228,19 +241,49 @@ class LADD(Stage):
         return self.encoder(x0, blank)
 
     def token_loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """L_x = (1 / B L) sum over masked positions of -log p(x0 | x_t, z) (weight 1), SUBS."""
+        """L_x = (1 / B L) sum over masked positions of -log p(x0 | x_t, z) (weight 1), SUBS: the
+        training loss, not a bound (the bound weighs each row by 1 / t: token_nll_bound)."""
         sel = x_t == self.mask_id
         nll = F.cross_entropy(subs_logits(logits[sel], self.mask_id), x0[sel], reduction="sum")
         return nll / x0.numel()
+
+    def eval_metrics(self, logits, x0, x_t, t) -> dict[str, torch.Tensor]:
+        """What a held-out forward adds to the training metrics (eval mode only, so training
+        is untouched): the token channel's bound, token_nll_bound, at the token times t."""
+        if self.training:
+            return {}
+        bound = token_nll_bound(logits.detach(), x0, x_t, t, self.mask_id).mean()
+        return {"token_nll_bound": bound}
+
+    @torch.no_grad()
+    def token_bound(self, x0: torch.Tensor, mc_samples: int, generator, batch: int = 64) -> dict:
+        """token_nll_bound of rows x0 (eval mode), in nats per token, averaged over the rows and
+        `mc_samples` draws of each (fresh times, masks and latent noise: forward's draws); its
+        Monte Carlo standard error from the spread of the per-draw means."""
+        if self.training:
+            raise RuntimeError("token_bound needs eval mode (no dropout, no latent dropout)")
+        draws = []
+        for _ in range(mc_samples):
+            total = 0.0
+            for rows in x0.split(batch):
+                _, metrics = self(rows, generator)
+                total += float(metrics["token_nll_bound"]) * len(rows)
+            draws.append(total / len(x0))
+        mean = sum(draws) / len(draws)
+        var = sum((d - mean) ** 2 for d in draws) / (len(draws) - 1) if len(draws) > 1 else 0.0
+        return {"nll_bound": mean, "nll_bound_mc_stderr": math.sqrt(var / len(draws))}
 
     def times(self, n: int, generator, device) -> torch.Tensor:
         return sample_times(n, generator, True, self.cfg.ladd.t_eps, device)
 
     @torch.no_grad()
     def evaluate(self, batches, generator):
-        """Held-out: the training losses, and the token channel's bound conditioned on the
-        encoder latent of the row itself (SIBLINGS.md 2.8's data Val PPL: not a likelihood of the
-        generative model)."""
+        """Held-out: the training losses (val_loss_x: the token loss at weight 1, not a bound)
+        and, in eval mode, the token channel's bound given the row's own latent path,
+        val_token_nll_bound (token_nll_bound: an upper bound on the token channel's NLL given that
+        path, not on -log p(x) of the generative model; the paper's data Val PPL
+        (docs/methods/ladd.md#evaluation) is exp of it), with val_token_ppl_bound =
+        exp(val_token_nll_bound)."""
         sums: dict[str, float] = {}
         n = 0
         for x0 in batches:
@@ -248,7 +291,10 @@ class LADD(Stage):
             for k, v in metrics.items():
                 sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) * len(x0)
             n += len(x0)
-        return {k: v / n for k, v in sums.items()}
+        out = {k: v / n for k, v in sums.items()}
+        if "val_token_nll_bound" in out:
+            out["val_token_ppl_bound"] = math.exp(min(out["val_token_nll_bound"], 700.0))
+        return out
 
 
 @register_stage("co-ladd")
@@ -273,11 +319,11 @@ class CoLADD(LADD):
     def latent_times(self, t: torch.Tensor, generator) -> torch.Tensor:
         return self.times(t.shape[0], generator, t.device) if self.cfg.ladd.independent_times else t
 
-    @property
-    def inferences(self) -> tuple[str, ...]:
+    @classmethod
+    def trained_inferences(cls, cfg: Config) -> tuple[str, ...]:
         """Joint always; sequential only after training with independent times (module
         docstring): shared times show the network neither sequential phase's inputs."""
-        return INFERENCES if self.cfg.ladd.independent_times else ("joint",)
+        return INFERENCES if cfg.ladd.independent_times else ("joint",)
 
     def check_inference(self, inference: str) -> None:
         if inference not in self.inferences:
@@ -317,7 +363,8 @@ class CoLADD(LADD):
         kept = ~drop
         loss_z = ((z_hat[kept].float() - z0[kept]) ** 2).mean() if kept.any() else z_hat.sum() * 0
         loss = loss_x + lc.lambda_z * loss_z
-        return loss, {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_z": loss_z.detach()}
+        metrics = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_z": loss_z.detach()}
+        return loss, metrics | self.eval_metrics(logits, x0, x_t, t)
 
 
 @register_stage("di-ladd")
@@ -387,7 +434,40 @@ class DiLADD(LADD):
             "vq_loss": vq_loss.detach(),
             "codes_used": torch.tensor(float(codes.unique().numel())),
         }
-        return loss, metrics
+        return loss, metrics | self.eval_metrics(logits_x, x0, x_t, t_x)
+
+
+def token_nll_bound(
+    logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, mask_id: int
+) -> torch.Tensor:
+    """Per row b (B,): (1 / L) (1 / t_b) sum over l with x_t^l = mask of
+    -log p_theta(x0^l | x_t, z_in) (SUBS), in nats per token: one draw of the token channel's
+    continuous-time masked-diffusion bound (alpha_t = 1 - t, so the ELBO weight
+    -alpha'_t / (1 - alpha_t) is 1 / t; the training loss L_x takes weight 1 instead).
+
+    What it bounds. Fix the latent input the network reads at each time t, a path zeta(t),
+    drawn independently of the token mask given x0. The reverse token process that conditions
+    its step at t on zeta(t) has
+
+        -log p_theta(x0 | zeta) <= int_0^1 (1 / t) E_{x_t ~ q(. | x0)} sum_{l masked}
+                                    -log p_theta(x0^l | x_t, zeta(t)) dt,
+
+    for every zeta (its posterior q(x_s | x_t, x0) does not involve zeta). LADD's forward draws
+    zeta(t) from the row's own encoder latent as in training (Co-LADD: z_t = a_t z0 + s_t eps at
+    t_z = t, or at an independent t_z with ladd.independent_times; Di-LADD: its codes masked at
+    an independent t_z), so the mean over rows and draws estimates an upper bound on
+    E_zeta[-log p_theta(x0 | zeta)] / L: the token channel's NLL given a latent path of the text
+    itself. Times are drawn on [t_eps, 1] (the trained range), which leaves out the integral's
+    [0, t_eps) slice: O(t_eps) per token, as in MDLM's continuous-time bound.
+
+    What it does not bound: -log p(x0) under LADD's generative model, which samples the latent
+    rather than reading the text's: that needs the latent channel's cost too (the joint ELBO's
+    latent terms; docs/methods/ladd.md#evaluation). The latent carries information about x0, so this
+    figure is not comparable with an MDLM's bound on -log p(x0)."""
+    sel = x_t == mask_id
+    nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+    nll[sel] = F.cross_entropy(subs_logits(logits[sel], mask_id).float(), x0[sel], reduction="none")
+    return nll.sum(1) / (t.float() * x0.shape[1])
 
 
 def check_latent_schedule(cfg: Config) -> None:
