@@ -165,3 +165,45 @@ def test_stand_in_package_passes_until_a_low_layer_imports_the_top(tmp_path):
     assert rc == 1, out
     assert f"{low} is not allowed to import {top}" in out, out
     assert f"{low} -> {top}" in out, out
+
+
+def readme_section(title: str) -> str:
+    """The text of README.md's section `title` (up to the next heading of any level)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n{title}\n")
+    end = re.search(r"\n#{1,6} ", text[start + len(title) + 2 :])
+    return text[start : start + len(title) + 2 + (end.start() if end else len(text))]
+
+
+def test_readme_layers_list_the_configured_layers_in_order():
+    """README's Layers list names the contract's layers, top to bottom, with the same
+    separators ('|' independent siblings, ':' siblings that may import each other)."""
+    items = re.findall(r"^\d+\. (.+)$", readme_section("### Layers"), flags=re.M)
+    documented = [re.sub(r"\s*\(.*$", "", item).replace("`", "").strip() for item in items]
+    configured = [re.sub(r"\s+", " ", layer).strip() for layer in LAYERS_CONTRACT["layers"]]
+    assert documented == configured
+
+
+def test_readme_layout_names_every_top_level_module_of_the_package():
+    """Every module and subpackage directly under src/diladiff appears in README's Layout
+    block, and the block names none that does not exist."""
+    block = readme_section("## Layout").split("```")[1]
+    package = ROOT / "src" / ROOT_PACKAGE
+    actual = {
+        p.stem if p.suffix == ".py" else p.name + "/"
+        for p in package.iterdir()
+        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__"))
+        or (p.is_dir() and (p / "__init__.py").is_file())
+    }
+    lines = block.strip("\n").splitlines()[1:]  # after "src/diladiff/"
+    # Names in the block's first column (before the two-space gap that starts a description);
+    # lines outside the package (e.g. docs/) end the package's part.
+    named: set[str] = set()
+    for line in lines:
+        if line and not line.startswith("  "):
+            break
+        head = re.split(r"\s{3,}", line.strip())[0] if line.startswith("  ") else ""
+        if line.startswith("  ") and not line.startswith("   "):
+            for name in head.split():
+                named.add(name.removesuffix(".py"))
+    assert named == actual
