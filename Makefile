@@ -29,10 +29,13 @@ demo: $(STAMP)
 
 # The layer contracts (pyproject.toml [tool.importlinter]) first, then the tests.
 # `make test`: the fast set (pyproject's addopts deselect the slow, distributed and e2e
-# markers). `make test-all`: every test (`-m ""` lifts the deselection); what CI runs.
+# markers), in TEST_WORKERS processes (pytest-xdist; each builds the session fixtures once
+# and runs torch on one thread). `make test-all`: every test (`-m ""` lifts the
+# deselection), in one process (its torchrun tests start their own); what CI runs.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports pyproject.toml --no-cache
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-all: $(STAMP) browser
 	$(VENV)/bin/lint-imports pyproject.toml --no-cache

@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core (pytest -n)
+    import torch
+
+    # Tiny models: one intra-op thread per worker; two per worker would oversubscribe the cores.
+    torch.set_num_threads(1)
+
 # A model small enough that a training step takes milliseconds on 2 CPU cores.
 TINY = [
     "model.depth=1",

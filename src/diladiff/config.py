@@ -558,7 +558,7 @@ def _cpu() -> Config:
         batch_size=64,
         lr=1e-3,
         warmup_steps=100,
-        total_steps=1500,
+        total_steps=4000,
         ema=0.999,
         log_every=25,
         eval_every=500,
