@@ -243,9 +243,7 @@ class LADD(Stage):
     def token_loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """L_x = (1 / B L) sum over masked positions of -log p(x0 | x_t, z) (weight 1), SUBS: the
         training loss, not a bound (the bound weighs each row by 1 / t: token_nll_bound)."""
-        sel = x_t == self.mask_id
-        nll = F.cross_entropy(subs_logits(logits[sel], self.mask_id), x0[sel], reduction="sum")
-        return nll / x0.numel()
+        return masked_nll(logits, x0, x_t, self.mask_id).sum() / x0.numel()
 
     def eval_metrics(self, logits, x0, x_t, t) -> dict[str, torch.Tensor]:
         """What a held-out forward adds to the training metrics (eval mode only, so training
@@ -405,11 +403,7 @@ class DiLADD(LADD):
 
     def code_loss(self, logits_z: torch.Tensor, codes: torch.Tensor, codes_t: torch.Tensor):
         """L_z = (1 / B N_z) sum over masked codes of -log p(code | x_t, z_t) (SUBS on codes)."""
-        sel = codes_t == self.code_mask_id
-        nll = F.cross_entropy(
-            subs_logits(logits_z[sel], self.code_mask_id), codes[sel], reduction="sum"
-        )
-        return nll / codes.numel()
+        return masked_nll(logits_z, codes, codes_t, self.code_mask_id).sum() / codes.numel()
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
         """One micro-batch of Di-LADD (module docstring). Draws, in order: t_x, the token mask,
@@ -464,10 +458,19 @@ def token_nll_bound(
     rather than reading the text's: that needs the latent channel's cost too (the joint ELBO's
     latent terms; docs/methods/ladd.md#evaluation). The latent carries information about x0, so this
     figure is not comparable with an MDLM's bound on -log p(x0)."""
+    return masked_nll(logits, x0, x_t, mask_id) / (t.float() * x0.shape[1])
+
+
+def masked_nll(
+    logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, mask_id: int
+) -> torch.Tensor:
+    """Per row b (B,): sum over l with x_t^l = mask of -log p_theta(x0^l | ...) under SUBS
+    (float32, the mask id never predicted): the one masked cross-entropy of both channels'
+    losses (tokens, Di-LADD's codes) and of token_nll_bound, which differ only in the weight."""
     sel = x_t == mask_id
     nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
-    nll[sel] = F.cross_entropy(subs_logits(logits[sel], mask_id).float(), x0[sel], reduction="none")
-    return nll.sum(1) / (t.float() * x0.shape[1])
+    nll[sel] = F.cross_entropy(subs_logits(logits[sel], mask_id), x0[sel], reduction="none")
+    return nll.sum(1)
 
 
 def check_latent_schedule(cfg: Config) -> None:
