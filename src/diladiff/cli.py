@@ -53,6 +53,19 @@ def non_negative(text: str) -> int:
     return value
 
 
+def sweep_options(p: argparse.ArgumentParser, reference_default: str) -> None:
+    """The options of a command that samples and evaluates runs over a sweep (frontier,
+    compare-compute): samples, batch, scorer, MAUVE reference, seed, device, output folder."""
+    p.add_argument("--num-samples", type=positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--scorer", default="gpt2-large")
+    p.add_argument("--reference", help=f"for MAUVE (default: {reference_default})")
+    p.add_argument("--no-mauve", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True)
+
+
 def key_option(key: str, unset: bool = False):
     """argparse type: a value of config key `key` (sample.disc_steps for --disc-steps), parsed
     and checked by the key's declared type and rules (config.parse_option); its unset value
@@ -321,14 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cont-steps", default="", help="latent runs: N_cont values, e.g. 5,50,200")
     p.add_argument("--temperatures", default="", help="e.g. 0.7,0.8,0.9,1.0 (empty: no sweep)")
     p.add_argument("--temperature-steps", type=positive, help="N_disc of the temperature sweep")
-    p.add_argument("--num-samples", type=positive, default=64)
-    p.add_argument("--batch-size", type=positive, default=16)
-    p.add_argument("--scorer", default="gpt2-large")
-    p.add_argument("--reference", help="for MAUVE (default: the first run's held-out split)")
-    p.add_argument("--no-mauve", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, required=True)
+    sweep_options(p, "the first run's held-out split")
 
     p = sub.add_parser(
         "compare-compute",
@@ -358,19 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="N_y of sequential inference (default 0: each run's ladd.latent_steps)",
     )
-    p.add_argument("--num-samples", type=positive, default=64)
-    p.add_argument("--batch-size", type=positive, default=16)
-    p.add_argument("--scorer", default="gpt2-large")
-    p.add_argument("--reference", help="for MAUVE (default: the MDLM run's held-out split)")
-    p.add_argument("--no-mauve", action="store_true")
     p.add_argument(
         "--allow-unmatched",
         action="store_true",
         help="compare with an MDLM that is not size-matched (the result records it)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, required=True)
+    sweep_options(p, "the MDLM run's held-out split")
 
     p = sub.add_parser("pipeline", help="train all stages, evaluate, report")
     p.add_argument(
