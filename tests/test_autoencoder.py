@@ -189,6 +189,7 @@ def test_eval_recon_compares_with_the_parent_mdlm(mdlm_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "autoencoder (ae)" in out and "mdlm (mdlm)" in out and "latent_noise_std" in out
     assert "autoencoder (ae), z ~ N(0, I)" in out  # the decoder-alone control row
+    assert "argmax recovery from all-masked rows" in out  # own / other row / noise latent
     assert (tmp_path / "ae" / "recon.png").is_file()
 
 
@@ -262,3 +263,30 @@ def test_cross_attention_after_every_block_and_fully_masked_rows():
     assert 0.45 < float((half == 1).float().mean()) < 0.55
     # the other rows keep the MDLM's (antithetic) times
     assert torch.equal(half[half < 1], plain[half < 1])
+
+
+class _RowLatentStub:
+    """A decoder that reads the row back from its latent exactly: encode(x) = one-hot(x)
+    (B, L, V), and log_probs(x_t, z) puts all its mass on argmax z at each position, whatever
+    x_t. So recovery with the row's own latent is 1 and with another row's latent it is the
+    share of positions where the two rows agree."""
+
+    mask_id, vocab = 0, 5
+
+    def encode(self, x0):
+        return torch.nn.functional.one_hot(x0, self.vocab).float()
+
+    def log_probs(self, x_t, z):
+        assert (x_t == self.mask_id).all()  # full masking: the latent is all the decoder has
+        return torch.log_softmax(50.0 * z, dim=-1)
+
+
+def test_full_mask_recovery_on_a_decoder_that_reads_its_latent_exactly():
+    from diladiff.eval.recon import full_mask_recovery
+
+    x0 = torch.tensor([[1, 2, 3, 4], [1, 2, 4, 4], [3, 3, 3, 3]])
+    r = full_mask_recovery(_RowLatentStub(), x0, torch.Generator().manual_seed(0), batch_size=2)
+    assert r["own"] == 1.0
+    # row 0 gets row 1's latent (3 of 4 agree), row 1 row 2's (0 of 4), row 2 row 0's (1 of 4)
+    assert r["other_row"] == pytest.approx(4 / 12)
+    assert 0 <= r["noise"] < 1

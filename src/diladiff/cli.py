@@ -777,6 +777,12 @@ def cmd_eval_recon(args) -> int:
     for name, res in rep["runs"].items():
         print(f"\nper masking ratio: {name}")
         print(format_table(res["per_ratio"]))
+    if "full_mask_recovery" in rep:
+        r = rep["full_mask_recovery"]
+        print(
+            "\nargmax recovery from all-masked rows given the row's own latent / the next row's "
+            f"/ N(0, I): {r['own']:.3f} / {r['other_row']:.3f} / {r['noise']:.3f}"
+        )
     if rep["robustness"]:
         print("\nlatent robustness (recovery with Gaussian noise added to the latent)")
         print(format_table(rep["robustness"]))

@@ -87,6 +87,39 @@ def discrete_ratio_bound(
     }
 
 
+@torch.no_grad()
+def full_mask_recovery(
+    stage, x0: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 64
+) -> dict:
+    """Argmax token recovery from all-masked rows (t = 1, one decoder call), the share of
+    positions where argmax p(x_i | all masked, z) equals x0_i, for three latents z:
+
+        own        the encoder latent of the row itself
+        other_row  the encoder latent of the next row (row i gets row i + 1's): real, in
+                   distribution, and uninformative about row i
+        noise      z ~ N(0, I) in the auto-encoder's standardised space
+
+    At full masking the latent is the decoder's only information about the row, so own -
+    other_row is what the decoder reads from the latent (issue 26's gate for the latent path:
+    >= 10 points at step 500), and other_row - noise what a real latent adds regardless of row.
+    """
+    own = torch.cat([stage.encode(x0[i : i + batch_size]) for i in range(0, len(x0), batch_size)])
+    latents = {
+        "own": own,
+        "other_row": own.roll(-1, dims=0),
+        "noise": torch.randn(own.shape, generator=generator, device=own.device, dtype=own.dtype),
+    }
+    out = {}
+    for name, z in latents.items():
+        correct = 0
+        for i in range(0, len(x0), batch_size):
+            x = x0[i : i + batch_size]
+            pred = stage.log_probs(torch.full_like(x, stage.mask_id), z[i : i + batch_size])
+            correct += int((pred.argmax(-1) == x).sum())
+        out[name] = correct / x0.numel()
+    return out
+
+
 def stage_denoiser(
     stage,
     noise_std: float = 0.0,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from diladiff.data.packing import prepare_data
-from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
+from diladiff.eval.recon import discrete_ratio_bound, full_mask_recovery, stage_denoiser
 from diladiff.plotting import pyplot, save
 from diladiff.runs import load_run, run_parents
 
@@ -47,6 +47,8 @@ def recon_report(
     if hasattr(stage, "encode"):
         # Control: the same decoder with z ~ N(0, I); the gap to the row above is the latent's.
         out["runs"][f"{name}, z ~ N(0, I)"] = measure(stage, replace_latent=True)
+        gen = torch.Generator(device).manual_seed(seed)
+        out["full_mask_recovery"] = full_mask_recovery(stage, x0, gen)
     parent = next(iter(run_parents(run_dir).values()), None)
     if parent and Path(parent).is_dir():
         base, _ = load_run(parent, device=device)
