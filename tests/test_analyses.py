@@ -63,7 +63,7 @@ def chain(latent_chain):
 def test_analyze_commands_write_json_and_png(chain, tmp_path, what, run):
     from diladiff.cli import main
     from diladiff.config import Config
-    from diladiff.stages.autoencoder import cross_attention_blocks
+    from diladiff.methods.autoencoder.stage import cross_attention_blocks
 
     if what == "latent":
         pytest.importorskip("bert_score")

@@ -91,3 +91,71 @@ def test_score_is_a_perplexity_bound_that_prefers_the_training_text(tmp_path):
     assert 1.0 < good["ppl_bound"] < bad["ppl_bound"] / 3
     with pytest.raises(ConfigError, match="one row needs"):
         model.score(["short"])
+
+
+def _options(parser, command: list[str]) -> set[str]:
+    """The option strings of a (nested) subcommand of the `diladiff` parser."""
+    import argparse
+
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def test_every_sampling_setting_has_one_definition_that_the_cli_and_the_api_take(tmp_path):
+    """SampleConfig is the one definition: each key is an option of `sample` (and, but for the
+    per-command keys, of `bench sample`), and a keyword of Model.generate."""
+    import dataclasses
+
+    from diladiff.cli import PER_COMMAND, build_parser
+    from diladiff.config import SampleConfig, field_help
+
+    keys = [f.name for f in dataclasses.fields(SampleConfig)]
+    assert sorted(field_help(SampleConfig)) == sorted(keys)  # every key documented
+    parser = build_parser()
+    sample, bench = _options(parser, ["sample"]), _options(parser, ["bench", "sample"])
+    for key in keys:
+        flag = "--" + key.replace("_", "-")
+        assert flag in sample and (key in PER_COMMAND or flag in bench), key
+    # booleans both ways; the option the CLI had before the one definition still works
+    assert {"--no-cache", "--cache", "--no-float64-gumbel"} <= sample
+
+    run = tmp_path / "m"
+    argv = ["train", "mdlm", "--preset", "tiny", "--run-dir", str(run), *TINY, "train.max_steps=2"]
+    assert main(argv) == 0
+    model = diladiff.load(run, device="cpu")
+    every = {  # a non-default value of every key
+        "disc_steps": 4,
+        "strategy": "topk",
+        "confidence_threshold": 0.5,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "float64_gumbel": False,
+        "cache": False,
+        "sampler": "reference",
+        "latent_sampler": "ode_euler",
+        "cont_steps": 3,
+        "gamma": 0.0,
+        "time_grid": "uniform",
+        "inference": "sequential",
+    }
+    assert sorted(every) == sorted(
+        k for k in keys if k not in ("num_samples", "seed", "batch_size")
+    )
+    sc = model.settings(**every)
+    assert all(getattr(sc, k) == v for k, v in every.items())
+    out = model.generate(num_samples=2, seed=1, **{k: every[k] for k in ("disc_steps", "cache")})
+    assert len(out.ids) == 2
+
+
+def test_the_api_selects_ladd_inference(tmp_path):
+    """Model.generate(inference=...) reaches LADD's sampler: sequential inference makes the
+    latent-only network calls (cont_nfe) that joint inference does not."""
+    from test_ladd import train as train_ladd
+
+    assert train_ladd("di-ladd", tmp_path / "di", "train.max_steps=2") == 0
+    model = diladiff.load(tmp_path / "di", device="cpu")
+    joint = model.generate(num_samples=2, disc_steps=4, inference="joint")
+    seq = model.generate(num_samples=2, disc_steps=4, inference="sequential", cont_steps=3)
+    assert joint.stats.get("cont_nfe", 0) == 0 and seq.stats["cont_nfe"] == 3

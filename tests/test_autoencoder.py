@@ -8,8 +8,8 @@ from diladiff.cli import main
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
 from diladiff.features import RunningStandardizer
-from diladiff.stages.autoencoder import Autoencoder, augment_features, augment_latent
-from diladiff.stages.mdlm import MDLM
+from diladiff.methods.autoencoder.stage import Autoencoder, augment_features, augment_latent
+from diladiff.methods.mdlm.stage import MDLM
 from diladiff.train.checkpoint import latest_checkpoint
 
 AE_SMALL = [
@@ -225,7 +225,7 @@ def test_feature_precision_bf16_is_close_to_fp32_and_bad_values_are_errors():
 
 
 def test_latent_dropout_schedule_rises_from_its_initial_value_to_p_drop():
-    from diladiff.stages.autoencoder import latent_dropout
+    from diladiff.methods.autoencoder.stage import latent_dropout
 
     assert latent_dropout(0, 0.6, 0, 0.0) == latent_dropout(10**6, 0.6, 0, 0.0) == 0.6
     assert latent_dropout(0, 0.6, 400, 0.1) == pytest.approx(0.1)
@@ -247,7 +247,7 @@ def test_latent_dropout_schedule_rises_from_its_initial_value_to_p_drop():
 
 
 def test_cross_attention_after_every_block_and_fully_masked_rows():
-    from diladiff.stages.autoencoder import cross_attention_blocks
+    from diladiff.methods.autoencoder.stage import cross_attention_blocks
 
     assert cross_attention_blocks("all", 4) == [0, 1, 2, 3]
     assert cross_attention_blocks("first,last", 4) == [0, 3]

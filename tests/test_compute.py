@@ -46,7 +46,8 @@ def test_sample_totals():
     assert network_calls(8) == 9 and network_calls(8, noise_removal=False) == 8
     assert mdlm_gflops(9, 13, 1024, 128) == pytest.approx(9 * per(13, 1024, 128))
     assert ladd_joint_gflops(9, 12, 768, 128, 32) == pytest.approx(9 * per(12, 768, 160))
-    # sequential: the latent calls run the MM-DiT over L + N_z positions too (sampling/joint.py)
+    # sequential: the latent calls run the MM-DiT over L + N_z positions too
+    # (methods/ladd/sampler.py)
     seq = ladd_sequential_gflops(8, 5, 12, 768, 128, 32)
     assert seq == pytest.approx(13 * per(12, 768, 160))
     assert ladd_sequential_gflops(0, 5, 12, 768, 128, 32) == ladd_joint_gflops(5, 12, 768, 128, 32)
@@ -127,7 +128,7 @@ def fake_run(folder, kind, *overrides):
 def runs(tmp_path):
     """Run folders (config and run.json only): a shared-time Co-LADD, a Di-LADD, their
     size-matched MDLM and an MDLM of the tests' TINY size (not matched)."""
-    from diladiff.stages.ladd import matched_mdlm
+    from diladiff.methods.ladd.stage import matched_mdlm
 
     co = fake_run(tmp_path / "co", "co-ladd", *LADD_SMALL)
     di = fake_run(tmp_path / "di", "di-ladd", *LADD_SMALL)

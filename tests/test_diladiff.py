@@ -9,13 +9,13 @@ from diladiff.cli import main
 from diladiff.config import PRESETS, ConfigError, build_config, check_warmups
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
 from diladiff.demo import demo_steps
-from diladiff.processes import meanflow
+from diladiff.methods.diladiff import meanflow
+from diladiff.methods.diladiff.meanflow import directional_derivative, sample_t_r
+from diladiff.methods.diladiff.stage import DiLaDiff
 from diladiff.processes.gaussian import angle_time_grid, velocity_from_x0, x0_from_velocity
-from diladiff.processes.meanflow import directional_derivative, sample_t_r
 from diladiff.runs import load_run
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.stages import STAGES
-from diladiff.stages.diladiff import DiLaDiff
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +392,9 @@ def test_every_method_keeps_the_given_tokens_of_prompts_suffixes_and_infills(tmp
     from test_ldlm import SMALL as LDLM_SMALL
 
     import diladiff
+    from diladiff.methods.ladd.sampler import INFERENCES
     from diladiff.sampling.conditioning import TokenGuidance, make_condition
     from diladiff.sampling.generate import generate
-    from diladiff.sampling.joint import INFERENCES
 
     extra = {"duo": ["duo.duality_points=257"], "ldlm": LDLM_SMALL}.get(kind, LADD_SMALL)
     run = tmp_path / kind

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from diladiff.cli import main
 from diladiff.config import build_config
+from diladiff.methods.duo import sampler as U
+from diladiff.methods.duo.process import posterior
 from diladiff.nets.token_denoiser import TokenDenoiser
-from diladiff.processes.uniform import posterior
 from diladiff.runs import load_run
-from diladiff.sampling import uniform as U
 from diladiff.sampling.masked import SamplerSettings
 from diladiff.train.checkpoint import latest_checkpoint
 
@@ -42,7 +42,7 @@ def test_duo_trains_through_the_curriculum_switch_and_resumes_exactly(tmp_path):
 def test_duo_stage_uses_the_curriculum_only_inside_its_window(monkeypatch):
     # curriculum_start only delays the temperature ramp (as in the authors' code)
     cfg = build_config("tiny", TINY + ["duo.curriculum_start=2", "duo.curriculum_end=4"], "duo")
-    from diladiff.stages.duo import DUO
+    from diladiff.methods.duo.stage import DUO
 
     stage = DUO(cfg, {"vocab_size": 50, "mask_id": 3})
     calls = []
@@ -163,8 +163,8 @@ def test_duo_samples_from_the_command_line(tmp_path, capsys):
 
 
 def test_the_masked_sampler_refuses_the_greedy_tail():
+    from diladiff.methods.mdlm.stage import MDLM
     from diladiff.sampling.generate import decode_tokens
-    from diladiff.stages.mdlm import MDLM
 
     stage = MDLM(build_config("tiny", TINY), {"vocab_size": 40, "mask_id": 3})
     settings = SamplerSettings(steps=2, strategy="greedy_tail")

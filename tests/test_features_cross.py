@@ -21,8 +21,8 @@ from diladiff.features import (
     RunningStandardizer,
 )
 from diladiff.features.cache import VERIFY_ROWS
+from diladiff.methods.autoencoder.stage import Autoencoder, augment_features
 from diladiff.nets.perceiver import PerceiverCompressor
-from diladiff.stages.autoencoder import Autoencoder, augment_features
 
 SPECIAL = ["[PAD]", "[UNK]", "[SEP]", "[MASK]"]
 WORDS = (

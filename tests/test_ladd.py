@@ -10,9 +10,9 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from diladiff.cli import main
+from diladiff.methods.ladd.sampler import JointSettings, reveal, sample_joint
 from diladiff.sampling.conditioning import Condition
 from diladiff.sampling.generate import GenerationSettings
-from diladiff.sampling.joint import JointSettings, reveal, sample_joint
 from diladiff.sampling.masked import SamplerSettings
 from diladiff.train.checkpoint import latest_checkpoint
 
@@ -70,7 +70,7 @@ def fake_stage(discrete: bool):
 @pytest.mark.parametrize("inference", ["joint", "sequential"])
 def test_joint_and_sequential_samplers_call_the_network_as_documented(discrete, inference):
     stage = fake_stage(discrete)
-    gs = GenerationSettings(settings(4), joint=JointSettings(inference, latent_steps=3))
+    gs = GenerationSettings(settings(4), method=JointSettings(inference, latent_steps=3))
     ids, stats = sample_joint(stage, 2000, gs, torch.Generator().manual_seed(1), "cpu")
     latent = 3 if inference == "sequential" else 0
     assert stats["disc_nfe"] == 4 + 1 + latent and stats["cont_nfe"] == latent
@@ -107,7 +107,7 @@ def test_a_canvas_keeps_its_tokens_in_every_call(discrete, inference, strategy):
     given = torch.tensor(canvas) != MASK
     cond = Condition(canvas=canvas)
     gs = GenerationSettings(
-        settings(4, strategy), joint=JointSettings(inference, 3), condition=cond
+        settings(4, strategy), method=JointSettings(inference, 3), condition=cond
     )
     ids, stats = sample_joint(stage, 64, gs, torch.Generator().manual_seed(1), "cpu")
     assert (ids[:, given] == torch.tensor(canvas)[given]).all() and (ids != MASK).all()
@@ -132,7 +132,7 @@ def test_a_reference_latent_is_held_fixed_without_latent_steps(discrete, inferen
         ref = want = torch.full((1, NZ, DZ), 0.3)
     stage.reference_latent = lambda x0: (seen.append(x0), ref)[1]
     cond = Condition(latent_ids=tuple(range(L)))
-    gs = GenerationSettings(settings(4), joint=JointSettings(inference, 3), condition=cond)
+    gs = GenerationSettings(settings(4), method=JointSettings(inference, 3), condition=cond)
     ids, stats = sample_joint(stage, 8, gs, torch.Generator().manual_seed(1), "cpu")
     assert stats["cont_nfe"] == 0 and stats["disc_nfe"] == len(stage.net.calls) == 5
     assert seen[0].tolist() == [list(range(L))] and (ids != MASK).all()
@@ -183,7 +183,7 @@ def test_ladd_resumes_exactly_and_samples_both_ways(tmp_path, kind):
 def test_di_ladd_trains_the_code_channel_only_after_stage_one():
     from diladiff.config import build_config
     from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
-    from diladiff.stages.ladd import DiLADD
+    from diladiff.methods.ladd.stage import DiLADD
 
     cfg = build_config("tiny", TINY + SMALL + ["ladd.stage1_steps=10"], "di-ladd")
     stage = DiLADD(cfg, tokenizer_identity(load_tokenizer(cfg.data.tokenizer)))
@@ -200,9 +200,9 @@ def test_di_ladd_trains_the_code_channel_only_after_stage_one():
 @pytest.mark.parametrize("preset", ["paper", "tiny"])
 def test_matched_mdlm_has_as_many_block_parameters_as_the_mm_dit(preset):
     from diladiff.config import build_config
-    from diladiff.nets.mmdit import MMDiT
+    from diladiff.methods.ladd.mmdit import MMDiT
+    from diladiff.methods.ladd.stage import matched_mdlm
     from diladiff.nets.token_denoiser import TokenDenoiser
-    from diladiff.stages.ladd import matched_mdlm
 
     cfg = build_config(preset, [], "co-ladd")
     m = matched_mdlm(cfg)

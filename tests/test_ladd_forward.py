@@ -12,10 +12,10 @@ from test_ladd import SMALL as LADD_SMALL
 
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
+from diladiff.methods.ladd import stage as ladd
+from diladiff.methods.ladd.stage import CoLADD, DiLADD
 from diladiff.processes.gaussian import sqrt_alpha_sigma
 from diladiff.processes.masking import mask_tokens, subs_logits
-from diladiff.stages import ladd
-from diladiff.stages.ladd import CoLADD, DiLADD
 
 # No network dropout (its draws come from the global RNG) and no encoder-input dropout, so that
 # z0 is the encoder's latent of the clean rows and forward's draws can be replayed.

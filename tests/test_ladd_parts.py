@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from diladiff.config import ConfigError
 from diladiff.features import FeatureModel, PooledLatentEncoder, input_dropout_rows, pool_latents
+from diladiff.methods.ladd import sampler as joint
 from diladiff.processes.gaussian import ddim_step, sqrt_alpha_sigma
-from diladiff.sampling import joint
 from diladiff.sampling.conditioning import Condition
 from diladiff.sampling.generate import GenerationSettings
 from diladiff.sampling.masked import SamplerSettings
@@ -220,7 +220,9 @@ def test_joint_sampler_feeds_the_grid_times_and_takes_closed_form_ddim_steps(
 
     monkeypatch.setattr(joint, "reveal", recording_reveal)
     tokens = SamplerSettings(steps=n, strategy="ancestral", temperature=1.0, top_p=1.0)
-    gs = GenerationSettings(tokens, joint=joint.JointSettings("joint"), condition=Condition(canvas))
+    gs = GenerationSettings(
+        tokens, method=joint.JointSettings("joint"), condition=Condition(canvas)
+    )
     joint.sample_joint(stage, b, gs, torch.Generator().manual_seed(7), "cpu")
 
     grid = [1.0 - k * (1.0 - 1e-5) / n for k in range(n + 1)]
@@ -265,7 +267,7 @@ def test_joint_sampler_feeds_the_grid_times_and_takes_closed_form_ddim_steps(
 # ---------------------------------------------------------------------------- the code quantiser
 def quantiser(num_codes=9, dim=6):
     pytest.importorskip("vector_quantize_pytorch")
-    from diladiff.nets.vq import CodeQuantizer
+    from diladiff.methods.ladd.vq import CodeQuantizer
 
     return CodeQuantizer(dim, num_codes)
 
@@ -372,7 +374,7 @@ def test_token_bound_weighs_each_row_by_one_over_t_unlike_the_training_loss():
     """token_nll_bound on a hand-made stub: per row (1 / L t_b) sum over masked positions of
     -log softmax(logits without the mask id)[x0]; unmasked positions (huge logits on a wrong
     token) add nothing. The weight-1 training loss L_x on the same inputs differs."""
-    from diladiff.stages.ladd import LADD, token_nll_bound
+    from diladiff.methods.ladd.stage import LADD, token_nll_bound
 
     mask = 3
     logits = torch.tensor(

@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 
 from diladiff.cli import main
 from diladiff.data.packing import prepare_data
+from diladiff.methods.ladiff import LaDiff
 from diladiff.runs import load_run
 from diladiff.sampling import generate
 from diladiff.sampling.generate import GenerationSettings
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings
-from diladiff.stages import LaDiff
 from diladiff.train.checkpoint import latest_checkpoint, load_weights
 
 

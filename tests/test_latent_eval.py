@@ -133,7 +133,7 @@ def count_latent_draws(monkeypatch, *classes) -> list[tuple]:
 def test_latent_cache_draws_each_batch_once_and_serves_fresh_draws_exactly(chain, monkeypatch):
     from diladiff.eval.latent_cache import LatentCache
     from diladiff.eval.latent_diag import sample_prior
-    from diladiff.stages.ladiff import LaDiff
+    from diladiff.methods.ladiff.stage import LaDiff
 
     stage, _ = load_run(chain["ladiff"])
     calls = count_latent_draws(monkeypatch, LaDiff)
@@ -167,9 +167,9 @@ def test_generated_rows_decode_the_same_latents_at_every_n_disc(chain, monkeypat
     from diladiff.eval import oracle
     from diladiff.eval.latent_cache import LatentCache, generate_from_cache
     from diladiff.eval.latent_diag import sample_prior
+    from diladiff.methods.diladiff.stage import DiLaDiff
+    from diladiff.methods.ladiff.stage import LaDiff
     from diladiff.sampling.generate import sampler_settings
-    from diladiff.stages.diladiff import DiLaDiff
-    from diladiff.stages.ladiff import LaDiff
 
     stage, tok = load_run(chain["ladiff"])
     calls = count_latent_draws(monkeypatch, LaDiff, DiLaDiff)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from diladiff.cli import main
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
-from diladiff.stages.ldlm import LDLM, ldlm_losses
+from diladiff.methods.ldlm.stage import LDLM, ldlm_losses
 from diladiff.train.checkpoint import latest_checkpoint, load_weights
 
 SMALL = [

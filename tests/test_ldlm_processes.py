@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from diladiff.config import ConfigError
-from diladiff.processes.adaptive_time import AdaptiveTimeSampler
-from diladiff.processes.encoder_warmup import gradient_warmup, partial_stop_gradient
+from diladiff.methods.ldlm.adaptive_time import AdaptiveTimeSampler
+from diladiff.methods.ldlm.encoder_warmup import gradient_warmup, partial_stop_gradient
 from diladiff.processes.gaussian import alpha_sigma, ddpm_posterior, drift_rate
 from diladiff.sampling.latent import (
     LatentSettings,

@@ -4,8 +4,8 @@ import torch
 
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
+from diladiff.methods.mdlm.stage import MDLM
 from diladiff.processes.masking import subs_log_probs
-from diladiff.stages.mdlm import MDLM
 from diladiff.train.distributed import weights_digest
 
 

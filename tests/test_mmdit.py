@@ -1,12 +1,12 @@
-"""The LADD MM-DiT (nets/mmdit.py): two streams with their own weights that meet in one joint
-attention, RoPE over [x; z], adaLN-Zero at init, and both attention backends agreeing."""
+"""The LADD MM-DiT (methods/ladd/mmdit.py): two streams with their own weights that meet in one
+joint attention, RoPE over [x; z], adaLN-Zero at init, and both attention backends agreeing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diladiff.nets.mmdit import MMDiT, apply_rope, rope_tables
+from diladiff.methods.ladd.mmdit import MMDiT, apply_rope, rope_tables
 
 V, L, NZ, D_IN = 11, 6, 3, 5
 

@@ -11,6 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from diladiff.config import ConfigError
+from diladiff.methods.diladiff.meanflow import (
+    DERIVATIVES,
+    directional_derivative,
+    meanflow_loss,
+    sample_t_r,
+)
 from diladiff.processes.gaussian import diffuse, x0_prediction_loss
 from diladiff.processes.masking import (
     loss_weight,
@@ -18,12 +24,6 @@ from diladiff.processes.masking import (
     masked_diffusion_loss,
     subs_log_probs,
     subs_logits,
-)
-from diladiff.processes.meanflow import (
-    DERIVATIVES,
-    directional_derivative,
-    meanflow_loss,
-    sample_t_r,
 )
 
 
@@ -48,7 +48,7 @@ def toy_denoiser(seed=0):
 
 
 def reference_masked_loss(hidden_fn, head, x0, t, weight, mask_id, generator):
-    """Frozen copy of stages.mdlm.masked_diffusion_loss + masked_nll before the refactor."""
+    """Frozen copy of methods.mdlm.stage.masked_diffusion_loss + masked_nll before the refactor."""
     x_t = mask_tokens(x0, t, mask_id, generator)
     hidden = hidden_fn(x_t)
     sel = x_t == mask_id

@@ -7,9 +7,10 @@ from conftest import TINY
 from latent_fixtures import AE_SMALL, PRIOR_SMALL
 
 from diladiff.eval import bench, oracle
+from diladiff.methods.diladiff import DiLaDiff
+from diladiff.methods.ladiff import LaDiff
 from diladiff.pipeline import EvalPlan, run_pipeline
 from diladiff.sampling.latent import LATENT_SAMPLERS
-from diladiff.stages import DiLaDiff, LaDiff
 from diladiff.train import trainer as trainer_mod
 from diladiff.train.checkpoint import latest_checkpoint
 

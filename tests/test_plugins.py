@@ -11,7 +11,8 @@ from diladiff import config as config_mod
 from diladiff import pipeline
 from diladiff.cli import main
 from diladiff.config import Config, ConfigError
-from diladiff.stages import STAGES, load_plugins, stage_order
+from diladiff.methods import load_plugins
+from diladiff.stages import STAGES, stage_order
 
 
 @pytest.fixture

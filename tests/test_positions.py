@@ -2,7 +2,7 @@
 
 import torch
 
-from diladiff.nets.cross_attention import LatentCrossAttention
+from diladiff.methods.autoencoder.cross_attention import LatentCrossAttention
 from diladiff.nets.perceiver import PerceiverCompressor
 from diladiff.nets.positions import latent_centres, sinusoidal_table
 

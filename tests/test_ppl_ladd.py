@@ -1,5 +1,6 @@
 """`diladiff eval-ppl` on a LADD run: the token channel's 1/t-weighted bound given the text's own
-latent path (stages/ladd.py token_nll_bound), named as such, not the weight-1 training loss."""
+latent path (methods/ladd/stage.py token_nll_bound), named as such, not the weight-1 training
+loss."""
 
 import json
 

@@ -199,8 +199,8 @@ class _StubFeatures(nn.Module):
 
 def _stage(kind, monkeypatch):
     from diladiff.config import build_config
-    from diladiff.stages.autoencoder import Autoencoder
-    from diladiff.stages.mdlm import MDLM
+    from diladiff.methods.autoencoder.stage import Autoencoder
+    from diladiff.methods.mdlm.stage import MDLM
 
     extra = ["data.seq_len=16", "autoencoder.latent_dim=8", "autoencoder.num_latents=4"]
     cfg = build_config("tiny", [*TINY, *extra], stage="autoencoder")
@@ -208,7 +208,7 @@ def _stage(kind, monkeypatch):
     if kind == "mdlm":
         stage = MDLM(cfg, _tiny_identity())
     else:
-        monkeypatch.setattr("diladiff.stages.autoencoder.FeatureModel", _StubFeatures)
+        monkeypatch.setattr("diladiff.methods.autoencoder.stage.FeatureModel", _StubFeatures)
         stage = Autoencoder(cfg, _tiny_identity())
         with torch.no_grad():  # wake the zero-initialised cross-attention outputs
             for p in stage.cross.parameters():

@@ -17,16 +17,16 @@ from test_ldlm import SMALL as LDLM_SMALL
 from diladiff.cli import main
 from diladiff.config import ConfigError, build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
-from diladiff.processes.adaptive_time import AdaptiveTimeSampler
+from diladiff.methods.ladd import sampler as joint
+from diladiff.methods.ldlm.adaptive_time import AdaptiveTimeSampler
 from diladiff.processes.gaussian import alpha_sigma
-from diladiff.sampling import joint
 from diladiff.sampling.generate import GenerationSettings
 from diladiff.sampling.latent import euler_maruyama_sample
 from diladiff.sampling.masked import SamplerSettings
 
 
 def ladd_stage(kind: str, *overrides: str):
-    from diladiff.stages.ladd import CoLADD, DiLADD
+    from diladiff.methods.ladd.stage import CoLADD, DiLADD
 
     cfg = build_config("tiny", TINY + LADD_SMALL + list(overrides), kind)
     cls = CoLADD if kind == "co-ladd" else DiLADD
@@ -43,15 +43,15 @@ def test_co_ladd_sequential_inference_needs_a_network_trained_for_it():
     gen = torch.Generator().manual_seed(0)
     shared = ladd_stage("co-ladd")
     with pytest.raises(ConfigError, match="independent_times") as err:
-        gs = GenerationSettings(tokens, joint=joint.JointSettings("sequential", 2))
+        gs = GenerationSettings(tokens, method=joint.JointSettings("sequential", 2))
         joint.sample_joint(shared, 2, gs, gen, "cpu")
     assert "\n" not in str(err.value)
     ids, _ = joint.sample_joint(
-        shared, 2, GenerationSettings(tokens, joint=joint.JointSettings()), gen, "cpu"
+        shared, 2, GenerationSettings(tokens, method=joint.JointSettings()), gen, "cpu"
     )
     assert ids.shape == (2, shared.seq_len)
     independent = ladd_stage("co-ladd", "ladd.independent_times=true")
-    gs = GenerationSettings(tokens, joint=joint.JointSettings("sequential", 2))
+    gs = GenerationSettings(tokens, method=joint.JointSettings("sequential", 2))
     ids, stats = joint.sample_joint(independent, 2, gs, gen, "cpu")
     assert ids.shape == (2, independent.seq_len) and stats["cont_nfe"] == 2
 
@@ -145,7 +145,7 @@ def test_di_ladd_joint_reveals_codes_on_their_own_untempered_grid(monkeypatch, c
         if code_steps is None
         else joint.JointSettings("joint", code_steps=code_steps)
     )
-    gs = GenerationSettings(TEMPERED, joint=js)
+    gs = GenerationSettings(TEMPERED, method=js)
     ids, stats = joint.sample_joint(stage, 4, gs, torch.Generator().manual_seed(0), "cpu")
     n, nz = TEMPERED.steps, code_steps or NZ
     assert stage.net.calls == stats["disc_nfe"] == n + 1 and stats["cont_nfe"] == 0
@@ -165,7 +165,7 @@ def test_di_ladd_joint_reveals_codes_on_their_own_untempered_grid(monkeypatch, c
 def test_di_ladd_sequential_reveals_codes_untempered(monkeypatch):
     stage = di_ladd_stub()
     seen = record_reveals(monkeypatch)
-    gs = GenerationSettings(TEMPERED, joint=joint.JointSettings("sequential", 3))
+    gs = GenerationSettings(TEMPERED, method=joint.JointSettings("sequential", 3))
     joint.sample_joint(stage, 4, gs, torch.Generator().manual_seed(0), "cpu")
     codes = [st for m, _, _, st in seen if m == CODES - 1]
     assert len(codes) == 3
@@ -247,7 +247,7 @@ def test_duo_warns_when_a_run_stops_before_its_curriculum_ends(tmp_path, capsys)
 def test_ldlm_val_loss_is_the_training_loss(recon):
     """val_loss sums the terms the training loss sums: L_diff + L_w, plus L_h unless the ablation
     is recon_loss = ce (which trains without it)."""
-    from diladiff.stages.ldlm import LDLM
+    from diladiff.methods.ldlm.stage import LDLM
 
     cfg = build_config("tiny", TINY + LDLM_SMALL + [f"ldlm.recon_loss={recon}"], "ldlm")
     stage = LDLM(cfg, tokenizer_identity(load_tokenizer(cfg.data.tokenizer)))
@@ -265,7 +265,7 @@ def test_mm_dit_keeps_the_latent_positions_of_training_for_a_shorter_token_strea
     """Training places x at RoPE positions 0..L-1 and z at L..L+N_z-1; a token stream of n < L
     tokens keeps z at L..L+N_z-1 (the x-z offsets the network learned), which the output
     recomputed block by block with those positions must match."""
-    from diladiff.nets.mmdit import MMDiT, rope_tables
+    from diladiff.methods.ladd.mmdit import MMDiT, rope_tables
 
     torch.manual_seed(0)
     seq_len, nz, n = 8, 3, 5

@@ -97,7 +97,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     run = tmp_path / "r"
     assert train(run, "train.max_steps=5") == 0
     before = weights(run)
-    from diladiff.stages.mdlm import MDLM
+    from diladiff.methods.mdlm.stage import MDLM
 
     def nan_forward(self, batch, generator):
         loss = self.net.head.bias.sum() * float("nan")

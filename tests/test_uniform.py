@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diladiff.processes.uniform import (
+from diladiff.methods.duo.process import (
     DualityMap,
     corrupt,
     diffusion_loss,

@@ -6,7 +6,7 @@ Importing the package registers the built-in stages (and their config sections) 
 plugins named in DILADIFF_PLUGINS or installed under the "diladiff.stages" entry points.
 """
 
-from diladiff.stages import load_plugins  # registers every method
+from diladiff.methods import load_plugins  # importing it registers the built-in methods
 from diladiff.version import __version__
 
 __all__ = ["__version__", "load"]

@@ -45,15 +45,6 @@ class Model:
     def generate(
         self,
         num_samples: int = 8,
-        disc_steps: int | None = None,
-        cont_steps: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        strategy: str | None = None,
-        gamma: float | None = None,
-        latent_sampler: str | None = None,
-        time_grid: str | None = None,
-        confidence_threshold: float | None = None,
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
@@ -61,24 +52,20 @@ class Model:
         suffix: str | None = None,
         infill: str | None = None,
         latent_from: str | None = None,
+        **settings,
     ) -> Generation:
-        """`num_samples` texts and their ids (reproducible from `seed`); disc_steps = N_disc
-        (default: the run's, 0 = L), cont_steps = N_cont of a latent stage. `prompt` /
+        """`num_samples` texts and their ids (reproducible from `seed`). `settings`: any
+        sampling setting, by its sample.* key (diladiff.config.SampleConfig, the one definition
+        `diladiff sample`'s options come from; unset or None: the run's own), e.g.
+        disc_steps = N_disc (0 = L), cont_steps = N_cont of a latent stage, strategy,
+        temperature, top_p, gamma, latent_sampler, time_grid, inference (LADD). `prompt` /
         `suffix`: text the samples start / end with; `infill`: a text whose [MASK] tokens are
         generated; `latent_from`: a reference text whose encoder latent replaces the prior
         sample (the stages with an encoder: LaDiff, DiLaDiff, LDLM, LADD). Every method takes
         a prompt, a suffix and infilling; given tokens are never changed."""
         sc = self.settings(
+            **settings,
             num_samples=num_samples,
-            disc_steps=disc_steps,
-            cont_steps=cont_steps,
-            temperature=temperature,
-            top_p=top_p,
-            strategy=strategy,
-            gamma=gamma,
-            latent_sampler=latent_sampler,
-            time_grid=time_grid,
-            confidence_threshold=confidence_threshold,
             seed=seed,
             batch_size=batch_size or min(num_samples, self.stage.cfg.sample.batch_size),
         )

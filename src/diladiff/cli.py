@@ -13,28 +13,13 @@ diladiff config --preset tiny [key=value ...]      # print the resolved config
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from diladiff.config import PRESETS, ConfigError, overrides_from_file, parse_option
 from diladiff.stages import STAGES, stage_order
-
-
-def _choices() -> dict[str, list[str]]:
-    """Choices derived from the registries (stages, strategies, samplers)."""
-    from diladiff.sampling import generate  # noqa: F401  (imports every sampler module)
-    from diladiff.sampling.joint import INFERENCES
-    from diladiff.sampling.latent import LATENT_SAMPLERS
-    from diladiff.sampling.masked import SAMPLERS, STRATEGIES
-
-    return {
-        "stage": stage_order(optional=True),
-        "strategy": sorted(STRATEGIES),
-        "sampler": sorted(SAMPLERS),
-        "latent_sampler": sorted(LATENT_SAMPLERS),
-        "inference": list(INFERENCES),
-    }
 
 
 def positive(text: str) -> int:
@@ -90,57 +75,34 @@ def _parent_flags() -> dict[str, list[str]]:
     return flags
 
 
+# The sample.* keys every sampling command takes as options; `diladiff sample` adds the rest.
+PER_COMMAND = ("num_samples", "batch_size")
+
+
+def sampling_options(p: argparse.ArgumentParser, keys=None) -> None:
+    """One option per sample.* key (all but PER_COMMAND by default), derived from SampleConfig:
+    --disc-steps for disc_steps, its Help as help, its OneOf names as choices, a boolean as
+    --cache / --no-cache; parsed and checked by the key's rules (key_option). Unset options
+    leave the run's own value (`_sample_config`)."""
+    from diladiff.config import OneOf, SampleConfig, field_help, field_rules
+    from diladiff.sampling import generate  # noqa: F401  (fills the sampler registries)
+
+    helps, rules = field_help(SampleConfig), field_rules(SampleConfig)
+    for key in keys or [k for k in helps if k not in PER_COMMAND]:
+        hint, key_rules = rules[key]
+        flag, text = "--" + key.replace("_", "-"), f"{helps[key]} (default: the run's sample.{key})"
+        choices = [r for r in key_rules if isinstance(r, OneOf)]
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif choices:
+            p.add_argument(flag, choices=choices[0].names(), help=text)
+        else:
+            p.add_argument(flag, type=key_option(f"sample.{key}"), help=text)
+
+
 def _common_sampling_args(p: argparse.ArgumentParser) -> None:
-    choices = _choices()
     p.add_argument("run_dir", type=Path)
-    p.add_argument(
-        "--disc-steps",
-        type=key_option("sample.disc_steps"),
-        help="N_disc (default: the run's sample.disc_steps or L)",
-    )
-    p.add_argument(
-        "--cont-steps",
-        type=key_option("sample.cont_steps"),
-        help="N_cont of a latent stage's sampler",
-    )
-    p.add_argument(
-        "--latent-sampler",
-        choices=choices["latent_sampler"],
-        help="latent stages (default: the run's sample.latent_sampler)",
-    )
-    p.add_argument(
-        "--gamma",
-        type=key_option("sample.gamma"),
-        help="MeanFlow gamma-sampling (0 = deterministic)",
-    )
-    p.add_argument(
-        "--time-grid",
-        choices=["uniform", "angle"],
-        help="latent stages: the sampler's times, uniform in t or evenly spaced in the schedule "
-        "angle (default: the model's own)",
-    )
-    p.add_argument(
-        "--inference",
-        choices=choices["inference"],
-        help="LADD stages: both channels every step, or the latent first (--cont-steps steps)",
-    )
-    p.add_argument("--strategy", choices=choices["strategy"])
-    p.add_argument(
-        "--confidence-threshold",
-        type=key_option("sample.confidence_threshold"),
-        help="the threshold strategy: reveal every token drawn with a probability above this, "
-        "at least one per row and step (default: the run's sample.confidence_threshold, 0.9)",
-    )
-    p.add_argument("--temperature", type=key_option("sample.temperature"))
-    p.add_argument("--top-p", type=key_option("sample.top_p"))
-    p.add_argument("--no-cache", action="store_true", help="recompute logits every step")
-    p.add_argument(
-        "--sampler",
-        choices=choices["sampler"],
-        help="fast (default): vocabulary head only where tokens are drawn; reference: the "
-        "previous full-vocabulary sampler (same samples, slower)",
-    )
-    p.add_argument("--seed", type=key_option("sample.seed"))
+    sampling_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
 
@@ -184,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stages with an encoder (LaDiff, DiLaDiff, LDLM, LADD): decode the encoder latent "
         "of this reference text instead of a prior sample (paraphrase-style)",
     )
-    p.add_argument("--num-samples", type=key_option("sample.num_samples"))
-    p.add_argument("--batch-size", type=key_option("sample.batch_size"))
+    sampling_options(p, PER_COMMAND)
     p.add_argument("--out", type=Path, help="write JSONL (ids and text) here instead of printing")
 
     p = sub.add_parser("bench", help="speed benchmarks")
@@ -594,29 +555,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _sample_config(args, cfg):
+    """The run's sample.* with every sampling option given on the command line."""
+    from diladiff.config import SampleConfig
+
     sc = cfg.sample
-    keys = (
-        "disc_steps",
-        "cont_steps",
-        "latent_sampler",
-        "gamma",
-        "time_grid",
-        "inference",
-        "strategy",
-        "confidence_threshold",
-        "temperature",
-        "top_p",
-        "sampler",
-        "seed",
-        "num_samples",
-        "batch_size",
-    )
-    for key in keys:
-        value = getattr(args, key, None)
+    for f in dataclasses.fields(SampleConfig):
+        value = getattr(args, f.name, None)
         if value is not None:
-            setattr(sc, key, value)
-    if args.no_cache:
-        sc.cache = False
+            setattr(sc, f.name, value)
     return sc
 
 
@@ -958,7 +904,7 @@ def cmd_frontier(args) -> int:
 
 def cmd_compare_compute(args) -> int:
     from diladiff.eval.iso_compute import compare_compute, markdown_tables
-    from diladiff.sampling.joint import INFERENCES
+    from diladiff.methods.ladd.sampler import INFERENCES
     from diladiff.train.distributed import pick_device
 
     inferences = tuple(i.strip() for i in args.inferences.split(",") if i.strip())

@@ -18,8 +18,9 @@ run folder, cache or model exists; a command-line option that sets a key is chec
 declarations (`parse_option`). Every int must fit in 64 bits and every float be finite.
 
 The core sections (model, data, train, sample, prior) live here. A method owns its own
-sections: it declares them with `register_section(name, cls, presets)` next to its stage (e.g.
-`autoencoder` in stages/autoencoder.py), and every Config built afterwards has them. A stage's
+sections: it declares them with `register_section(name, cls, presets)` next to its stage
+(e.g. `autoencoder` in methods/autoencoder/stage.py), and every Config built afterwards has
+them. A stage's
 per-preset training changes (learning rate, steps, warm-ups) are typed code registered with the
 stage (`Stage.preset_changes`, applied by `build_config(..., stage=KIND)`).
 """
@@ -342,50 +343,114 @@ class TrainConfig:
 PARALLEL = ("ddp", "fsdp")  # train.parallel
 
 
+@dataclass(frozen=True)
+class Help:
+    """A key's help line, shown where a command-line option sets it (the sampling options of
+    `diladiff sample` / `bench sample` derive from SampleConfig's fields and their Help)."""
+
+    text: str
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> its Help text, for the fields of a config dataclass that declare one."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is Annotated:
+            for meta in hints[f.name].__metadata__:
+                if isinstance(meta, Help):
+                    out[f.name] = meta.text
+    return out
+
+
 @dataclass
 class SampleConfig:
     """Sampling: masked-diffusion decoding (sampling.masked.SamplerSettings) and, for latent
-    stages, the latent sampler (sampling.latent.LatentSettings)."""
+    stages, the latent sampler (sampling.latent.LatentSettings). The one definition of every
+    sampling setting: `diladiff sample`'s options (cli.sampling_options) and
+    `diladiff.load(...).generate(**settings)` take exactly these keys."""
 
-    num_samples: Annotated[int, Range(ge=1)] = 16
-    batch_size: Annotated[int, Range(ge=1)] = 16
-    # N_disc; 0 = seq_len.
-    disc_steps: Annotated[int, Range(ge=1, unset=0, same_as="data.seq_len")] = 0
-    # "ancestral" (random unmasking, exact reverse process), "topk" (confidence-based:
-    # unmask the k = L / N_disc most confident positions per step) or "threshold" (unmask every
-    # position more confident than confidence_threshold, at least one per step).
-    strategy: Annotated[str, OneOf(STRATEGIES, filled_by=SAMPLERS_MODULE)] = "ancestral"
-    confidence_threshold: Annotated[float, Range(gt=0, le=1)] = 0.9
-    temperature: Annotated[float, Range(gt=0)] = 1.0
-    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
-    float64_gumbel: bool = True
-    # Reuse the previous step's network output when no token changed (exact: no time input).
-    cache: bool = True
-    # "fast": the vocabulary head and the token draw only at the positions drawn (revealed ones
-    # for ancestral, masked ones for top-k); "reference": the previous sampler, over all
-    # (B, L, V) logits every step. Same tokens for the same seed.
-    sampler: Annotated[str, OneOf("diladiff.sampling.masked:SAMPLERS")] = "fast"
-    seed: int = 0
-    # Latent stages (sampling.latent.LatentSettings): the latent sampler (a name in
-    # sampling.latent.LATENT_SAMPLERS; each latent stage's presets set its own), its N_cont
-    # steps, and gamma-sampling for MeanFlow jumps (0 = deterministic, 1 = jump to data and
-    # re-noise).
+    num_samples: Annotated[int, Range(ge=1), Help("how many rows to generate")] = 16
+    batch_size: Annotated[int, Range(ge=1), Help("rows per forward pass")] = 16
+    disc_steps: Annotated[
+        int, Range(ge=1, unset=0, same_as="data.seq_len"), Help("N_disc (0 = L)")
+    ] = 0
+    strategy: Annotated[
+        str,
+        OneOf(STRATEGIES, filled_by=SAMPLERS_MODULE),
+        Help(
+            "which masked positions each step reveals: ancestral (random unmasking, the exact "
+            "reverse process), topk (the k = L / N_disc most confident), threshold (every "
+            "position above confidence_threshold, at least one per row and step), greedy_tail "
+            "(DUO: argmax at the last step)"
+        ),
+    ] = "ancestral"
+    confidence_threshold: Annotated[
+        float,
+        Range(gt=0, le=1),
+        Help("the threshold strategy: reveal every token drawn with a probability above this"),
+    ] = 0.9
+    temperature: Annotated[
+        float, Range(gt=0), Help("divides the logits before every token draw")
+    ] = 1.0
+    top_p: Annotated[
+        float,
+        Range(gt=0, le=1),
+        Help("nucleus sampling: keep the smallest set of tokens with this probability mass"),
+    ] = 1.0
+    float64_gumbel: Annotated[
+        bool, Help("draw the Gumbel noise of token draws in float64 (fp32 ties at large V)")
+    ] = True
+    cache: Annotated[
+        bool,
+        Help(
+            "reuse the previous step's network output when no token changed (exact: no time "
+            "input); --no-cache recomputes every step"
+        ),
+    ] = True
+    sampler: Annotated[
+        str,
+        OneOf("diladiff.sampling.masked:SAMPLERS"),
+        Help(
+            "fast: the vocabulary head and the token draw only at the positions drawn; "
+            "reference: the previous full-vocabulary sampler (same samples, slower)"
+        ),
+    ] = "fast"
+    seed: Annotated[int, Help("random seed (the same seed gives the same samples)")] = 0
+    # Latent stages (sampling.latent.LatentSettings): each latent stage's presets set its own
+    # latent sampler and N_cont.
     latent_sampler: Annotated[
-        str, OneOf(LATENT_SAMPLERS, filled_by=SAMPLERS_MODULE, empty="the stage's own")
+        str,
+        OneOf(LATENT_SAMPLERS, filled_by=SAMPLERS_MODULE, empty="the stage's own"),
+        Help("latent stages: the latent sampler"),
     ] = ""
     cont_steps: Annotated[
-        int, Range(ge=1, unset=0, means="LADD: ladd.latent_steps; unused without a latent")
+        int,
+        Range(ge=1, unset=0, means="LADD: ladd.latent_steps; unused without a latent"),
+        Help("N_cont of a latent stage's sampler (LADD: its sequential latent steps)"),
     ] = 0
-    gamma: Annotated[float, Range(ge=0, le=1), Satisfies(_gamma_needs_meanflow)] = 0.0
-    # The latent sampler's N_cont + 1 times: "" = the model's own (uniform in t; DiLaDiff:
-    # meanflow.time_grid; LDLM: its adaptive grid), "uniform" in t, or "angle" (evenly spaced
-    # in the schedule angle, where second-order solvers do best).
+    gamma: Annotated[
+        float,
+        Range(ge=0, le=1),
+        Satisfies(_gamma_needs_meanflow),
+        Help("MeanFlow gamma-sampling (0 = deterministic, 1 = jump to data and re-noise)"),
+    ] = 0.0
     time_grid: Annotated[
-        str, OneOf("diladiff.sampling.latent:TIME_GRIDS", empty="the model's own")
+        str,
+        OneOf("diladiff.sampling.latent:TIME_GRIDS", empty="the model's own"),
+        Help(
+            "latent stages: the sampler's N_cont + 1 times, uniform in t or evenly spaced in "
+            "the schedule angle (where second-order solvers do best); '' = the model's own"
+        ),
     ] = ""
-    # Stages that sample tokens and latent with one network (LADD): "joint" (both channels every
-    # step) or "sequential" (the latent first, in cont_steps steps, then the tokens).
-    inference: Annotated[str, OneOf("diladiff.sampling.joint:INFERENCES")] = "joint"
+    inference: Annotated[
+        str,
+        OneOf("diladiff.methods.ladd.sampler:INFERENCES"),
+        Help(
+            "stages sampling tokens and latent with one network (LADD): both channels every "
+            "step (joint), or the latent first in cont_steps steps (sequential)"
+        ),
+    ] = "joint"
 
 
 @dataclass

@@ -190,7 +190,7 @@ def sample_mdlm(stage, n_disc: int, plan: CheckPlan, device, joint=None) -> np.n
     from diladiff.sampling.generate import GenerationSettings, sample_batch
 
     gen = torch.Generator(device).manual_seed(plan.seed)
-    settings = GenerationSettings(_settings(stage, n_disc, plan), joint=joint)
+    settings = GenerationSettings(_settings(stage, n_disc, plan), method=joint)
     out = [
         sample_batch(stage, b, settings, gen, device)[0].cpu()
         for _, b in _batches(plan.num_samples, plan.batch_size)
@@ -377,7 +377,7 @@ def run_check(
             record(f"duo_{strategy}", {"stage": "duo", "strategy": strategy}, outputs)
         del duo
     if plan.with_ladd:  # both channels from one network: joint, or the latent first
-        from diladiff.sampling.joint import JointSettings
+        from diladiff.methods.ladd.sampler import JointSettings
 
         for kind in ("co-ladd", "di-ladd"):
             stage, _ = load_run(root / kind, device=device)

@@ -11,7 +11,7 @@ MDLM 21.37, LADD-128 22.95, ...). Embeddings, adaLN and output heads are left ou
 
     L_eff = L            an MDLM call,
     L_eff = L + N_z      an MM-DiT call: every call of this library's LADD samplers, joint or
-                         sequential (sampling/joint.py: the sequential sampler's latent steps
+                         sequential (methods/ladd/sampler.py: the sequential sampler's latent steps
                          run the same MM-DiT, its token stream all masked beside the latent).
 
 The paper's accounting charges sequential LADD's latent steps at L_eff = N_z

@@ -36,6 +36,7 @@ from diladiff.runs import load_run, run_kind
 from diladiff.sampling.generate import generate, write_samples
 from diladiff.stages import STAGES, LatentStage
 from diladiff.stages.latent import schedule_name
+from diladiff.stages.protocols import SizedNetwork
 
 
 def _label(name: str, stage) -> str:
@@ -207,7 +208,7 @@ def sample_gflops(stage, stats: dict, batches: int) -> float | None:
     from diladiff.eval import compute
 
     calls = stats.get("disc_nfe", 0) / batches
-    if hasattr(stage, "network_dims"):
+    if isinstance(stage, SizedNetwork):
         d = stage.network_dims()
         latent = stats.get("cont_nfe", 0) / batches
         args = (d["blocks"], d["width"], d["seq_len"], d["num_latents"])

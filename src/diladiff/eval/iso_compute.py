@@ -2,9 +2,9 @@
 the LADD paper's Table 2 (LM1B) and Table 5 (OWT): each method's GenPPL (and entropy, MAUVE) at
 fixed GFLOPs per sample (docs/methods/ladd.md#compute-accounting, #evaluation).
 
-1. Size matching. The MDLM must have the transformer `stages.ladd.matched_mdlm` gives for every
-   LADD run's MM-DiT (as many parameters in its blocks, one block deeper: the paper's 1024 x 13
-   against its 768 x 12) and the same L; otherwise the command stops and names the
+1. Size matching. The MDLM must have the transformer `methods.ladd.stage.matched_mdlm` gives
+   for every LADD run's MM-DiT (as many parameters in its blocks, one block deeper: the
+   paper's 1024 x 13 against its 768 x 12) and the same L; otherwise the command stops and names the
    `diladiff train mdlm` overrides that build it (`allow_unmatched` compares anyway and the
    result says so).
 2. Sweep. Every run is sampled and evaluated at each N_disc (eval/frontier.sweep_run: the fixed
@@ -31,9 +31,9 @@ from diladiff.config import Config, ConfigError
 from diladiff.eval import frontier
 from diladiff.eval.compute import doubling_budgets, interpolate_at_budget
 from diladiff.eval.protocol import device_record
+from diladiff.methods.ladd.stage import LADD, matched_mdlm
 from diladiff.runs import run_kind
 from diladiff.stages import STAGES
-from diladiff.stages.ladd import LADD, matched_mdlm
 
 METRICS = ("gen_ppl", "entropy", "mauve")  # the paper's Tables 2 and 11, and MAUVE
 MODEL_KEYS = ("depth", "width", "heads")

@@ -8,7 +8,7 @@ L), and as a perplexity exp(.); `bound` in the result names which likelihood.
 - Auto-encoder: the same bound for its decoder given the encoder's latent of x: a bound on
   -log p(x | z = E(x)), not on -log p(x) (`conditional: true`; x is seen through its latent).
 - LADD (Co-LADD, Di-LADD): the token channel's bound given the latent path of the row's own
-  encoder latent (stages/ladd.py `token_nll_bound`: weight 1/t, the latent noised as in
+  encoder latent (methods/ladd/stage.py `token_nll_bound`: weight 1/t, the latent noised as in
   training), on fresh times, masks and latent noise per draw: a bound on E[-log p(x | latent
   path of E(x))], the paper's data Val PPL (docs/methods/ladd.md#evaluation), not on
   -log p(x) of the generative model, so not comparable with an MDLM's (`conditional: true`).
@@ -72,11 +72,12 @@ from diladiff.config import ConfigError
 from diladiff.data.packing import prepare_data
 from diladiff.data.sources import source_from_config
 from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
+from diladiff.methods.ladd.stage import LADD
 from diladiff.processes.flow_likelihood import pf_ode_log_likelihood
 from diladiff.processes.gaussian import alpha_sigma
 from diladiff.runs import load_run
 from diladiff.stages import LatentStage
-from diladiff.stages.ladd import LADD
+from diladiff.stages.protocols import LatentConditioned, X0Prior
 
 # later q(z | x) times after diffusion.t_eps (the default grid)
 DEFAULT_T0S = (0.01, 0.1, 0.4, 0.8)
@@ -239,7 +240,7 @@ def eval_ppl(
             **ladd_bound(stage, x0, mc_samples, seed, device),
         }
     if isinstance(stage, LatentStage) and (
-        not hasattr(stage, "x0") or stage.latent_decoding != "masked"
+        not isinstance(stage, X0Prior) or stage.latent_decoding != "masked"
     ):
         raise ConfigError(
             f"eval-ppl bounds MDLM, auto-encoder, LaDiff and LADD runs; {stage.kind} has no "
@@ -265,7 +266,7 @@ def eval_ppl(
         )
         return {**out, **best, "per_t0": per_t0}
     bound = _masked_bound(stage, x0, mc_samples, seed, device)
-    conditional = hasattr(stage, "encode")
+    conditional = isinstance(stage, LatentConditioned)
     what = "-log p(x | E(x))" if conditional else "-log p(x)"
     keep = ("nll_bound", "ppl_bound", "recovery")
     return {**out, "bound": what, "conditional": conditional, **{k: bound[k] for k in keep}}

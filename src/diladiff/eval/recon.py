@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diladiff.processes.masking import mask_exactly
+from diladiff.stages.protocols import LatentConditioned
 
 
 @torch.no_grad()
@@ -130,7 +131,7 @@ def stage_denoiser(
     latent-conditioned decoder given its encoder's latent of x0 plus N(0, noise_std^2) noise
     (latent robustness), or with `replace_latent` given pure N(0, I) noise instead of the latent
     (the decoder on its own: what training's whole-latent replacement, p_drop, teaches it)."""
-    if not hasattr(stage, "encode"):
+    if not isinstance(stage, LatentConditioned):
         return (lambda x_t, cond: stage.log_probs(x_t)), None
 
     def condition(x0):

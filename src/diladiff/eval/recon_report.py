@@ -18,6 +18,7 @@ from diladiff.data.packing import prepare_data
 from diladiff.eval.recon import discrete_ratio_bound, full_mask_recovery, stage_denoiser
 from diladiff.plotting import pyplot, save
 from diladiff.runs import load_run, run_parents
+from diladiff.stages.protocols import LatentConditioned
 
 
 def heldout_rows(stage, tok, count: int, device) -> torch.Tensor:
@@ -44,7 +45,7 @@ def recon_report(
 
     name = f"{stage.kind} ({Path(run_dir).name})"
     out = {"runs": {name: measure(stage)}, "robustness": []}
-    if hasattr(stage, "encode"):
+    if isinstance(stage, LatentConditioned):
         # Control: the same decoder with z ~ N(0, I); the gap to the row above is the latent's.
         out["runs"][f"{name}, z ~ N(0, I)"] = measure(stage, replace_latent=True)
         gen = torch.Generator(device).manual_seed(seed)
@@ -53,7 +54,7 @@ def recon_report(
     if parent and Path(parent).is_dir():
         base, _ = load_run(parent, device=device)
         out["runs"][f"{base.kind} ({Path(parent).name})"] = measure(base)
-    if hasattr(stage, "encode"):
+    if isinstance(stage, LatentConditioned):
         for sigma in noise_levels:
             r = measure(stage, sigma, max(8, mc_samples // 8))
             out["robustness"].append(

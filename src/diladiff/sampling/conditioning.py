@@ -16,7 +16,7 @@ tokens through the two functions here, `canvas_start` and `clamp`:
   reveals masked positions, so a given token never changes, and the token time grid runs over
   the masked share M / L (top-k spreads the M masked positions over the N_disc steps).
 - uniform-state diffusion (DUO): starts from uniform noise with the given tokens in place and
-  overwrites them after every step and after the last one (`clamp`; sampling.uniform).
+  overwrites them after every step and after the last one (`clamp`; methods.duo.sampler).
 - LDLM's direct decoding: the decoded tokens are overwritten at the given positions (`clamp`),
   after a latent sampled with `TokenGuidance` (below): its latent has no per-position layout.
 

@@ -2,8 +2,8 @@
 
 `sample_batch(stage, batch, settings, generator, device)` is the one way to draw token ids:
 a masked-diffusion stage (MDLM) decodes from all-masked rows; a latent stage draws its latent
-(sampling/latent.py) and decodes conditioned on it; DUO (sampling/uniform.py) and LADD
-(sampling/joint.py) run their own samplers. Every generation takes a Condition
+(sampling/latent.py) and decodes conditioned on it; DUO (methods/duo/sampler.py) and LADD
+(methods/ladd/sampler.py) run their own samplers. Every generation takes a Condition
 (sampling/conditioning.py): a canvas of given tokens, which never change, and a reference
 text whose encoder latent replaces the prior sample (the stages with an encoder). The
 settings come from a run's sample.* config once, here (`generation_settings`): no other code
@@ -13,6 +13,7 @@ resolves defaults.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +22,8 @@ from tqdm.auto import tqdm
 from diladiff.config import ConfigError, SampleConfig
 from diladiff.runtime import autocast, synchronize
 from diladiff.sampling.conditioning import UNCONDITIONAL, Condition, TokenGuidance, clamp
-from diladiff.sampling.joint import JointSettings, sample_joint
 from diladiff.sampling.latent import LatentSettings, sample_latent
 from diladiff.sampling.masked import SamplerSettings, sample_masked
-from diladiff.sampling.uniform import sample_uniform
 from diladiff.stages.latent import LatentStage
 from diladiff.stages.masked import MaskedDiffusionStage
 
@@ -60,30 +59,74 @@ def latent_settings(sc: SampleConfig, stage_sampler: str = "") -> LatentSettings
 class GenerationSettings:
     tokens: SamplerSettings
     latent: LatentSettings | None = None  # None: the stage has no latent
-    joint: JointSettings | None = None  # a stage sampling tokens and latent together (LADD)
+    # The settings only the stage's generation kind reads (GenerationKind.settings; e.g.
+    # LADD's inference), None for the kinds without any.
+    method: object | None = None
     condition: Condition = UNCONDITIONAL  # prompt / suffix / infill canvas, reference latent
+
+
+@dataclass(frozen=True)
+class GenerationKind:
+    """How the stages naming it in `Stage.generation` draw token ids.
+
+    sample(stage, batch, settings: GenerationSettings, generator, device, progress) -> (ids
+    (batch, L), stats). `conditionable`: it takes a canvas (prompt, suffix, infill);
+    `latent_from`: its stages have an encoder for a reference text's latent; `settings(sc,
+    stage)`: its own settings from the run's sample.* (GenerationSettings.method), checked
+    before any sampling starts."""
+
+    name: str
+    sample: Callable
+    conditionable: bool = True
+    latent_from: bool = False
+    settings: Callable | None = None
+
+
+GENERATIONS: dict[str, GenerationKind] = {}
+
+
+def register_generation(
+    name: str, conditionable: bool = True, latent_from: bool = False, settings=None
+):
+    """A decorator registering `fn` as the generation kind `name` (GenerationKind)."""
+
+    def wrap(fn):
+        GENERATIONS[name] = GenerationKind(name, fn, conditionable, latent_from, settings)
+        return fn
+
+    return wrap
+
+
+def generation_kind(stage) -> GenerationKind:
+    try:
+        return GENERATIONS[stage.generation]
+    except KeyError:
+        raise ConfigError(
+            f"{stage.kind} generates by {stage.generation!r}, which no module registered "
+            f"(registered: {sorted(GENERATIONS)})"
+        ) from None
 
 
 def generation_settings(
     sc: SampleConfig, stage, condition: Condition = UNCONDITIONAL
 ) -> GenerationSettings:
     """Everything one generation of `stage` needs, resolved from `sc` once."""
-    latent = joint = None
+    kind = generation_kind(stage)
+    latent = None
     if isinstance(stage, LatentStage):
         latent = latent_settings(sc, stage.latent_sampler)
-    if condition.latent_ids is not None and stage.generation not in LATENT_FROM:
+    if condition.latent_ids is not None and not kind.latent_from:
         raise ConfigError(
             f"a {stage.kind} run has no latent (no encoder) to take from a reference text"
         )
-    if stage.generation == "joint":
-        joint = JointSettings(sc.inference, sc.cont_steps or stage.cfg.ladd.latent_steps)
-        stage.check_inference(sc.inference)  # before any sampling starts
-    if condition.canvas is not None and stage.generation not in CONDITIONABLE:
+    if condition.canvas is not None and not kind.conditionable:
+        takes = sorted(k for k, g in GENERATIONS.items() if g.conditionable)
         raise ConfigError(
-            f"prompts and infilling are implemented for {sorted(CONDITIONABLE)} generation, "
+            f"prompts and infilling are implemented for {takes} generation, "
             f"not {stage.kind}'s {stage.generation!r}"
         )
-    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent, joint, condition)
+    own = kind.settings(sc, stage) if kind.settings else None
+    return GenerationSettings(sampler_settings(sc, stage.seq_len), latent, own, condition)
 
 
 @torch.no_grad()
@@ -143,6 +186,14 @@ def decode_latent(
     return ids, {**stats, "decode_s": time.perf_counter() - t1}
 
 
+@register_generation("masked")
+def _generate_masked(stage, batch, settings: GenerationSettings, generator, device, progress):
+    """A masked-diffusion stage: N_disc steps from all-masked rows (or the canvas)."""
+    canvas = settings.condition.canvas_tensor()
+    return decode_tokens(stage, batch, settings.tokens, generator, device, progress, canvas=canvas)
+
+
+@register_generation("latent", latent_from=True)
 def _generate_latent(stage, batch, settings: GenerationSettings, generator, device, progress):
     """A latent stage: its latent (prior space), mapped to decoder space, then tokens; the
     stats split the time between the two (latent overhead). With a canvas, a stage that decodes
@@ -166,37 +217,12 @@ def _generate_latent(stage, batch, settings: GenerationSettings, generator, devi
     return ids, {**st, "cont_nfe": cont_nfe, "latent_s": t1 - t0}
 
 
-# How each kind of stage generates (Stage.generation names one): fn(stage, batch, settings,
-# generator, device, progress) -> (ids, stats).
-GENERATIONS = {
-    "masked": lambda stage, batch, settings, generator, device, progress: decode_tokens(
-        stage,
-        batch,
-        settings.tokens,
-        generator,
-        device,
-        progress,
-        canvas=settings.condition.canvas_tensor(),
-    ),
-    "latent": _generate_latent,
-    "uniform": lambda stage, batch, settings, *args: sample_uniform(
-        stage, batch, settings.tokens, *args, canvas=settings.condition.canvas_tensor()
-    ),
-    "joint": sample_joint,
-}
-# The generations that take a canvas (prompt, suffix, infill), and those whose stages have an
-# encoder for a reference text's latent (`latent_from`); a generation added elsewhere
-# (GENERATIONS) is refused both until it names itself here.
-CONDITIONABLE = ("masked", "latent", "uniform", "joint")
-LATENT_FROM = ("latent", "joint")
-
-
 @torch.no_grad()
 def sample_batch(
     stage, batch: int, settings: GenerationSettings, generator, device, progress: bool = False
 ):
     """Token ids (batch, L) and stats from any stage, by its `generation`."""
-    return GENERATIONS[stage.generation](stage, batch, settings, generator, device, progress)
+    return generation_kind(stage).sample(stage, batch, settings, generator, device, progress)
 
 
 @dataclass

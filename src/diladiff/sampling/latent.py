@@ -102,6 +102,7 @@ from diladiff.processes.gaussian import (
 )
 from diladiff.registry import registrar
 from diladiff.stages.latent import vp_schedule
+from diladiff.stages.protocols import OwnTimeGrid
 
 LATENT_SAMPLERS: dict[str, Callable] = {}
 register_latent_sampler = registrar(LATENT_SAMPLERS)
@@ -165,8 +166,7 @@ def model_time_grid(model, steps: int, name: str = "") -> torch.Tensor | None:
         return angle_time_grid(steps, vp_schedule(model.cfg.diffusion))
     if name == "uniform":
         return None
-    time_grid = getattr(model, "time_grid", None)
-    return None if time_grid is None else time_grid(steps)
+    return model.time_grid(steps) if isinstance(model, OwnTimeGrid) else None
 
 
 def _without_gamma(settings: LatentSettings, name: str) -> None:

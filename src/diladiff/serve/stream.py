@@ -42,8 +42,8 @@ from diladiff.sampling.conditioning import (
     make_condition,
 )
 from diladiff.sampling.generate import (
-    LATENT_FROM,
     GenerationSettings,
+    generation_kind,
     generation_settings,
     sample_batch,
 )
@@ -421,7 +421,7 @@ def run_info(name: str, model) -> dict:
         "generation": stage.generation,
         "L": stage.seq_len,
         "latent": latent,
-        "latent_from": stage.generation in LATENT_FROM,
+        "latent_from": generation_kind(stage).latent_from,
         "steps_reported": stage.generation in STEPPED,
         "mask_token": getattr(model.tokenizer, "mask_token", None),
         "defaults": {

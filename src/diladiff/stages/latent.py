@@ -11,13 +11,13 @@ with m, s the mean and standard deviation of z_ae over clean training rows, esti
 the frozen encoder when a run starts (`fit_prior_space`), so that the prior's data has
 zero-mean, unit-variance coordinates; z_ae = m + s z maps a prior sample back for decoding.
 
-The auto-encoder is a frozen copy of a parent run when `frozen_autoencoder` is True (LaDiff,
-DiLaDiff); a method that trains its encoder and decoder with the prior sets it False and
-provides `latent_dims`, `encode_clean` and its decoding itself: `latent_decoding` says how
-sampling/generate.py turns a latent into tokens ("masked": N_disc steps of the masked decoder
-`decoder_stage`; "direct": one call of the stage's `decode(z)`, LDLM). A method whose latents
-are not standardised for the prior (LDLM learns their scale) sets `standardised_prior` False:
-the prior space is then the decoder space.
+The auto-encoder is a frozen copy of a parent run, of the class `autoencoder_class` (LaDiff,
+DiLaDiff: the Autoencoder stage), when `frozen_autoencoder` is True; a method that trains its
+encoder and decoder with the prior sets it False and provides `latent_dims`, `encode_clean` and its
+decoding itself: `latent_decoding` says how sampling/generate.py turns a latent into tokens
+("masked": N_disc steps of the masked decoder `decoder_stage`; "direct": one call of the stage's
+`decode(z)`, LDLM). A method whose latents are not standardised for the prior (LDLM learns their
+scale) sets `standardised_prior` False: the prior space is then the decoder space.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from diladiff.config import Config, ConfigError, OneOf, Range, Satisfies, regist
 from diladiff.data.packing import PackedData
 from diladiff.features import Standardizer
 from diladiff.processes.fitted_schedule import FittedSchedule, parse_tanh
-from diladiff.stages.autoencoder import Autoencoder
 from diladiff.stages.base import Stage
 from diladiff.stages.masked import MaskedDiffusionStage
 
@@ -109,6 +108,8 @@ class LatentStage(Stage):
     """A latent prior plus a masked token decoder: latent sampling, then decoding."""
 
     frozen_autoencoder: ClassVar[bool] = True
+    # The frozen auto-encoder's stage class (a method's stage, set by the method).
+    autoencoder_class: ClassVar[type[Stage] | None] = None
     latent_decoding: ClassVar[str] = "masked"
     standardised_prior: ClassVar[bool] = True
     generation = "latent"
@@ -119,7 +120,11 @@ class LatentStage(Stage):
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
         if self.frozen_autoencoder:
-            self.ae = Autoencoder(cfg, tokenizer_identity).requires_grad_(False)
+            if self.autoencoder_class is None:
+                raise TypeError(
+                    f"{type(self).__name__} has a frozen auto-encoder: set autoencoder_class"
+                )
+            self.ae = self.autoencoder_class(cfg, tokenizer_identity).requires_grad_(False)
             self.seq_len, self.mask_id = self.ae.seq_len, self.ae.mask_id
         self.latent_shape = self.latent_dims(cfg)
         vp_schedule(cfg.diffusion)  # a bad schedule is a ConfigError before anything runs

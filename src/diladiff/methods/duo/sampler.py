@@ -5,8 +5,9 @@ From x_1 ~ uniform over the states, on the grid t_i = 1 - i (1 - t_min) / N (t_m
 the authors' code) with the log-linear schedule alpha_t = 1 - (1 - 1e-3) t, each step t -> s
 draws every position from
 
-    p_theta(x_s | x_t) = q(x_s | x_t, x = x_theta(x_t, sigma_t))      (processes.uniform.posterior,
-                                                                        drawn as a mixture)
+    p_theta(x_s | x_t) = q(x_s | x_t, x = x_theta(x_t, sigma_t))
+
+(methods.duo.process.posterior, drawn as a mixture)
 
 with x_theta the denoiser's distribution over the states, tempered and nucleus-filtered before
 it enters the posterior (as the authors' current code applies top-p), and the posterior in
@@ -32,8 +33,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from diladiff.processes.uniform import log_linear_alpha, prior_sample, sigma_from_alpha
+from diladiff.methods.duo.process import log_linear_alpha, prior_sample, sigma_from_alpha
 from diladiff.sampling.conditioning import clamp
+from diladiff.sampling.generate import register_generation
 from diladiff.sampling.masked import (
     CHUNK_VALUES,
     SamplerSettings,
@@ -62,7 +64,7 @@ def _x_theta(stage, x: torch.Tensor, t: float, settings: SamplerSettings) -> tor
 def _draw_posterior(log_x, x, a_s: float, a_t: float, states, settings, generator):
     """x_s ~ q(x_s | x_t, x_theta) at every position, without forming the (B, L, V) posterior.
 
-    With u = 1/V on the states and a_ts = a_t / a_s, the posterior (processes.uniform.posterior)
+    With u = 1/V on the states and a_ts = a_t / a_s, the posterior (methods.duo.process.posterior)
     is the mixture
 
         q  ∝  w_keep delta(x_t) + w_move r,    r = a_s x_theta + (1 - a_s) u,
@@ -95,6 +97,14 @@ def _draw_posterior(log_x, x, a_s: float, a_t: float, states, settings, generato
 
 
 @torch.no_grad()
+@register_generation("uniform")
+def generate_uniform(stage, batch: int, settings, generator, device, progress: bool = False):
+    """The "uniform" generation kind (sampling.generate): `sample_uniform` with the run's
+    token settings and canvas."""
+    canvas = settings.condition.canvas_tensor()
+    return sample_uniform(stage, batch, settings.tokens, generator, device, progress, canvas)
+
+
 def sample_uniform(
     stage,
     batch: int,

@@ -74,7 +74,7 @@ from diladiff.features import (
     feature_dtype,
     fits,
 )
-from diladiff.nets.cross_attention import LatentCrossAttention
+from diladiff.methods.autoencoder.cross_attention import LatentCrossAttention
 from diladiff.nets.perceiver import PerceiverCompressor
 from diladiff.nets.token_denoiser import TokenDenoiser
 from diladiff.runtime import cache_root
@@ -168,8 +168,8 @@ class AutoencoderConfig:
     # Position tables on the queries/keys between sequence and latent (nets/positions.py;
     # sinusoidal at init, learned). Not in the paper (docs/methods/autoencoder.md#deviations):
     # without them a small, briefly trained MDLM decoder's masked positions all ask the latent
-    # the same question and the latent goes unused (nets/cross_attention.py). False = the
-    # paper's architecture as described.
+    # the same question and the latent goes unused (methods/autoencoder/cross_attention.py).
+    # False = the paper's architecture as described.
     position_embeddings: bool = True
     # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
     # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).

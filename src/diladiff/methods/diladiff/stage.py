@@ -7,13 +7,13 @@ Student average velocity over [r, t], parameterised through the teacher's x0-pre
 
 where net_eta is the teacher's network plus a zero-initialised embedding of (t - r), so at
 initialisation u_eta(z_t, t, t) is exactly the teacher's velocity. The objective is
-processes.meanflow.meanflow_loss with the teacher's self-conditioned velocity v_psi(z_t, t):
+methods.diladiff.meanflow.meanflow_loss with the teacher's self-conditioned velocity v_psi(z_t, t):
 
     u_tgt = v_psi(z_t, t) - w_k (t - r) (v_psi . d_z u_eta + d_t u_eta)
 
 (the bracket a Jacobian-vector product; w_k a linear warm-up from 0 to 1), loss
 ||u_eta - stopgrad(u_tgt)||^2 / stopgrad(||.||^2 + c)^p per example. t, r ~ LogitNormal(m, s)
-(t the larger; processes.meanflow.sample_t_r), and r = t on a share of the examples.
+(t the larger; methods.diladiff.meanflow.sample_t_r), and r = t on a share of the examples.
 
 Self-conditioning. The teacher's velocity v_psi is self-conditioned on its own first pass,
 z_psi(z_t, t, z_psi(z_t, t, 0)). The student's self-conditioning input is, per example,
@@ -37,6 +37,8 @@ from typing import Annotated
 import torch
 
 from diladiff.config import Config, ConfigError, OneOf, Range, register_section
+from diladiff.methods.autoencoder import Autoencoder
+from diladiff.methods.diladiff.meanflow import DERIVATIVES, meanflow_loss, sample_t_r
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.processes.gaussian import (
     angle_time_grid,
@@ -44,7 +46,6 @@ from diladiff.processes.gaussian import (
     velocity_from_x0,
     x0_from_velocity,
 )
-from diladiff.processes.meanflow import DERIVATIVES, meanflow_loss, sample_t_r
 from diladiff.stages.base import Stage, register_stage
 from diladiff.stages.latent import LatentStage
 
@@ -85,6 +86,7 @@ class DiLaDiff(LatentStage):
     # N_cont 5, gamma 0 and the paper's gamma-sampling (about 0.1-0.3 is its best)
     eval_samplers = ({"cont_steps": 5, "gamma": 0.0}, {"cont_steps": 5, "gamma": 0.2})
     latent_sampler = "meanflow"  # sampling.latent.LATENT_SAMPLERS
+    autoencoder_class = Autoencoder  # the frozen auto-encoder of its teacher run
     budget_share = 0.1
     # Past the tiny preset's 100-step tangent warm-up, then 50 steps at full weight.
     demo_steps = 150

@@ -7,9 +7,9 @@ from a frozen pooled-embedding encoder and one two-stream MM-DiT denoising both 
     Co-LADD: z0 L2-normalised per vector; z_t = a_t z0 + s_t eps, VP "sqrt" schedule
              a_t^2 = sqrt(1 - t); shared time t_z = t_x; latent dropout p_tau (per row: z_t and
              z0 set to 0, the row left out of L_z)
-    Di-LADD: codes = VQ(z0) (cosine, EMA codebook; nets/vq.py), masked like tokens with their
-             own mask code, independent t_z; the network reads codebook vectors (z_mask where
-             masked)
+    Di-LADD: codes = VQ(z0) (cosine, EMA codebook; methods/ladd/vq.py), masked like tokens
+             with their own mask code, independent t_z; the network reads codebook vectors
+             (z_mask where masked)
     logits_x, out_z = MMDiT(x_t, z_in, t_z)
     L = L_x + lambda_z L_z (+ L_VQ),   L_x = (1/BL) sum_masked -log p(x0 | x_t, z_t)  (w = 1),
     Co: L_z = mean (z_hat - z0)^2 over kept rows;  Di: L_z = (1/B N_z) sum_masked CE over codes.
@@ -19,14 +19,13 @@ an upper bound on the tokens' NLL given a latent path of the text's own encoder 
 -log p(x) of the model (`token_nll_bound`; `diladiff eval-ppl` reports it for a LADD run).
 
 Di-LADD's two-stage recipe is `ladd.stage1_steps` (lambda_z = 0 before that step). Generation
-(sampling/joint.py): "joint" (one network call updates both channels; DDIM for Co-LADD's latent)
-or "sequential" (the latent first with the tokens all masked, then the tokens with the latent
-fixed), `sample.inference`. Sequential inference feeds the MM-DiT all-masked tokens beside a
+(methods/ladd/sampler.py): "joint" (one network call updates both channels; DDIM for Co-LADD's
+latent) or "sequential" (the latent first with the tokens all masked, then the tokens with the
+latent fixed), `sample.inference`. Sequential inference feeds the MM-DiT all-masked tokens beside a
 partly noised latent, then a clean latent at t_z = 0 beside masked tokens: Di-LADD (independent
-times) trains on both, Co-LADD only with ladd.independent_times = true; a Co-LADD run trained
-with shared times (the paper's recipe; the authors give sequential Co-LADD its own latent
-network and omit it for text, docs/methods/ladd.md#inference) samples joint only
-(`check_inference`).
+times) trains on both, Co-LADD only with ladd.independent_times = true; a Co-LADD run trained with
+shared times (the paper's recipe; the authors give sequential Co-LADD its own latent network and
+omit it for text, docs/methods/ladd.md#inference) samples joint only (`check_inference`).
 
 The latent's schedules are LADD's own (Co-LADD: VP "sqrt"; Di-LADD: masked, linear):
 `diffusion.schedule` (the latent stages' tangent or fitted VP schedule) does not apply and a
@@ -54,7 +53,7 @@ from diladiff.config import (
 )
 from diladiff.data.tokenizer import check_same_tokenizer
 from diladiff.features import FEATURE_PRECISIONS, PooledLatentEncoder, input_dropout_rows
-from diladiff.nets.mmdit import MMDiT
+from diladiff.methods.ladd.mmdit import MMDiT
 from diladiff.processes.gaussian import sqrt_alpha_sigma
 from diladiff.processes.masking import mask_tokens, sample_times, subs_logits
 from diladiff.stages.base import Stage, register_stage
@@ -121,7 +120,7 @@ class LADD(Stage):
     """What Co-LADD and Di-LADD share: the frozen encoder, the MM-DiT, the token loss."""
 
     latent_kind: ClassVar[str] = ""  # "continuous" or "discrete"
-    generation = "joint"  # sampling/joint.py
+    generation = "joint"  # methods/ladd/sampler.py
     eval_samplers = ({"inference": "joint"}, {"inference": "sequential"})
     optional = True  # a sibling method: the pipeline trains it when asked (--stages co-ladd)
     budget_share = 0.25
@@ -176,13 +175,13 @@ class LADD(Stage):
 
     @classmethod
     def trained_inferences(cls, cfg: Config) -> tuple[str, ...]:
-        """The inference modes (sampling/joint.py) whose network inputs a run of `cfg` trains
+        """The inference modes (methods/ladd/sampler.py) whose network inputs a run of `cfg` trains
         on (read from the config alone: no encoder or network is built)."""
         return INFERENCES
 
     @property
     def inferences(self) -> tuple[str, ...]:
-        """The inference modes (sampling/joint.py) whose network inputs training covered."""
+        """The inference modes (methods/ladd/sampler.py) whose network inputs training covered."""
         return self.trained_inferences(self.cfg)
 
     def check_inference(self, inference: str) -> None:
@@ -335,7 +334,7 @@ class CoLADD(LADD):
     @torch.no_grad()
     def reference_latent(self, x0: torch.Tensor) -> torch.Tensor:
         """The clean latent z0 (B, N_z, d_z) of rows x0, the encoder's (no input dropout): what
-        sampling holds fixed at t_z = 0 for a reference text (sampling/joint.py)."""
+        sampling holds fixed at t_z = 0 for a reference text (methods/ladd/sampler.py)."""
         return self.encoder(x0)
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator):
@@ -371,7 +370,7 @@ class DiLADD(LADD):
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__(cfg, tokenizer_identity)
-        from diladiff.nets.vq import CodeQuantizer
+        from diladiff.methods.ladd.vq import CodeQuantizer
 
         lc = cfg.ladd
         self.vq = CodeQuantizer(lc.latent_dim, lc.num_codes)
@@ -394,7 +393,7 @@ class DiLADD(LADD):
     def reference_latent(self, x0: torch.Tensor) -> torch.Tensor:
         """The codes (B, N_z) of rows x0: the encoder's latent, quantised (nearest codebook
         vector; eval mode, so the codebook is not updated). What sampling holds fixed for a
-        reference text (sampling/joint.py)."""
+        reference text (methods/ladd/sampler.py)."""
         return self.vq.quantize(self.encoder(x0))[1]
 
     def lambda_z(self) -> float:

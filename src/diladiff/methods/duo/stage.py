@@ -1,22 +1,22 @@
 """DUO (Sahoo et al., "The Diffusion Duality", ICML 2025): uniform-state discrete diffusion
 trained through its Gaussian relaxation; a discrete baseline beside the MDLM.
 
-Forward process (processes/uniform.py): each token kept with probability alpha_t, else replaced
+Forward process (methods/duo/process.py): each token kept with probability alpha_t, else replaced
 by a uniform draw over the states (every token but [MASK]); log-linear schedule
 alpha_t = 1 - (1 - 1e-3) t. The denoiser x_theta(x_t, sigma_t) is the MDLM's transformer with
 time conditioning on sigma_t = -log alpha_t (adaLN-Zero), a plain softmax over the states (no
 SUBS: under uniform noise no position is known to be clean).
 
-Loss: the continuous-time uniform-state ELBO (processes.uniform.diffusion_loss), per token,
+Loss: the continuous-time uniform-state ELBO (methods.duo.process.diffusion_loss), per token,
 averaged. Curriculum (training steps before curriculum_end): t -> gamma_t =
 gamma_min + t (gamma_max - gamma_min), a Gaussian latent w = sqrt(sigmoid(-gamma)) onehot(x_0) +
 sqrt(sigmoid(gamma)) eps over the states; the network reads the tempered softmax(w / tau)
 (embedded as probs @ E), the ELBO takes x_t = argmax(w), which is exactly a uniform-state
-corruption with alpha(gamma) (the duality map, processes.uniform.DualityMap), and alpha' =
+corruption with alpha(gamma) (the duality map, methods.duo.process.DualityMap), and alpha' =
 alpha'(gamma) (gamma_max - gamma_min). After the curriculum: the plain discrete ELBO.
 Validation always reports the discrete ELBO bound as a perplexity.
 
-Sampling: sampling/uniform.py (ancestral posterior steps; "greedy_tail": argmax at the end).
+Sampling: methods/duo/sampler.py (ancestral posterior steps; "greedy_tail": argmax at the end).
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ import torch
 
 from diladiff.config import Config, Range, Satisfies, register_section
 from diladiff.data.tokenizer import require_mask_id
-from diladiff.nets.token_denoiser import TokenDenoiser
-from diladiff.processes.masking import sample_times
-from diladiff.processes.uniform import (
+from diladiff.methods.duo.process import (
     DualityMap,
     corrupt,
     diffusion_loss,
@@ -39,6 +37,8 @@ from diladiff.processes.uniform import (
     log_linear_alpha,
     sigma_from_alpha,
 )
+from diladiff.nets.token_denoiser import TokenDenoiser
+from diladiff.processes.masking import sample_times
 from diladiff.stages.base import Stage, register_stage
 
 
@@ -76,7 +76,7 @@ class DUOConfig:
 @register_stage("duo")
 class DUO(Stage):
     eval_samplers = ({"strategy": "ancestral"}, {"strategy": "greedy_tail"})
-    generation = "uniform"  # sampling/uniform.py
+    generation = "uniform"  # methods/duo/sampler.py
     optional = True  # a baseline: the pipeline trains it only when asked (--stages duo)
     fsdp_per_block = True  # one network pass per forward, on every rank
     budget_share = 0.25

@@ -18,6 +18,7 @@ import torch
 
 from diladiff.config import Config
 from diladiff.data.packing import PackedData
+from diladiff.methods.autoencoder import Autoencoder
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.processes.gaussian import x0_prediction_loss
 from diladiff.stages.base import Stage, register_stage
@@ -30,6 +31,7 @@ class LaDiff(LatentStage):
     inherits = ("model", "data", "mdlm", "autoencoder")
     eval_samplers = ({"cont_steps": 200}, {"cont_steps": 5})
     latent_sampler = "ode_euler"  # sampling.latent.LATENT_SAMPLERS
+    autoencoder_class = Autoencoder  # the frozen auto-encoder of its parent run
     budget_share = 0.15
     demo_steps = 150
 

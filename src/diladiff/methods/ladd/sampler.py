@@ -1,5 +1,6 @@
-"""Sampling the augmented state (tokens x, latent z) of a LADD stage (stages/ladd.py) with its
-one two-stream network, on the grid t_k = 1 - k (1 - T_MIN) / N, k = 0..N [C: linspace(1, 1e-5)].
+"""Sampling the augmented state (tokens x, latent z) of a LADD stage (methods/ladd/stage.py)
+with its one two-stream network, on the grid t_k = 1 - k (1 - T_MIN) / N, k = 0..N
+[C: linspace(1, 1e-5)].
 
 Token reveal at a step t -> s (both channels of Di-LADD, the tokens of Co-LADD): the masked
 decoding strategies of sampling/masked.py ("ancestral": each masked position revealed with
@@ -58,12 +59,14 @@ from diladiff.config import ConfigError
 from diladiff.processes.gaussian import ddim_step, sqrt_alpha_sigma
 from diladiff.processes.masking import subs_logits
 from diladiff.sampling.conditioning import canvas_start
+from diladiff.sampling.generate import register_generation
 from diladiff.sampling.masked import (
     STRATEGIES,
     SamplerSettings,
     draws_from_logits,
     sampling_logits,
 )
+from diladiff.stages.protocols import InferenceModes
 
 INFERENCES = ("joint", "sequential")
 T_MIN = 1e-5  # the grid's last time before the noise-removal call [C]
@@ -136,14 +139,23 @@ def _ddim(z: torch.Tensor, z_hat: torch.Tensor, t: float, s: float, eps: float) 
 
 
 @torch.no_grad()
+def joint_settings(sc, stage) -> JointSettings:
+    """LADD's own sampling settings from the run's sample.* (GenerationSettings.method):
+    sample.inference and N_cont (sample.cont_steps, default ladd.latent_steps); an inference
+    the network was not trained for is a ConfigError here, before any sampling starts."""
+    stage.check_inference(sc.inference)
+    return JointSettings(sc.inference, sc.cont_steps or stage.cfg.ladd.latent_steps)
+
+
+@register_generation("joint", latent_from=True, settings=joint_settings)
 def sample_joint(stage, batch: int, settings, generator, device, progress: bool = False):
     """(batch, L) token ids of a LADD stage and stats (disc_nfe: network calls, cont_nfe:
-    latent-only calls of sequential inference); `settings` a GenerationSettings with .joint
-    and .condition (a canvas of given tokens, a reference text's ids: module docstring)."""
-    tok, js, cond = settings.tokens, settings.joint, settings.condition
-    check = getattr(stage, "check_inference", None)  # LADD stages; test stubs may lack it
-    if check is not None:
-        check(js.inference)  # ConfigError for an inference the network was not trained for
+    latent-only calls of sequential inference); `settings` a GenerationSettings with .method
+    (JointSettings) and .condition (a canvas of given tokens, a reference text's ids: module
+    docstring)."""
+    tok, js, cond = settings.tokens, settings.method, settings.condition
+    if isinstance(stage, InferenceModes):  # LADD stages; test stubs may lack it
+        stage.check_inference(js.inference)  # before a network call wasted on a refused mode
     device = torch.device(device)
     x, share = canvas_start(cond.canvas_tensor(), batch, stage.seq_len, stage.mask_id, device)
     ref = None
