@@ -7,9 +7,9 @@ from conftest import TINY
 from diladiff.cli import main
 from diladiff.config import build_config
 from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
-from diladiff.features import RunningStandardizer
 from diladiff.methods.autoencoder.stage import Autoencoder, augment_features, augment_latent
 from diladiff.methods.mdlm.stage import MDLM
+from diladiff.nets.standardize import RunningStandardizer
 from diladiff.train.checkpoint import latest_checkpoint
 
 AE_SMALL = [

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from diladiff.check import metrics as M
-from diladiff.check.parallel_decoding import disc_grid, verdict
+from diladiff.check.plan import disc_grid
+from diladiff.check.report import verdict
 
 TARGETS = np.array([[1, 2, 3, 4], [1, 2, 3, 5], [7, 7, 7, 7]])
 
@@ -61,8 +62,78 @@ def test_disc_grid_is_the_issue_grid():
     assert disc_grid(16) == [1, 2, 4, 8, 16]
 
 
+def test_methods_are_checked_against_the_registry():
+    from diladiff.check.plan import CheckPlan, parse_methods, parse_steps
+    from diladiff.config import ConfigError
+
+    assert parse_methods(" duo, ldlm,duo ") == ("duo", "ldlm")
+    assert parse_steps("mdlm=5, duo=7") == {"mdlm": 5, "duo": 7}
+    # an unknown name, a stage of the chain itself, a stage that generates nothing
+    for bad in ("nope", "ladiff", "autoencoder"):
+        with pytest.raises(ConfigError, match=f"'{bad}' is not a method") as err:
+            parse_methods(f"duo,{bad}")
+        assert "\n" not in str(err.value) and "co-ladd" in str(err.value)
+        with pytest.raises(ConfigError):
+            CheckPlan(methods=(bad,))
+    with pytest.raises(ConfigError, match="expected STAGE=N"):
+        parse_steps("mdlm=many")
+    # steps only for the stages the check trains: a method's once it is asked for
+    with pytest.raises(ConfigError, match="trains no stage 'duo'"):
+        CheckPlan(steps={"duo": 5}).check_steps()
+    plan = CheckPlan(steps={"duo": 5}, methods=("duo",))
+    plan.check_steps()
+    assert plan.stage_steps()["duo"] == 5
+
+
+def test_a_registered_method_is_trained_with_its_ancestors_and_its_check_steps(monkeypatch):
+    """Nothing in the check names a method: a stage registered by a plug-in is a method too,
+    trained after its parents for its own `check_steps` unless the plan's steps say otherwise,
+    and sampled with its own `eval_samplers` unless the plan's samplers say otherwise."""
+    from diladiff.check.plan import CHAIN, CheckPlan, method_choices
+    from diladiff.stages import STAGES, MaskedDiffusionStage
+
+    class Plugin(MaskedDiffusionStage):
+        kind = "plugin-check"
+        parents = {"base": "duo"}
+        eval_samplers = ({"strategy": "topk"},)
+        optional = True
+        check_steps = 7
+
+    monkeypatch.setitem(STAGES, Plugin.kind, Plugin)
+    assert Plugin.kind in method_choices() and CHAIN.prior not in method_choices()
+    plan = CheckPlan(methods=(Plugin.kind,), steps={"mdlm": 11})
+    assert plan.kinds() == [*CHAIN.kinds(), "duo", Plugin.kind]
+    overrides = plan.stage_overrides()
+    assert overrides[Plugin.kind] == ["train.max_steps=7", "train.total_steps=7"]
+    assert overrides["duo"][0] == f"train.max_steps={STAGES['duo'].check_steps}"
+    assert overrides["mdlm"][0] == "train.max_steps=11"
+    assert plan.method_samplers(Plugin.kind) == Plugin.eval_samplers
+    sweep = ({"strategy": "ancestral"}, {"strategy": "topk", "temperature": 0.5})
+    assert (
+        CheckPlan(methods=(Plugin.kind,), samplers={Plugin.kind: sweep}).method_samplers(
+            Plugin.kind
+        )
+        == sweep
+    )
+
+
+def test_a_sampler_overrides_the_plans_token_draws():
+    from diladiff.check.plan import CheckPlan
+    from diladiff.config import SampleConfig
+
+    base = SampleConfig(cont_steps=128, gamma=0.3, top_p=0.9)
+    plan = CheckPlan(strategy="topk", temperature=0.5)
+    own = plan.sample_config(base, {}, 4)
+    assert (own.strategy, own.temperature, own.top_p, own.disc_steps) == ("topk", 0.5, 1.0, 4)
+    assert (own.cont_steps, own.gamma) == (128, 0.0)  # the run's N_cont; gamma only if asked
+    duo = plan.sample_config(base, {"strategy": "greedy_tail", "temperature": 2.0}, 1)
+    assert (duo.strategy, duo.temperature, duo.disc_steps) == ("greedy_tail", 2.0, 1)
+    latent = plan.sample_config(base, {"cont_steps": 5, "gamma": 0.2}, 16)
+    assert (latent.cont_steps, latent.gamma, latent.strategy) == (5, 0.2, "topk")
+
+
 def test_corpus_packs_back_into_exactly_its_rows(tmp_path):
-    from diladiff.check.parallel_decoding import build_corpus, training_config, write_corpus
+    from diladiff.check.corpus import build_corpus, training_config, write_corpus
     from diladiff.config import build_config
     from diladiff.data.packing import prepare_data
     from diladiff.data.tokenizer import load_tokenizer, separator_id
@@ -83,7 +154,7 @@ def test_corpus_packs_back_into_exactly_its_rows(tmp_path):
 def test_corpus_too_small_is_a_clear_error(tmp_path):
     from conftest import write_jsonl
 
-    from diladiff.check.parallel_decoding import build_corpus
+    from diladiff.check.corpus import build_corpus
     from diladiff.data.tokenizer import load_tokenizer
     from diladiff.errors import DataError
 
@@ -135,7 +206,7 @@ def test_exact_factorised_topk_is_exact_one_token_per_step_and_temperature_sharp
 def test_euler_sampler_with_the_exact_denoiser_lands_on_the_targets():
     import torch
 
-    from diladiff.check.parallel_decoding import exact_prior_x0, latent_landing
+    from diladiff.check.latents import exact_prior_x0, latent_landing
     from diladiff.sampling.latent import euler_ode_sample
 
     gen = torch.Generator().manual_seed(0)
@@ -242,35 +313,68 @@ def test_parallel_decoding_check_end_to_end(tmp_path):
 
 
 def test_parallel_decoding_check_wiring_on_a_briefly_trained_chain(tmp_path):
-    """The fast twin of the end-to-end check: the same command and files on a chain trained a
-    few steps (no margin is expected of it), ancestral then top-k from the same trained stages."""
-    from diladiff.cli import main
+    """The fast twin of the end-to-end check: the same files on a chain trained a few steps
+    (no margin is expected of it), with two registered methods beside it (one drawn by its
+    generation kind with its own strategies, one latent), ancestral then top-k from the same
+    trained stages."""
+    from diladiff.check.parallel_decoding import run_check
+    from diladiff.check.plan import CheckPlan
+    from diladiff.config import ConfigError
+    from diladiff.pipeline import row_name
+    from diladiff.stages import STAGES
 
     root = tmp_path / "check"
-    argv = ["check", "parallel-decoding", "--run-dir", str(root), "--num-sequences", "16"]
-    argv += ["--num-samples", "8", "--steps", "mdlm=3,autoencoder=3,ladiff=3,diladiff=3"]
+    methods = ("duo", "ldlm")
+    steps = {k: 3 for k in ("mdlm", "autoencoder", "ladiff", "diladiff", *methods)}
     warmups = ["train.warmup_steps=1", "autoencoder.encoder_warmup_steps=1"]
     warmups += ["autoencoder.decoder_warmup_steps=1", "meanflow.tangent_warmup_steps=1"]
-    code = main(argv + SLOW_OVERRIDES + warmups)
-    result = json.loads((root / "check.json").read_text())
-    assert code == (0 if result["verdict"]["diagnosis"] == "every link passes" else 1)
+    warmups += ["ldlm.encoder_warmup_steps=1"]
+
+    def check(strategy: str) -> dict:
+        plan = CheckPlan(num_samples=8, steps=dict(steps), strategy=strategy)
+        return run_check(root, "tiny", SLOW_OVERRIDES + warmups, 16, plan=plan, methods=methods)
+
+    with pytest.raises(ConfigError, match="trains no stage 'duo', 'ldlm'"):
+        run_check(root, "tiny", [], 16, plan=CheckPlan(steps=dict(steps)))
+    assert not root.exists() or not any(root.iterdir())  # refused before any work
+
+    result = check("ancestral")
+    assert result == json.loads((root / "check.json").read_text())
     assert (root / "check.png").stat().st_size > 0
-    assert "## Validity" in (root / "check.md").read_text()
+    md = (root / "check.md").read_text()
+    assert "## Validity" in md
     assert result["disc_steps"] == [1, 2, 4, 8, 16]
+    assert result["steps"] == steps
+    assert all((root / kind / "COMPLETE").is_file() for kind in steps)
     g = result["generators"]
-    assert set(g) >= CHECK_GENERATORS
+    # every sampler the methods' stages declare, named as the pipeline names its rows
+    method_rows = {row_name(k, s, None) for k in methods for s in STAGES[k].eval_samplers}
+    assert {"duo_ancestral", "duo_greedy_tail", "ldlm_cont32"} <= method_rows
+    assert set(g) == CHECK_GENERATORS | method_rows | {"ldlm_oracle"}
     for name, gen in g.items():
         assert [r["disc_steps"] for r in gen["rows"]] == [1, 2, 4, 8, 16], name
         assert all(0.0 <= r["validity"] <= 1.0 for r in gen["rows"]), name
+    assert (g["duo_greedy_tail"]["stage"], g["duo_greedy_tail"]["strategy"]) == (
+        "duo",
+        "greedy_tail",
+    )
+    # a latent method: where its samples land among its own encoder's latents, its own oracle
+    assert g["ldlm_cont32"]["cont_steps"] == 32 and "nn_ratio_median" in g["ldlm_cont32"]["latent"]
+    assert all("oracle_match" in r for r in g["ldlm_oracle"]["rows"])
+    assert "| ldlm_oracle |" in md.split("## Oracle")[1]
     # the exact prior needs no training: its samples sit on the K latents already
     assert g["exact_prior_cont200"]["latent"]["nn_ratio_median"] < 0.05
-    assert main(argv + ["--strategy", "topk"] + SLOW_OVERRIDES + warmups) in (0, 1)
+
+    topk = check("topk")
     assert (root / "check.json").read_text() == json.dumps(result, indent=2) + "\n"
-    topk = json.loads((root / "check_topk_t1.json").read_text())
+    assert topk == json.loads((root / "check_topk_t1.json").read_text())
     assert topk["sampler"].startswith("topk, temperature 1")
     assert set(topk["generators"]) == set(g)
     tv = {r["disc_steps"]: r["validity"] for r in topk["generators"]["exact_factorised"]["rows"]}
     assert tv[16] == 1.0 and tv[2] == 0
+    # a method's own strategies win over the plan's: its rows are the same samples
+    for name in ("duo_ancestral", "duo_greedy_tail"):
+        assert topk["generators"][name] == g[name]
 
 
 def _gen(validity: list[float], coverage: list[float], cont: int | None = None, match=None):

@@ -116,6 +116,34 @@ def test_charged_gflops_are_the_positions_the_sampler_runs(ladd_runs, kind, infe
     assert sample_gflops(stage, out.stats, batches) == pytest.approx(executed, rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mdlm", "duo"])
+def test_single_transformer_samplers_are_charged_their_calls_over_l_positions(kind):
+    """MDLM and DUO declare their network (SizedNetwork): the frontier charges each sample its
+    denoiser calls over L positions, the calls counted by a hook on the network."""
+    from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
+    from diladiff.eval.frontier import sample_gflops
+    from diladiff.sampling.generate import generate
+    from diladiff.stages import STAGES
+
+    cfg = build_config("tiny", TINY, kind)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    stage = STAGES[kind](cfg, tokenizer_identity(tok)).eval()
+    positions = []
+    hook = stage.net.backbone.register_forward_pre_hook(
+        lambda m, args: positions.append(args[0].shape[1])
+    )
+    sc = copy.deepcopy(stage.cfg.sample)
+    sc.num_samples, sc.batch_size, sc.disc_steps, sc.cache = 4, 2, 3, False
+    try:
+        out = generate(stage, tok, sc, "cpu", progress=False)
+    finally:
+        hook.remove()
+    mc, batches = cfg.model, 2
+    executed = sum(gflops_per_call(mc.depth, mc.width, n) for n in positions) / batches
+    assert positions and executed > 0
+    assert sample_gflops(stage, out.stats, batches) == pytest.approx(executed, rel=1e-12)
+
+
 # ---------------------------------------------------------------- compare-compute
 def fake_run(folder, kind, *overrides):
     folder.mkdir(parents=True)

@@ -243,7 +243,7 @@ def test_every_drawn_configuration_is_refused_in_one_line_or_builds_2000(
     check_scenario(*scenario, parent_runs, tokenizer)
 
 
-# The sample command's options that set a config key (cli._common_sampling_args and sample).
+# The sample command's options that set a config key (cli.options.common_sampling_args and sample).
 OPTIONS = {
     "--disc-steps": "sample.disc_steps",
     "--cont-steps": "sample.cont_steps",

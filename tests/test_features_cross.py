@@ -18,11 +18,11 @@ from diladiff.features import (
     FeatureModel,
     RetokenizedFeatures,
     RowIndex,
-    RunningStandardizer,
 )
 from diladiff.features.cache import VERIFY_ROWS
 from diladiff.methods.autoencoder.stage import Autoencoder, augment_features
 from diladiff.nets.perceiver import PerceiverCompressor
+from diladiff.nets.standardize import RunningStandardizer
 
 SPECIAL = ["[PAD]", "[UNK]", "[SEP]", "[MASK]"]
 WORDS = (

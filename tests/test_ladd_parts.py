@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from diladiff.config import ConfigError
-from diladiff.features import FeatureModel, PooledLatentEncoder, input_dropout_rows, pool_latents
+from diladiff.features import FeatureModel
 from diladiff.methods.ladd import sampler as joint
+from diladiff.methods.ladd.encoder import PooledLatentEncoder, input_dropout_rows, pool_latents
 from diladiff.processes.gaussian import ddim_step, sqrt_alpha_sigma
 from diladiff.sampling.conditioning import Condition
 from diladiff.sampling.generate import GenerationSettings

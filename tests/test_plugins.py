@@ -92,3 +92,69 @@ def test_registry_order_puts_parents_first_and_rejects_cycles():
     assert stage_order(["diladiff"]) == ["mdlm", "autoencoder", "ladiff", "diladiff"]
     with pytest.raises(KeyError, match="not registered"):
         stage_order(["nope"])
+
+
+@pytest.fixture
+def toy_method_registered():
+    """Import the toy_method plug-in (tests/toy_method/) for one test, then unregister it."""
+    from diladiff.sampling.generate import GENERATIONS
+
+    yield
+    STAGES.pop("toy-ltr", None)
+    GENERATIONS.pop("left_to_right", None)
+    config_mod.STAGE_PRESET_CHANGES.pop("toy-ltr", None)
+    config_mod.SECTIONS.pop("left_to_right", None)
+    for name in ("toy_method", "toy_method.stage", "toy_method.sampler"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.slow
+def test_a_method_with_its_own_generation_kind_is_one_folder_plus_one_registration(
+    tmp_path, monkeypatch, capsys, toy_method_registered
+):
+    """tests/toy_method/: a stage, a left-to-right sampler registered as its own generation
+    kind, nothing under src/ naming it; registered by DILADIFF_PLUGINS alone, it trains,
+    samples (CLI and API), runs through the pipeline (evaluation rows, bench, GFLOPs) and is
+    refused a prompt (its kind takes no canvas) with a one-line error, and is sampled by the
+    parallel-decoding check beside the chain (`--methods toy-ltr`)."""
+    from diladiff.sampling.generate import GENERATIONS
+
+    monkeypatch.setenv("DILADIFF_PLUGINS", "toy_method")
+    assert "toy_method" in load_plugins()
+    assert "toy-ltr" in STAGES and "left_to_right" in GENERATIONS
+    monkeypatch.setitem(pipeline.EVAL_PLANS, "tiny", SMALL_PLAN)
+    root = tmp_path / "pipe"
+    overrides = [*TINY, "train.max_steps=3"]
+    args = ["--preset", "tiny", "--run-dir", str(root), "--device", "cpu"]
+    assert main(["pipeline", "--stages", "toy-ltr", *args, *overrides]) == 0
+
+    assert (root / "toy-ltr" / "COMPLETE").is_file() and not (root / "mdlm").exists()
+    report = (root / "report.md").read_text()
+    assert "| toy-ltr_disc4 |" in report and "| toy-ltr_disc32 |" in report
+    sampled = json.loads((root / "eval" / "toy-ltr_disc4.json").read_text())
+    assert sampled["generator"]["disc_nfe"] == 4 * 1  # 4 left-to-right calls, one batch of 4
+    bench = json.loads((root / "eval" / "bench.json").read_text())
+    assert {r["stage"] for r in bench} == {"toy-ltr"}
+    frontier = json.loads((root / "frontier" / "frontier.json").read_text())
+    assert all(p["gflops_per_sample"] > 0 for p in frontier["points"])  # SizedNetwork
+
+    out = tmp_path / "ltr.jsonl"
+    argv = ["sample", str(root / "toy-ltr"), "--num-samples", "2", "--disc-steps", "8"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = [json.loads(x)["ids"] for x in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r) == 32 for r in rows)
+    model = diladiff_load(root / "toy-ltr")
+    assert model.generate(num_samples=2, disc_steps=8).ids == rows  # same seed, same ids
+    capsys.readouterr()
+    assert main([*argv, "--prompt", "The"]) == 2
+    assert "not toy-ltr's 'left_to_right'" in capsys.readouterr().err
+    assert (
+        main(["bench", "sample", str(root / "toy-ltr"), "--batch-sizes", "1", "--repeats", "1"])
+        == 0
+    )
+
+
+def diladiff_load(run):
+    import diladiff
+
+    return diladiff.load(run, device="cpu")

@@ -295,7 +295,7 @@ def untrained_statistics(stage: nn.Module) -> int:
     standardisers (a LaDiff's auto-encoder, a DiLaDiff's prior space) would otherwise refuse to
     standardise. Standardising costs the same whatever the statistics; a standardiser that
     training or prepare() fits is fitted as usual. Returns how many were set."""
-    from diladiff.features import RunningStandardizer, Standardizer
+    from diladiff.nets.standardize import RunningStandardizer, Standardizer
 
     n = 0
     for m in stage.modules():

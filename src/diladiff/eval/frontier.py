@@ -203,22 +203,20 @@ def frontier(
 
 def sample_gflops(stage, stats: dict, batches: int) -> float | None:
     """Backbone GFLOPs of one sample (eval/compute.py) from the sampler's call counts, summed
-    over `batches` batches: LADD (joint, or sequential when it made latent-only calls) and the
-    single-transformer samplers (MDLM, DUO); None for the latent-prior stages."""
+    over `batches` batches, for the stages that sample with one network (SizedNetwork: MDLM,
+    DUO, LADD; N_z = 0 but for LADD, whose sequential inference's latent-only calls, cont_nfe,
+    run over L + N_z positions too); None for the others (a latent prior plus a decoder)."""
     from diladiff.eval import compute
 
+    if not isinstance(stage, SizedNetwork):
+        return None
     calls = stats.get("disc_nfe", 0) / batches
-    if isinstance(stage, SizedNetwork):
-        d = stage.network_dims()
-        latent = stats.get("cont_nfe", 0) / batches
-        args = (d["blocks"], d["width"], d["seq_len"], d["num_latents"])
-        if latent:
-            return compute.ladd_sequential_gflops(latent, calls - latent, *args)
-        return compute.ladd_joint_gflops(calls, *args)
-    if stage.generation in ("masked", "uniform"):
-        mc = stage.cfg.model
-        return compute.mdlm_gflops(calls, mc.depth, mc.width, stage.seq_len)
-    return None
+    d = stage.network_dims()
+    latent = stats.get("cont_nfe", 0) / batches
+    args = (d["blocks"], d["width"], d["seq_len"], d["num_latents"])
+    if latent:
+        return compute.ladd_sequential_gflops(latent, calls - latent, *args)
+    return compute.ladd_joint_gflops(calls, *args)
 
 
 def _by_run(rows: list[dict]) -> dict[str, list[dict]]:

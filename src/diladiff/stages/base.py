@@ -89,6 +89,9 @@ class Stage(nn.Module):
     budget_share: ClassVar[float] = 0.1
     # The demo's training steps for this stage (the built-in CPU-sized chain).
     demo_steps: ClassVar[int] = 100
+    # The parallel-decoding check's training steps for this stage (check/plan.py), its whole
+    # schedule: long enough for a generator to memorise the check's K rows.
+    check_steps: ClassVar[int] = 1500
 
     def __init__(self, cfg: Config, tokenizer_identity: dict):
         super().__init__()

@@ -32,7 +32,7 @@ import torch
 
 from diladiff.config import Config, ConfigError, OneOf, Range, Satisfies, register_section
 from diladiff.data.packing import PackedData
-from diladiff.features import Standardizer
+from diladiff.nets.standardize import Standardizer
 from diladiff.processes.fitted_schedule import FittedSchedule, parse_tanh
 from diladiff.stages.base import Stage
 from diladiff.stages.masked import MaskedDiffusionStage

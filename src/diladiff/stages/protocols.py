@@ -14,6 +14,8 @@ command to work with it:
                         before any sampling starts (LADD)
     OwnTimeGrid         latent samplers: the model chooses its own sampling times (DiLaDiff's
                         jumps, LDLM's adaptive schedule)
+    TokenChannelBound   eval-ppl: a joint token-latent model's bound on its token channel
+                        given the row's own latent path (LADD)
 """
 
 from __future__ import annotations
@@ -56,3 +58,10 @@ class InferenceModes(Protocol):
 class OwnTimeGrid(Protocol):
     def time_grid(self, steps: int) -> torch.Tensor | None:
         """The model's steps + 1 sampling times from 1 to 0 (None: the sampler's own grid)."""
+
+
+@runtime_checkable
+class TokenChannelBound(Protocol):
+    def token_bound(self, x0: torch.Tensor, mc_samples: int, generator: torch.Generator) -> dict:
+        """{"nll_bound", "nll_bound_mc_stderr", ...}: the token channel's bound per token on
+        rows x0 given their own latent path, `mc_samples` Monte Carlo draws per row."""

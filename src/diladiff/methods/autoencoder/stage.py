@@ -70,12 +70,12 @@ from diladiff.features import (
     FeatureCache,
     FeatureModel,
     RetokenizedFeatures,
-    RunningStandardizer,
     feature_dtype,
     fits,
 )
 from diladiff.methods.autoencoder.cross_attention import LatentCrossAttention
 from diladiff.nets.perceiver import PerceiverCompressor
+from diladiff.nets.standardize import RunningStandardizer
 from diladiff.nets.token_denoiser import TokenDenoiser
 from diladiff.runtime import cache_root
 from diladiff.stages.base import Stage, register_stage
@@ -252,6 +252,7 @@ class Autoencoder(MaskedDiffusionStage):
     reports = ("recon",)
     budget_share = 0.25
     demo_steps = 600
+    check_steps = 800  # its decoder memorises the check's rows from the MDLM's start
 
     @classmethod
     def preset_changes(cls, cfg: Config, preset: str) -> None:

@@ -90,6 +90,7 @@ class DiLaDiff(LatentStage):
     budget_share = 0.1
     # Past the tiny preset's 100-step tangent warm-up, then 50 steps at full weight.
     demo_steps = 150
+    check_steps = 300  # distilling a teacher that already fits the check's K latents
 
     @classmethod
     def preset_changes(cls, cfg: Config, preset: str) -> None:

@@ -114,6 +114,12 @@ class DUO(Stage):
         self._duality: DualityMap | None = None  # built on first use (training only)
         self.step = 0  # set by on_step: the curriculum depends on it (exact resume)
 
+    def network_dims(self) -> dict:
+        """What one sampler call runs (compute accounting, stages.protocols.SizedNetwork): the
+        denoiser's blocks and width over L positions, no latent."""
+        mc = self.cfg.model
+        return {"blocks": mc.depth, "width": mc.width, "seq_len": self.seq_len, "num_latents": 0}
+
     def summary(self) -> str:
         dc = self.cfg.duo
         return (

@@ -52,7 +52,8 @@ from diladiff.config import (
     register_section,
 )
 from diladiff.data.tokenizer import check_same_tokenizer
-from diladiff.features import FEATURE_PRECISIONS, PooledLatentEncoder, input_dropout_rows
+from diladiff.features import FEATURE_PRECISIONS
+from diladiff.methods.ladd.encoder import PooledLatentEncoder, input_dropout_rows
 from diladiff.methods.ladd.mmdit import MMDiT
 from diladiff.processes.gaussian import sqrt_alpha_sigma
 from diladiff.processes.masking import mask_tokens, sample_times, subs_logits

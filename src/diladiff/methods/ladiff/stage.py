@@ -34,6 +34,7 @@ class LaDiff(LatentStage):
     autoencoder_class = Autoencoder  # the frozen auto-encoder of its parent run
     budget_share = 0.15
     demo_steps = 150
+    check_steps = 800  # a prior over the K latents of the check's rows
 
     @classmethod
     def preset_changes(cls, cfg: Config, preset: str) -> None:

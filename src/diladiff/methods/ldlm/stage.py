@@ -45,12 +45,13 @@ from diladiff.config import (
 )
 from diladiff.data.packing import PackedData
 from diladiff.data.tokenizer import check_same_tokenizer
-from diladiff.features import FEATURE_PRECISIONS, FeatureModel, Standardizer
+from diladiff.features import FEATURE_PRECISIONS, FeatureModel
 from diladiff.methods.ldlm.adaptive_time import AdaptiveTimeSampler
 from diladiff.methods.ldlm.encoder_warmup import gradient_warmup, partial_stop_gradient
 from diladiff.methods.ldlm.feature_decoder import FeatureTokenDecoder
 from diladiff.nets.latent_denoiser import LatentDenoiser
 from diladiff.nets.perceiver import PerceiverCompressor
+from diladiff.nets.standardize import Standardizer
 from diladiff.processes.gaussian import diffuse
 from diladiff.stages.base import register_stage
 from diladiff.stages.latent import LatentStage, schedule_name

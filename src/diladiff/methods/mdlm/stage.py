@@ -26,3 +26,9 @@ class MDLM(MaskedDiffusionStage):
     @property
     def head(self):
         return self.net.head
+
+    def network_dims(self) -> dict:
+        """What one sampler call runs (compute accounting, stages.protocols.SizedNetwork): the
+        denoiser's blocks and width over L positions, no latent."""
+        mc = self.cfg.model
+        return {"blocks": mc.depth, "width": mc.width, "seq_len": self.seq_len, "num_latents": 0}
