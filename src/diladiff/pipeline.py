@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from diladiff.stages import STAGES, LatentStage, MaskedDiffusionStage, stage_order
+from diladiff.stages.latent import decodes_directly
 
 
 @dataclass
@@ -251,7 +252,7 @@ def evaluate_all(root: Path, plan: EvalPlan, device, cache=None) -> list[Path]:
         stage, tok = load_run(root / kind, device=device)
         L = stage.seq_len
         # A stage that decodes its latent in one call (LDLM) has no N_disc axis: one row.
-        direct = getattr(stage, "latent_decoding", "masked") == "direct"
+        direct = decodes_directly(stage)
         grid = [{}] if direct else plan.strategy_grid()
         for sampler in (
             {**strategy, **sampler} for strategy in grid for sampler in plan.samplers(kind)

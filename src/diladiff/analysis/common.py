@@ -10,13 +10,16 @@ import torch
 from diladiff.config import ConfigError
 from diladiff.eval.ppl import corpus_rows
 from diladiff.runs import load_run
+from diladiff.stages import LatentStage
+from diladiff.stages.protocols import CrossAttending
 
 
 def load_autoencoder(run_dir, device):
     """(the auto-encoder stage inside an auto-encoder, LaDiff or DiLaDiff run, tokenizer)."""
     stage, tok = load_run(run_dir, device=device)
-    ae = getattr(stage, "decoder_stage", stage)
-    if not (hasattr(ae, "encode") and hasattr(ae, "cross")):
+    frozen = isinstance(stage, LatentStage) and stage.frozen_autoencoder
+    ae = stage.decoder_stage if frozen else stage
+    if not isinstance(ae, CrossAttending):
         raise ConfigError(
             f"{run_dir} is a {stage.kind} run; the analyses need an auto-encoder, LaDiff or "
             "DiLaDiff run (an encoder and a latent-conditioned decoder)"

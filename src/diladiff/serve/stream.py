@@ -49,6 +49,7 @@ from diladiff.sampling.generate import (
 )
 from diladiff.sampling.latent import sample_latent
 from diladiff.sampling.masked import STRATEGIES, sample_masked
+from diladiff.stages.latent import decodes_directly
 
 # What a request may set, and the largest N_cont a request may ask for (a bound on the work one
 # request can cause; N_disc is bounded by L).
@@ -351,7 +352,7 @@ class StepStream:
             "gamma": settings.latent.gamma if latent else None,
             "latent_from": settings.condition.latent_ids is not None,
             "steps_reported": stage.generation in STEPPED,
-            "direct_decoding": getattr(stage, "latent_decoding", "masked") == "direct",
+            "direct_decoding": decodes_directly(stage),
         }
         return event, state
 
@@ -411,7 +412,7 @@ def run_info(name: str, model) -> dict:
     """What the page needs to know of a loaded run: its kind, L and default settings."""
     stage = model.stage
     sc = stage.cfg.sample
-    latent = getattr(stage, "generation", "") in ("latent", "joint")
+    latent = generation_kind(stage).latent_from  # a latent to show: latent and joint kinds
     cont = sc.cont_steps
     if not cont and stage.generation == "joint":
         cont = stage.cfg.ladd.latent_steps

@@ -223,3 +223,9 @@ def _identity_prior_norm_for_old_checkpoints(module, state_dict, prefix, *args) 
     state_dict[key + "mean"] = torch.zeros(module.latent_shape)
     state_dict[key + "std"] = torch.ones(module.latent_shape)
     state_dict[key + "fitted"] = torch.ones((), dtype=torch.bool)
+
+
+def decodes_directly(stage) -> bool:
+    """Whether `stage` turns its latent into tokens in one call (latent_decoding "direct",
+    LDLM): no N_disc axis to sweep or report."""
+    return isinstance(stage, LatentStage) and stage.latent_decoding == "direct"

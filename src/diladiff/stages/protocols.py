@@ -14,6 +14,8 @@ command to work with it:
                         before any sampling starts (LADD)
     OwnTimeGrid         latent samplers: the model chooses its own sampling times (DiLaDiff's
                         jumps, LDLM's adaptive schedule)
+    CrossAttending      the latent analyses: a LatentConditioned decoder reading the latent
+                        through cross-attention layers `cross` (auto-encoder)
     TokenChannelBound   eval-ppl: a joint token-latent model's bound on its token channel
                         given the row's own latent path (LADD)
 """
@@ -65,3 +67,8 @@ class TokenChannelBound(Protocol):
     def token_bound(self, x0: torch.Tensor, mc_samples: int, generator: torch.Generator) -> dict:
         """{"nll_bound", "nll_bound_mc_stderr", ...}: the token channel's bound per token on
         rows x0 given their own latent path, `mc_samples` Monte Carlo draws per row."""
+
+
+@runtime_checkable
+class CrossAttending(LatentConditioned, Protocol):
+    cross: torch.nn.ModuleDict  # block index (str) -> the cross-attention after that block
