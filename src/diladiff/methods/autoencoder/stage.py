@@ -251,7 +251,7 @@ class Autoencoder(MaskedDiffusionStage):
     eval_samplers = ()  # not a generator: the pipeline's recon report and controls use it
     reports = ("recon",)
     budget_share = 0.25
-    demo_steps = 600
+    demo_steps = 400  # make demo <= 15 minutes on 2 cores, install included (README)
     check_steps = 800  # its decoder memorises the check's rows from the MDLM's start
 
     @classmethod
