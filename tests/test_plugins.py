@@ -2,6 +2,7 @@
 trains, samples and runs through `diladiff pipeline` without any edit under src/."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -62,6 +63,15 @@ def test_a_stage_defined_outside_src_trains_samples_and_runs_the_pipeline(
     report = (root / "report.md").read_text()
     for row in ("mdlm_disc4", "mdlm_disc32", "toy_disc4", "toy_disc32"):
         assert f"| {row} |" in report
+    # the MDLM's bound beside the unigram's, the gap named in words (above or below)
+    line = re.search(
+        r"at step \d+: ([\d.]+) nats/token .* tokens: ([\d.]+) .*; ([\d.]+) "
+        r"nats/token (below|above) it\.",
+        report,
+    )
+    bound, unigram, gap, side = float(line[1]), float(line[2]), float(line[3]), line[4]
+    assert gap == pytest.approx(abs(unigram - bound), abs=2e-3)
+    assert side == ("below" if bound <= unigram else "above")
     bench = json.loads((root / "eval" / "bench.json").read_text())
     assert {r["stage"] for r in bench} == {"mdlm", "toy"}
 

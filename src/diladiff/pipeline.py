@@ -450,7 +450,8 @@ def write_report(
                 f"(perplexity {math.exp(b['bound']):,.0f}); the add-one unigram model of its "
                 f"training rows on the same {b['heldout_tokens']:,} held-out tokens: "
                 f"{b['unigram']:.3f} ({math.exp(b['unigram']):,.0f}); "
-                f"{b['below_unigram']:+.3f} nats/token below it.",
+                f"{abs(b['below_unigram']):.3f} nats/token "
+                f"{'below' if b['below_unigram'] >= 0 else 'above'} it.",
                 "",
             ]
     evidence_md = root / "eval" / "evidence.md"
