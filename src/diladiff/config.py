@@ -353,14 +353,12 @@ class Help:
 
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> its Help text, for the fields of a config dataclass that declare one."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if typing.get_origin(hints[f.name]) is Annotated:
-            for meta in hints[f.name].__metadata__:
-                if isinstance(meta, Help):
-                    out[f.name] = meta.text
-    return out
+    return {
+        name: m.text
+        for name, (_, metadata) in field_annotations(cls).items()
+        for m in metadata
+        if isinstance(m, Help)
+    }
 
 
 @dataclass
@@ -778,17 +776,25 @@ def _coerce(key: str, value: Any, hint: Any, from_string: bool) -> Any:
 
 
 @functools.cache
-def field_rules(cls: type) -> dict[str, tuple[Any, tuple[Rule, ...]]]:
-    """Field name -> (type, declared rules) of a config dataclass."""
+def field_annotations(cls: type) -> dict[str, tuple[Any, tuple]]:
+    """Field name -> (type, its Annotated metadata: rules, Help) of a config dataclass."""
     hints = typing.get_type_hints(cls, include_extras=True)
     out = {}
     for f in dataclasses.fields(cls):
-        hint, rules = hints[f.name], ()
+        hint, metadata = hints[f.name], ()
         if typing.get_origin(hint) is Annotated:
-            rules = tuple(m for m in hint.__metadata__ if isinstance(m, Rule))
-            hint = typing.get_args(hint)[0]
-        out[f.name] = (hint, rules)
+            hint, metadata = typing.get_args(hint)[0], hint.__metadata__
+        out[f.name] = (hint, metadata)
     return out
+
+
+@functools.cache
+def field_rules(cls: type) -> dict[str, tuple[Any, tuple[Rule, ...]]]:
+    """Field name -> (type, declared rules) of a config dataclass."""
+    return {
+        name: (hint, tuple(m for m in metadata if isinstance(m, Rule)))
+        for name, (hint, metadata) in field_annotations(cls).items()
+    }
 
 
 def _lookup(cfg: Config, key: str) -> tuple[Any, Any, tuple[Rule, ...]]:

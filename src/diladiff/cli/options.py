@@ -89,7 +89,8 @@ def config_file_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--config", dest="config_file", type=Path, metavar="FILE", help=help)
 
 
-# The sample.* keys every sampling command takes as options; `diladiff sample` adds the rest.
+# The sample.* keys only `diladiff sample` takes as options (sampling_options(p, PER_COMMAND));
+# every sampling command takes all the others.
 PER_COMMAND = ("num_samples", "batch_size")
 
 

@@ -102,11 +102,17 @@ def encoder_latents(
     return torch.cat(enc)
 
 
+def row_controls(own: torch.Tensor, generator: torch.Generator | None) -> dict:
+    """The control latents of rows whose encoder latents are `own` (n, ...): {"oracle": own,
+    "other_row_latent": the same latents shifted by one row (row i gets row i + 1's),
+    "noise_latent": N(0, I) of the same shape, device and dtype, drawn from `generator`}."""
+    noise = torch.randn(own.shape, generator=generator, device=own.device, dtype=own.dtype)
+    return {"oracle": own, "other_row_latent": own.roll(-1, dims=0), "noise_latent": noise}
+
+
 @torch.no_grad()
 def control_latents(stage, rows: np.ndarray, seed: int, batch_size: int, device) -> dict:
-    """{"oracle": encoder latents of `rows`, "other_row_latent": the same latents shifted by one
-    row (row i gets row i + 1's), "noise_latent": N(0, I) of the same shape (CPU generator
-    seeded with `seed`)}, all in the auto-encoder's space, on the CPU."""
+    """row_controls of the encoder latents of `rows` (CPU generator seeded with `seed`), all in
+    the auto-encoder's space, on the CPU."""
     enc = encoder_latents(stage, rows, batch_size, device)
-    noise = torch.randn(enc.shape, generator=torch.Generator().manual_seed(seed))
-    return {"oracle": enc, "other_row_latent": enc.roll(-1, dims=0), "noise_latent": noise}
+    return row_controls(enc, torch.Generator().manual_seed(seed))

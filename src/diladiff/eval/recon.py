@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from diladiff.eval.oracle import row_controls
 from diladiff.processes.masking import mask_exactly
 from diladiff.stages.protocols import LatentConditioned
 
@@ -105,13 +106,14 @@ def full_mask_recovery(
     >= 10 points at step 500), and other_row - noise what a real latent adds regardless of row.
     """
     own = torch.cat([stage.encode(x0[i : i + batch_size]) for i in range(0, len(x0), batch_size)])
-    latents = {
-        "own": own,
-        "other_row": own.roll(-1, dims=0),
-        "noise": torch.randn(own.shape, generator=generator, device=own.device, dtype=own.dtype),
-    }
+    controls = row_controls(own, generator)
     out = {}
-    for name, z in latents.items():
+    for name, control in (
+        ("own", "oracle"),
+        ("other_row", "other_row_latent"),
+        ("noise", "noise_latent"),
+    ):
+        z = controls[control]
         correct = 0
         for i in range(0, len(x0), batch_size):
             x = x0[i : i + batch_size]
