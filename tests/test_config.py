@@ -103,3 +103,16 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, match):
     assert main(["config", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_positions_choice_and_its_presets(tmp_path):
+    assert build_config("paper").model.positions == "learned"  # the paper's absolute table
+    assert build_config("cpu").model.positions == "rope"  # measured (RESULTS.md, issue 26)
+    with pytest.raises(ConfigError, match="even head width"):
+        build_config("tiny", ["model.positions=rope", "model.width=30", "model.heads=2"])
+    with pytest.raises(ConfigError, match="model.positions"):
+        build_config("tiny", ["model.positions=alibi"])
+    # A run folder written before the key existed loads with the table it was trained with.
+    cfg = build_config("cpu").to_dict()
+    del cfg["model"]["positions"]
+    assert Config.from_dict(cfg).model.positions == "learned"

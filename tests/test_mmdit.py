@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diladiff.methods.ladd.mmdit import MMDiT, apply_rope, rope_tables
+from diladiff.methods.ladd.mmdit import MMDiT
+from diladiff.nets.rotary import apply_rope, rope_tables
 
 V, L, NZ, D_IN = 11, 6, 3, 5
 

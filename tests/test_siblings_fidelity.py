@@ -265,7 +265,8 @@ def test_mm_dit_keeps_the_latent_positions_of_training_for_a_shorter_token_strea
     """Training places x at RoPE positions 0..L-1 and z at L..L+N_z-1; a token stream of n < L
     tokens keeps z at L..L+N_z-1 (the x-z offsets the network learned), which the output
     recomputed block by block with those positions must match."""
-    from diladiff.methods.ladd.mmdit import MMDiT, rope_tables
+    from diladiff.methods.ladd.mmdit import MMDiT
+    from diladiff.nets.rotary import rope_tables
 
     torch.manual_seed(0)
     seq_len, nz, n = 8, 3, 5

@@ -34,6 +34,7 @@ class TokenDenoiser(nn.Module):
             cond_dim=cfg.width if time_conditioning else 0,
             qk_norm=cfg.qk_norm,
             attention_backend=cfg.attention,
+            positions=cfg.positions,
         )
         # sigma = -log alpha_t lies in [0, ~7]: sinusoidal features of sigma itself (scale 1)
         self.t_embed = TimeEmbedding(cfg.width, scale=1.0) if time_conditioning else None

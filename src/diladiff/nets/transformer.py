@@ -9,6 +9,10 @@ DiT adaLN-Zero block: (shift, scale, gate) = Linear(SiLU(c)), initialised to zer
 Without conditioning the gates are 1 and shift/scale 0 (a plain pre-LN block). Attention uses
 QK-norm (RMSNorm on queries and keys per head) and either torch's scaled_dot_product_attention
 or an explicit softmax(QK^T / sqrt(d)) V that supports forward-mode AD (torch.func.jvp).
+
+Positions (POSITIONS): "learned", an absolute table added to the input (DESIGN.md, the paper's
+denoiser), or "rope", rotary embeddings of the (normed) queries and keys in every block
+(nets/rotary.py; the MDLM authors' code, and the cpu preset's measured choice).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diladiff.nets.rotary import apply_rope, rope_tables
+
 ATTENTION_BACKENDS = ("sdpa", "math")
+POSITIONS = ("learned", "rope")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
@@ -46,10 +53,14 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
+        """Self-attention over h (B, L, W); `rope` = (cos, sin) tables rotate q and k."""
         b, n, _ = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        o = attention(self.q_norm(q), self.k_norm(k), v, self.backend)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = attention(q, k, v, self.backend)
         return self.out(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -91,19 +102,22 @@ class Block(nn.Module):
             nn.init.zeros_(self.ada[1].bias)
             self.ada[1]._zero_init = True  # kept at zero by init_weights
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, cond: torch.Tensor | None = None, rope: tuple | None = None
+    ) -> torch.Tensor:
         if self.ada is None:
-            h = h + self.attn(self.norm1(h))
+            h = h + self.attn(self.norm1(h), rope)
             return h + self.mlp(self.norm2(h))
         if cond is None:
             raise ValueError("this block is conditioned (cond_dim > 0) but got no conditioning")
         sa, ca, ga, sm, cm, gm = self.ada(cond).chunk(6, dim=-1)
-        h = h + ga.unsqueeze(1) * self.attn(modulate(self.norm1(h), sa, ca))
+        h = h + ga.unsqueeze(1) * self.attn(modulate(self.norm1(h), sa, ca), rope)
         return h + gm.unsqueeze(1) * self.mlp(modulate(self.norm2(h), sm, cm))
 
 
 class Backbone(nn.Module):
-    """A stack of blocks over (B, L, width) with a learned absolute positional embedding.
+    """A stack of blocks over (B, L, width) with positions of kind `positions` (POSITIONS): a
+    learned absolute embedding added to the input, or RoPE in every block's attention.
 
     `between` hooks let a later stage insert layers after given blocks (the auto-encoder's
     cross-attention to the latent) without touching this module.
@@ -119,10 +133,16 @@ class Backbone(nn.Module):
         cond_dim: int = 0,
         qk_norm: bool = True,
         attention_backend: str = "sdpa",
+        positions: str = "learned",
     ):
         super().__init__()
-        self.pos = nn.Parameter(torch.zeros(1, max_len, width))
-        nn.init.normal_(self.pos, std=0.02)
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown positions {positions!r}; choose one of {POSITIONS}")
+        self.max_len, self.head_dim = max_len, width // heads
+        self.pos = None
+        if positions == "learned":
+            self.pos = nn.Parameter(torch.zeros(1, max_len, width))
+            nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_ratio, cond_dim, qk_norm, attention_backend)
             for _ in range(depth)
@@ -134,11 +154,16 @@ class Backbone(nn.Module):
         cond: torch.Tensor | None = None,
         after_block: dict[int, object] | None = None,
     ) -> torch.Tensor:
-        if h.shape[1] > self.pos.shape[1]:
-            raise ValueError(f"sequence length {h.shape[1]} exceeds max_len {self.pos.shape[1]}")
-        h = h + self.pos[:, : h.shape[1]]
+        n = h.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
+        rope = None
+        if self.pos is not None:
+            h = h + self.pos[:, :n]
+        else:
+            rope = rope_tables(n, self.head_dim, device=h.device, dtype=h.dtype)
         for i, block in enumerate(self.blocks):
-            h = block(h, cond)
+            h = block(h, cond, rope)
             if after_block and i in after_block:
                 h = after_block[i](h)
         return h

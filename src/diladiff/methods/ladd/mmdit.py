@@ -41,28 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diladiff.nets.rotary import apply_rope, rope_tables
 from diladiff.nets.time_embedding import TimeEmbedding
 from diladiff.nets.transformer import ATTENTION_BACKENDS, MLP, attention, init_weights, modulate
-
-
-def rope_tables(
-    n: int, head_dim: int, base: float = 1e4, device=None, dtype=torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (n, head_dim) for positions 0..n-1: angle p * base^(-2k/head_dim) on
-    dims k and k + head_dim/2 (rotate-half layout)."""
-    inv_freq = base ** -(
-        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    )
-    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates each pair (u_k, u_{k+d/2}) of u (..., n, d) by its position's angle, so that
-    <R_p q, R_r k> depends on p - r only."""
-    u1, u2 = u.chunk(2, dim=-1)
-    return u * cos + torch.cat([-u2, u1], dim=-1) * sin
 
 
 def stream_positions(n_x: int, seq_len: int, num_latents: int, device=None) -> torch.Tensor:
