@@ -112,6 +112,8 @@ def test_positions_choice_and_its_presets(tmp_path):
         build_config("tiny", ["model.positions=rope", "model.width=30", "model.heads=2"])
     with pytest.raises(ConfigError, match="model.positions"):
         build_config("tiny", ["model.positions=alibi"])
+    with pytest.raises(ConfigError, match="read the latent alike"):
+        build_config("cpu", ["autoencoder.position_embeddings=false"], stage="autoencoder")
     # A run folder written before the key existed loads with the table it was trained with.
     cfg = build_config("cpu").to_dict()
     del cfg["model"]["positions"]

@@ -1,4 +1,5 @@
-"""Position tables between a sequence and its latent (nets/positions.py)."""
+"""Position tables between a sequence and its latent (nets/positions.py), and the token
+denoiser's positions (model.positions: a learned table or RoPE, nets/rotary.py)."""
 
 import pytest
 import torch
@@ -139,3 +140,31 @@ def test_rope_backbone_has_no_position_table_and_sees_order():
         net(torch.randn(1, 9, 16))
     with pytest.raises(ValueError, match="unknown positions"):
         Backbone(16, 1, 2, max_len=8, positions="alibi")
+
+
+def test_rope_rotates_queries_and_keys_by_their_position_and_leaves_values_alone(monkeypatch):
+    from diladiff.nets import transformer
+
+    torch.manual_seed(0)
+    net = transformer.Backbone(16, 1, 2, max_len=8, positions="rope")
+    seen = []
+    real = transformer.attention
+
+    def spy(q, k, v, backend):
+        seen.append((q, k))
+        return real(q, k, v, backend)
+
+    monkeypatch.setattr(transformer, "attention", spy)
+    row = torch.randn(1, 1, 16).expand(1, 6, 16)  # the same vector at every position
+    out = net(row)
+    # Identical values at every position: the output cannot depend on the position.
+    assert torch.allclose(out[0], out[0, :1].expand(6, -1), atol=1e-6)
+    # Scores between positions i and j depend on j - i only (Toeplitz), and do depend on it.
+    q, k = seen[0]
+    scores = (q @ k.transpose(-2, -1))[0, 0]
+    for offset in range(-5, 6):
+        diagonal = torch.diagonal(scores, offset)
+        assert torch.allclose(diagonal, diagonal[:1].expand_as(diagonal), atol=1e-5)
+    assert (scores.diagonal(0)[0] - scores.diagonal(1)[0]).abs() > 1e-3
+    with pytest.raises(ValueError, match="even head width"):
+        transformer.Backbone(18, 1, 2, max_len=8, positions="rope")

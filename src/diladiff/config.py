@@ -267,7 +267,10 @@ class ModelConfig:
     attention: Annotated[str, OneOf("diladiff.nets.transformer:ATTENTION_BACKENDS")] = "sdpa"
     # "learned": an absolute position table added to the input (the paper's denoiser);
     # "rope": rotary embeddings of queries and keys (the MDLM authors' code). On real text at
-    # small scale the learned table leaves the MDLM a bag of words for ~1,000 steps (RESULTS.md).
+    # small scale the learned table leaves the MDLM a bag of words for ~1,000 steps (RESULTS.md,
+    # "Positions"). It sets the token denoisers built from this section: MDLM, DUO and the
+    # auto-encoder's decoder. LDLM's feature decoder and the latent DiTs keep a learned table,
+    # LADD's MM-DiT always uses RoPE.
     positions: Annotated[
         str,
         OneOf("diladiff.nets.transformer:POSITIONS"),

@@ -6,8 +6,8 @@ angle p * base^(-2k/d) (the rotate-half layout), so that
     <R_p q, R_r k> depends on q, k and the offset p - r only.
 
 Attention then sees relative positions from the first step, with nothing to learn; a learned
-absolute table has to discover them from random noise first (RESULTS.md, issue 26: the cpu
-MDLM stays a bag of words for ~1,000 steps with it).
+absolute table has to discover them from random noise first (RESULTS.md, "Positions": a small
+MDLM on real text stays a bag of words for ~1,000 steps with it).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ def rope_tables(
     n: int, head_dim: int, base: float = 1e4, device=None, dtype=torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (n, head_dim) for positions 0..n-1: angle p * base^(-2k/head_dim) on
-    dims k and k + head_dim/2 (rotate-half layout)."""
-    inv_freq = base ** -(
-        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    )
-    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
+    dims k and k + head_dim/2 (rotate-half layout); computed in float32, or float64 if asked."""
+    exact = torch.promote_types(dtype, torch.float32)
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=device, dtype=exact) / head_dim)
+    angles = torch.outer(torch.arange(n, device=device, dtype=exact), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

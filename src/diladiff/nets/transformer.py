@@ -10,8 +10,8 @@ Without conditioning the gates are 1 and shift/scale 0 (a plain pre-LN block). A
 QK-norm (RMSNorm on queries and keys per head) and either torch's scaled_dot_product_attention
 or an explicit softmax(QK^T / sqrt(d)) V that supports forward-mode AD (torch.func.jvp).
 
-Positions (POSITIONS): "learned", an absolute table added to the input (DESIGN.md, the paper's
-denoiser), or "rope", rotary embeddings of the (normed) queries and keys in every block
+Positions (POSITIONS): "learned", an absolute table added to the input (the paper's denoiser,
+docs/methods/mdlm.md), or "rope", rotary embeddings of the (normed) queries and keys in every block
 (nets/rotary.py; the MDLM authors' code, and the cpu preset's measured choice).
 """
 
@@ -138,6 +138,8 @@ class Backbone(nn.Module):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions {positions!r}; choose one of {POSITIONS}")
+        if positions == "rope" and (width // heads) % 2:
+            raise ValueError(f"RoPE needs an even head width, not {width} / {heads} heads")
         self.max_len, self.head_dim = max_len, width // heads
         self.pos = None
         if positions == "learned":

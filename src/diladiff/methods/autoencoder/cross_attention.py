@@ -8,9 +8,10 @@ MDLM) until training moves W_out. W_out is pointwise: one linear map applied per
 
 The optional position tables P, P' (nets/positions.py) matter for small or briefly trained
 decoders: their hidden states at masked positions are nearly identical (at full masking they
-differ only by a tiny learned position embedding), so queries built from LN(h) alone cannot
-ask "what is at my position", every position reads the same mixture of the latent, and the
-latent goes unused.
+differ only by a tiny learned position embedding, and not at all with model.positions=rope:
+identical inputs give identical values whatever the rotation), so queries built from LN(h)
+alone cannot ask "what is at my position", every position reads the same mixture of the
+latent, and the latent goes unused.
 """
 
 from __future__ import annotations

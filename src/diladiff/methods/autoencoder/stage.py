@@ -109,6 +109,17 @@ def _autoencoder_preset(preset: str) -> AutoencoderConfig:
     return cfg
 
 
+def _tables_with_rope(position_embeddings: bool, cfg) -> str | None:
+    """With RoPE (and no absolute table) a fully masked row gives the decoder the same state at
+    every position, so without the tables every position reads the latent alike."""
+    if not position_embeddings and cfg.model.positions == "rope":
+        return (
+            "autoencoder.position_embeddings=false with model.positions=rope: a fully masked "
+            "row's positions would all read the latent alike (keep the tables or use learned)"
+        )
+    return None
+
+
 def _cross_attn_spec(spec: str, cfg: Config) -> None:
     """autoencoder.cross_attn_after names blocks of model.depth (ConfigError otherwise)."""
     cross_attention_blocks(spec, cfg.model.depth)
@@ -170,7 +181,7 @@ class AutoencoderConfig:
     # without them a small, briefly trained MDLM decoder's masked positions all ask the latent
     # the same question and the latent goes unused (methods/autoencoder/cross_attention.py).
     # False = the paper's architecture as described.
-    position_embeddings: bool = True
+    position_embeddings: Annotated[bool, Satisfies(_tables_with_rope)] = True
     # Warm-ups: new parameters (encoder + cross-attention) and the pretrained decoder; the
     # decoder's learning rate is decoder_lr_scale x train.lr (1 = the paper's single rate).
     encoder_warmup_steps: Annotated[int, Range(ge=0)] = 1000
